@@ -1,0 +1,18 @@
+"""batchops: fused batch-processing kernels (CPU and CUDA) for PyTorch training."""
+from batchops._version import __version__
+from batchops._extension import build_info, extension_available
+from batchops import ops  # registers fake kernels and autograd for every op
+from batchops import functional
+from batchops.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "extension_available",
+    "functional",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert_batchnorm",
+    "revert_batchnorm",
+]

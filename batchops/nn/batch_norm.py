@@ -1,0 +1,127 @@
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d on batchops kernels.
+
+They share torch's base class _NormBase, so the constructor, parameters, buffers,
+state_dict keys (and the loading of old state_dicts), reset_* and extra_repr are torch's own.
+They deliberately do not subclass torch's _BatchNorm: code that special-cases torch batch
+norm (conv-bn folding, convert_sync_batchnorm) would silently drop the fused activation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from batchops import functional as F
+from batchops.ops.common import check_activation
+
+
+class _BatchNorm(_NormBase):
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        check_activation(type(self).__name__, activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.activation = activation
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._expected_dims:
+            expected = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (f", activation={self.activation!r}" if self.activation is not None else "")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                # Cumulative moving average. A tensor factor, not 1/float(buffer): no host sync,
+                # and torch.compile(fullgraph=True) can trace it (torch's module breaks there).
+                momentum = 1.0 / self.num_batches_tracked.to(torch.float64)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            activation=self.activation,
+            residual=residual,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """torch.nn.BatchNorm1d on batchops kernels; forward(input, residual=None) returns
+    activation(bn(input) + residual)."""
+
+    _expected_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """torch.nn.BatchNorm2d on batchops kernels (NCHW and channels-last natively)."""
+
+    _expected_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """torch.nn.BatchNorm3d on batchops kernels (NCDHW and channels-last-3d natively)."""
+
+    _expected_dims = (5,)
+
+
+_TO_BATCHOPS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_TO_TORCH = {v: k for k, v in _TO_BATCHOPS.items()}
+
+
+def _swap(module: nn.Module, cls: type) -> nn.Module:
+    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+              bias=module.bias is not None or not module.affine)
+    # Share parameters and buffers (as SyncBatchNorm.convert_sync_batchnorm does): optimizer
+    # state and devices carry over untouched.
+    if module.affine:
+        new.weight = module.weight
+        new.bias = module.bias
+    new.running_mean = module.running_mean
+    new.running_var = module.running_var
+    new.num_batches_tracked = module.num_batches_tracked
+    new.train(module.training)
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every torch.nn.BatchNorm1d/2d/3d in `module` (or `module` itself) with the
+    batchops equivalent, keeping parameters, buffers and train/eval mode. Returns the new
+    module; like SyncBatchNorm.convert_sync_batchnorm, use the return value."""
+    out = module
+    if type(module) in _TO_BATCHOPS:
+        out = _swap(module, _TO_BATCHOPS[type(module)])
+    for name, child in module.named_children():
+        out.add_module(name, convert_batchnorm(child))
+    return out
+
+
+def revert_batchnorm(module: nn.Module) -> nn.Module:
+    """The reverse of convert_batchnorm: batchops batch norms become torch's. A fused
+    activation has no torch equivalent inside BatchNorm, so those raise a ValueError."""
+    out = module
+    if type(module) in _TO_TORCH:
+        if module.activation is not None:
+            raise ValueError(
+                f"revert_batchnorm: {type(module).__name__} with activation={module.activation!r} has no "
+                "torch.nn equivalent; set activation=None first or keep the batchops module"
+            )
+        out = _swap(module, _TO_TORCH[type(module)])
+    for name, child in module.named_children():
+        out.add_module(name, revert_batchnorm(child))
+    return out

@@ -1,0 +1,8 @@
+"""Thin wrappers over torch.ops.batchops.*, with their fake kernels and autograd.
+
+Importing this package registers the Python side of every op (only when the compiled
+module loaded: registering against a missing op would fail).
+"""
+from batchops.ops.batch_norm import batch_norm_backward, batch_norm_forward
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]

@@ -1,0 +1,30 @@
+"""Conventions every batchops op shares."""
+from __future__ import annotations
+
+import torch
+
+# One set of activation names for every op (None = identity).
+ACTIVATIONS = (None, "relu", "silu", "gelu", "gelu_tanh")
+
+
+def check_activation(op: str, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a kernel works in and returns; mirrors choose_format() in
+    csrc/batch_norm/plan.cpp: channels-last(-3d) only when x is laid out that way and is not
+    also plainly contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated and saved in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

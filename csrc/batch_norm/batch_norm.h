@@ -1,0 +1,140 @@
+// Batch norm: the plan both devices share (argument checks, layout, allocation) and the
+// per-channel arithmetic written once for host and device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "common/activation.h"
+#include "common/welford.h"
+
+namespace batchops {
+
+// ---------------------------------------------------------------------------------------
+// Per-channel arithmetic (host + device)
+
+// From merged statistics to what forward saves: mean and 1/sqrt(biased var + eps), and the
+// running-statistics update, which uses the unbiased variance as torch does.
+template <typename acc_t>
+C10_HOST_DEVICE inline void batch_norm_finalize_channel(const WelfordData<acc_t>& stats, acc_t eps, acc_t momentum,
+                                                        bool update_running, acc_t running_mean, acc_t running_var,
+                                                        acc_t* save_mean, acc_t* save_invstd, acc_t* new_running_mean,
+                                                        acc_t* new_running_var) {
+  const acc_t var = stats.count > 0 ? stats.m2 / acc_t(stats.count) : acc_t(0);
+  *save_mean = stats.mean;
+  *save_invstd = acc_t(1) / std::sqrt(var + eps);
+  if (update_running) {
+    if (stats.count == 0) {  // an empty batch leaves the running estimates alone, as torch does
+      *new_running_mean = running_mean;
+      *new_running_var = running_var;
+    } else {
+      const acc_t unbiased = stats.count > 1 ? stats.m2 / acc_t(stats.count - 1) : var;
+      *new_running_mean = momentum * stats.mean + (acc_t(1) - momentum) * running_mean;
+      *new_running_var = momentum * unbiased + (acc_t(1) - momentum) * running_var;
+    }
+  }
+}
+
+// Backward per channel: with g = dy * act'(pre) and xmu = x - mean,
+//   grad_bias = sum(g), grad_weight = invstd * sum(g * xmu),
+//   grad_input = w * invstd * (g - mean(g) - xmu * invstd^2 * mean(g * xmu))   (training)
+//   grad_input = w * invstd * g                                               (eval)
+// written as grad_input = (g - mean_g - xmu * proj) * scale.
+template <typename acc_t>
+struct BackwardCoeffs {
+  acc_t mean_g;
+  acc_t proj;
+  acc_t scale;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BackwardCoeffs<acc_t> batch_norm_backward_coeffs(acc_t sum_g, acc_t sum_gxmu, int64_t count,
+                                                                        acc_t invstd, acc_t weight, bool training) {
+  BackwardCoeffs<acc_t> k;
+  k.scale = weight * invstd;
+  if (training && count > 0) {
+    const acc_t inv_n = acc_t(1) / acc_t(count);
+    k.mean_g = sum_g * inv_n;
+    k.proj = sum_gxmu * inv_n * invstd * invstd;
+  } else {
+    k.mean_g = acc_t(0);
+    k.proj = acc_t(0);
+  }
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------
+// Host-side plan shared by the CPU and CUDA implementations
+
+// The input is handled in one of two native views, never converted between them:
+//   planar: (N, C, inner) contiguous, a channel's values are N runs of `inner` elements;
+//   rows:   (M, C) with channels innermost: channels-last(-3d) input, or any input with
+//           inner == 1 such as (N, C).
+struct BatchNormLayout {
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;
+  bool rows = false;
+  int64_t N = 0, C = 0, inner = 1;
+  int64_t per_channel() const { return N * inner; }
+};
+
+struct BatchNormForwardPlan {
+  Activation activation = Activation::kNone;
+  BatchNormLayout layout;
+  bool training = false;
+  bool update_running = false;
+  double eps = 0, momentum = 0;
+  at::Tensor input, residual;        // in layout.format; residual may be undefined
+  at::Tensor weight, bias;           // statistic dtype, contiguous; may be undefined
+  at::Tensor running_mean, running_var;  // statistic dtype copies; undefined unless given
+  at::Tensor momentum_tensor;        // statistic dtype, on the input's device; may be undefined
+  // outputs
+  at::Tensor output, save_mean, save_invstd, new_running_mean, new_running_var;
+  at::ScalarType running_dtype = at::kFloat;
+};
+
+BatchNormForwardPlan plan_batch_norm_forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& bias,
+                                             const std::optional<at::Tensor>& residual,
+                                             const std::optional<at::Tensor>& running_mean,
+                                             const std::optional<at::Tensor>& running_var, bool training,
+                                             double momentum, const std::optional<at::Tensor>& momentum_tensor,
+                                             double eps, std::optional<std::string_view> activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_batch_norm_forward(
+    BatchNormForwardPlan& plan);
+
+struct BatchNormBackwardPlan {
+  Activation activation = Activation::kNone;
+  BatchNormLayout layout;
+  bool training = false;
+  std::array<bool, 4> mask{};  // grad_input, grad_weight, grad_bias, grad_residual
+  at::Tensor grad_output, input, residual;  // in layout.format
+  at::Tensor weight, bias;                  // statistic dtype, contiguous; may be undefined
+  at::Tensor save_mean, save_invstd;        // statistic dtype, contiguous
+  at::ScalarType weight_dtype = at::kFloat, bias_dtype = at::kFloat;
+  // outputs: grad_weight / grad_bias in statistic dtype until finish casts them
+  at::Tensor grad_input, grad_weight, grad_bias, grad_residual;
+};
+
+BatchNormBackwardPlan plan_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& residual,
+                                               const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                               bool training, std::optional<std::string_view> activation,
+                                               std::array<bool, 4> output_mask);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_batch_norm_backward(BatchNormBackwardPlan& plan);
+
+// The dtype statistics are accumulated and saved in: float for half/bfloat16/float, else double.
+inline at::ScalarType batch_norm_stat_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace batchops

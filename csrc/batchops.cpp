@@ -1,0 +1,43 @@
+// Every batchops op's schema, in one place. Device files only implement them
+// (TORCH_LIBRARY_IMPL); Python adds fake kernels and autograd (batchops/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(batchops, m) {
+  // Batch norm. Functional: the new running statistics are returned (empty when not
+  // updated) and copied into the buffers by the Python layer, so the op can carry autograd.
+  // y = act(bn(x) + residual); save_mean / save_invstd are float (double for double input).
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? running_mean, Tensor? running_var, bool training, float momentum, "
+      "Tensor? momentum_tensor, float eps, str? activation) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)");
+  // output_mask: grad_input, grad_weight, grad_bias, grad_residual; unrequested ones are empty.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, str? activation, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+}
+
+// A plain Python module (no pybind11: faster to compile). Importing it runs the
+// registrations above; its attributes record how it was built, for batchops.build_info().
+#ifndef BATCHOPS_TORCH_VERSION
+#define BATCHOPS_TORCH_VERSION "unknown"
+#endif
+#ifndef BATCHOPS_CUDA_ARCHS
+#define BATCHOPS_CUDA_ARCHS ""
+#endif
+#ifndef BATCHOPS_WITH_CUDA
+#define BATCHOPS_WITH_CUDA 0
+#endif
+
+static struct PyModuleDef batchops_module = {PyModuleDef_HEAD_INIT, "_C", "batchops compiled kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&batchops_module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", BATCHOPS_TORCH_VERSION);
+  PyModule_AddStringConstant(m, "cuda_archs", BATCHOPS_CUDA_ARCHS);
+  PyModule_AddIntConstant(m, "with_cuda", BATCHOPS_WITH_CUDA);
+  return m;
+}

@@ -1,0 +1,406 @@
+// Batch norm on CUDA.
+//
+// Training forward is three launches, as torch's: partial per-channel statistics over
+// fixed chunks (Welford per thread, Chan merge across threads), a per-channel finalize that
+// merges the chunks in a fixed order and updates the running statistics, and an elementwise
+// apply. Backward mirrors it (partial sums, finalize, apply). Partials are merged in a
+// fixed order with no float atomics, so results are bitwise reproducible, and nothing
+// synchronises with the host (CUDA-graph capturable; momentum may be a device tensor).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "batch_norm/batch_norm.h"
+
+namespace batchops {
+namespace {
+
+constexpr int kPlanarThreads = 256;
+constexpr int kRowsX = 32;  // channels per block (coalesced along C)
+constexpr int kRowsY = 8;   // rows per block step
+
+// ---------------------------------------------------------------------------------------
+// Reducers: what a partial-reduction kernel accumulates per channel.
+
+template <typename scalar_t, typename acc_t>
+struct WelfordReducer {
+  using State = WelfordData<acc_t>;
+  const scalar_t* x;
+  __device__ State init() const { return State(); }
+  __device__ void update(State& s, int64_t i, int64_t /*c*/) const { welford_update(s, static_cast<acc_t>(x[i])); }
+  __device__ static State merge(const State& a, const State& b) { return welford_merge(a, b); }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t g = acc_t(0);
+  acc_t gxmu = acc_t(0);
+};
+
+// Recomputes the pre-activation from x (and z) to get g = dy * act'(pre).
+template <typename scalar_t, typename acc_t, Activation A, bool kResidual>
+struct ChannelParams {
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;  // may be null (= 1)
+  const acc_t* bias;    // may be null (= 0)
+  const scalar_t* z;
+
+  __device__ acc_t scale(int64_t c) const { return invstd[c] * (weight ? weight[c] : acc_t(1)); }
+  __device__ acc_t shift(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+  __device__ acc_t pre_activation(acc_t x, int64_t i, int64_t c) const {
+    acc_t v = (x - mean[c]) * scale(c) + shift(c);
+    if constexpr (kResidual) v += static_cast<acc_t>(z[i]);
+    return v;
+  }
+  __device__ acc_t upstream_grad(acc_t dy, acc_t x, int64_t i, int64_t c) const {
+    if constexpr (A == Activation::kNone) {
+      return dy;
+    } else {
+      return dy * activation_backward<A>(pre_activation(x, i, c));
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, Activation A, bool kResidual>
+struct GradReducer {
+  using State = GradSums<acc_t>;
+  const scalar_t* x;
+  const scalar_t* dy;
+  ChannelParams<scalar_t, acc_t, A, kResidual> params;
+  __device__ State init() const { return State(); }
+  __device__ void update(State& s, int64_t i, int64_t c) const {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t g = params.upstream_grad(static_cast<acc_t>(dy[i]), xv, i, c);
+    s.g += g;
+    s.gxmu += g * (xv - params.mean[c]);
+  }
+  __device__ static State merge(const State& a, const State& b) {
+    State o;
+    o.g = a.g + b.g;
+    o.gxmu = a.gxmu + b.gxmu;
+    return o;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Partial reductions. Tree reductions in shared memory run in a fixed order.
+
+// Planar (N, C, inner): grid (chunks, C); block b of channel c reduces its chunk of the
+// channel's N*inner values. partial[c * chunks + b].
+template <typename Reducer>
+__global__ void partial_reduce_planar(Reducer r, int64_t N, int64_t C, int64_t inner,
+                                      typename Reducer::State* partial) {
+  using State = typename Reducer::State;
+  __shared__ __align__(16) unsigned char smem[kPlanarThreads * sizeof(State)];
+  State* shared = reinterpret_cast<State*>(smem);
+  const int64_t c = blockIdx.y;
+  const int64_t M = N * inner;
+  const int64_t chunk = (M + gridDim.x - 1) / gridDim.x;
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = begin + chunk < M ? begin + chunk : M;
+  State s = r.init();
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    const int64_t n = j / inner;
+    const int64_t i = n * C * inner + c * inner + (j - n * inner);
+    r.update(s, i, c);
+  }
+  shared[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = Reducer::merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[c * gridDim.x + blockIdx.x] = shared[0];
+}
+
+// Rows (M, C): grid (ceil(C / kRowsX), chunks); thread x picks the channel, y strides the
+// chunk's rows. partial[chunk * C + c].
+template <typename Reducer>
+__global__ void partial_reduce_rows(Reducer r, int64_t M, int64_t C, typename Reducer::State* partial) {
+  using State = typename Reducer::State;
+  __shared__ __align__(16) unsigned char smem[kRowsX * kRowsY * sizeof(State)];
+  State* shared = reinterpret_cast<State*>(smem);
+  const int64_t c = int64_t(blockIdx.x) * kRowsX + threadIdx.x;
+  const int64_t chunk = (M + gridDim.y - 1) / gridDim.y;
+  const int64_t begin = blockIdx.y * chunk;
+  const int64_t end = begin + chunk < M ? begin + chunk : M;
+  State s = r.init();
+  if (c < C) {
+    for (int64_t row = begin + threadIdx.y; row < end; row += kRowsY) r.update(s, row * C + c, c);
+  }
+  shared[threadIdx.y * kRowsX + threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kRowsY / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.y < stride) {
+      shared[threadIdx.y * kRowsX + threadIdx.x] =
+          Reducer::merge(shared[threadIdx.y * kRowsX + threadIdx.x], shared[(threadIdx.y + stride) * kRowsX + threadIdx.x]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < C) partial[blockIdx.y * C + c] = shared[threadIdx.x];
+}
+
+// How a layout's partial reduction is launched, and where channel c's k-th partial lives.
+struct PartialGrid {
+  bool rows;
+  int64_t chunks;
+  int64_t C;
+  __host__ __device__ int64_t index(int64_t c, int64_t k) const { return rows ? k * C + c : c * chunks + k; }
+};
+
+PartialGrid partial_grid(const BatchNormLayout& l) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target_blocks = 4 * int64_t(sms);
+  const int64_t M = l.per_channel();
+  PartialGrid g{l.rows, 1, l.C};
+  if (M == 0) {
+    g.chunks = 0;
+  } else if (l.rows) {
+    const int64_t col_blocks = (l.C + kRowsX - 1) / kRowsX;
+    g.chunks = std::max<int64_t>(1, std::min<int64_t>((M + 4 * kRowsY - 1) / (4 * kRowsY),
+                                                      std::max<int64_t>(1, target_blocks / col_blocks)));
+  } else {
+    g.chunks = std::max<int64_t>(1, std::min<int64_t>((M + 4 * kPlanarThreads - 1) / (4 * kPlanarThreads),
+                                                      std::max<int64_t>(1, target_blocks / l.C)));
+  }
+  g.chunks = std::min<int64_t>(g.chunks, 65535);
+  return g;
+}
+
+template <typename Reducer>
+at::Tensor launch_partial_reduce(const Reducer& r, const BatchNormLayout& l, const PartialGrid& g,
+                                 const at::Tensor& like) {
+  using State = typename Reducer::State;
+  at::Tensor buffer = at::empty({std::max<int64_t>(1, g.chunks * l.C) * int64_t(sizeof(State))},
+                                like.options().dtype(at::kByte));
+  if (g.chunks == 0) return buffer;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  State* partial = reinterpret_cast<State*>(buffer.data_ptr());
+  if (l.rows) {
+    dim3 grid((l.C + kRowsX - 1) / kRowsX, g.chunks);
+    partial_reduce_rows<<<grid, dim3(kRowsX, kRowsY), 0, stream>>>(r, l.per_channel(), l.C, partial);
+  } else {
+    TORCH_CHECK(l.C <= 65535, "batchops.batch_norm: CUDA kernels support at most 65535 channels for non-channels-last input, got ", l.C);
+    dim3 grid(g.chunks, l.C);
+    partial_reduce_planar<<<grid, kPlanarThreads, 0, stream>>>(r, l.N, l.C, l.inner, partial);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return buffer;
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-channel finalize kernels (one thread per channel; partials merged in order).
+
+template <typename acc_t>
+__global__ void finalize_stats(const WelfordData<acc_t>* partial, PartialGrid g, acc_t eps, acc_t momentum,
+                               const acc_t* momentum_tensor, bool update_running, const acc_t* running_mean,
+                               const acc_t* running_var, acc_t* save_mean, acc_t* save_invstd,
+                               acc_t* new_running_mean, acc_t* new_running_var) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  WelfordData<acc_t> s;
+  for (int64_t k = 0; k < g.chunks; ++k) s = welford_merge(s, partial[g.index(c, k)]);
+  const acc_t m = momentum_tensor ? *momentum_tensor : momentum;
+  acc_t dummy_mean, dummy_var;
+  batch_norm_finalize_channel<acc_t>(s, eps, m, update_running, update_running ? running_mean[c] : acc_t(0),
+                                     update_running ? running_var[c] : acc_t(0), save_mean + c, save_invstd + c,
+                                     update_running ? new_running_mean + c : &dummy_mean,
+                                     update_running ? new_running_var + c : &dummy_var);
+}
+
+template <typename acc_t>
+__global__ void eval_stats(int64_t C, acc_t eps, const acc_t* running_mean, const acc_t* running_var,
+                           acc_t* save_mean, acc_t* save_invstd) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  save_mean[c] = running_mean[c];
+  save_invstd[c] = acc_t(1) / std::sqrt(running_var[c] + eps);
+}
+
+template <typename acc_t>
+__global__ void finalize_grads(const GradSums<acc_t>* partial, PartialGrid g, int64_t count, bool training,
+                               const acc_t* invstd, const acc_t* weight, acc_t* grad_weight, acc_t* grad_bias,
+                               acc_t* coeffs) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  acc_t sg = 0, sgx = 0;
+  for (int64_t k = 0; k < g.chunks; ++k) {
+    sg += partial[g.index(c, k)].g;
+    sgx += partial[g.index(c, k)].gxmu;
+  }
+  if (grad_weight) grad_weight[c] = sgx * invstd[c];
+  if (grad_bias) grad_bias[c] = sg;
+  const auto k = batch_norm_backward_coeffs<acc_t>(sg, sgx, count, invstd[c], weight ? weight[c] : acc_t(1), training);
+  coeffs[3 * c] = k.mean_g;
+  coeffs[3 * c + 1] = k.proj;
+  coeffs[3 * c + 2] = k.scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise passes.
+
+__host__ __device__ inline int64_t channel_of(int64_t i, bool rows, int64_t C, int64_t inner) {
+  return rows ? i % C : (i / inner) % C;
+}
+
+template <typename scalar_t, typename acc_t, Activation A, bool kResidual>
+__global__ void forward_apply(const scalar_t* x, scalar_t* y, ChannelParams<scalar_t, acc_t, A, kResidual> p,
+                              int64_t numel, bool rows, int64_t C, int64_t inner) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = channel_of(i, rows, C, inner);
+    y[i] = static_cast<scalar_t>(activation_forward<A>(p.pre_activation(static_cast<acc_t>(x[i]), i, c)));
+  }
+}
+
+template <typename scalar_t, typename acc_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+__global__ void backward_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, scalar_t* dz,
+                               ChannelParams<scalar_t, acc_t, A, kResidual> p, const acc_t* coeffs, int64_t numel,
+                               bool rows, int64_t C, int64_t inner) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = channel_of(i, rows, C, inner);
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t g = p.upstream_grad(static_cast<acc_t>(dy[i]), xv, i, c);
+    if constexpr (kGradInput) {
+      dx[i] = static_cast<scalar_t>((g - coeffs[3 * c] - (xv - p.mean[c]) * coeffs[3 * c + 1]) * coeffs[3 * c + 2]);
+    }
+    if constexpr (kGradResidual) dz[i] = static_cast<scalar_t>(g);
+  }
+}
+
+dim3 elementwise_grid(int64_t numel) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = (numel + 255) / 256;
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 32))));
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum,
+    const std::optional<at::Tensor>& momentum_tensor, double eps, std::optional<c10::string_view> activation) {
+  c10::cuda::CUDAGuard guard(input.device());
+  auto p = plan_batch_norm_forward(input, weight, bias, residual, running_mean, running_var, training, momentum,
+                                   momentum_tensor, eps, activation);
+  const auto& l = p.layout;
+  if (l.C == 0) return finish_batch_norm_forward(p);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned channel_blocks = static_cast<unsigned>((l.C + 255) / 256);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batchops_batch_norm_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* save_mean = p.save_mean.mutable_data_ptr<acc_t>();
+    acc_t* save_invstd = p.save_invstd.mutable_data_ptr<acc_t>();
+    if (training) {
+      const auto g = partial_grid(l);
+      WelfordReducer<scalar_t, acc_t> reducer{p.input.const_data_ptr<scalar_t>()};
+      at::Tensor partial = launch_partial_reduce(reducer, l, g, p.input);
+      finalize_stats<acc_t><<<channel_blocks, 256, 0, stream>>>(
+          reinterpret_cast<const WelfordData<acc_t>*>(partial.const_data_ptr()), g, acc_t(p.eps), acc_t(p.momentum),
+          ptr_or_null<acc_t>(p.momentum_tensor), p.update_running, ptr_or_null<acc_t>(p.running_mean),
+          ptr_or_null<acc_t>(p.running_var), save_mean, save_invstd,
+          p.update_running ? p.new_running_mean.mutable_data_ptr<acc_t>() : nullptr,
+          p.update_running ? p.new_running_var.mutable_data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      eval_stats<acc_t><<<channel_blocks, 256, 0, stream>>>(l.C, acc_t(p.eps), p.running_mean.const_data_ptr<acc_t>(),
+                                                            p.running_var.const_data_ptr<acc_t>(), save_mean,
+                                                            save_invstd);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t numel = p.output.numel();
+    if (numel == 0) return;
+    BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
+      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] {
+        ChannelParams<scalar_t, acc_t, kAct, kResidual> params{
+            save_mean, save_invstd, ptr_or_null<acc_t>(p.weight), ptr_or_null<acc_t>(p.bias),
+            kResidual ? p.residual.const_data_ptr<scalar_t>() : nullptr};
+        forward_apply<scalar_t, acc_t, kAct, kResidual><<<elementwise_grid(numel), 256, 0, stream>>>(
+            p.input.const_data_ptr<scalar_t>(), p.output.mutable_data_ptr<scalar_t>(), params, numel, l.rows, l.C,
+            l.inner);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return finish_batch_norm_forward(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, std::optional<c10::string_view> activation,
+    std::array<bool, 4> output_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  auto p = plan_batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
+                                    activation, output_mask);
+  const auto& l = p.layout;
+  if (l.C == 0) return finish_batch_norm_backward(p);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned channel_blocks = static_cast<unsigned>((l.C + 255) / 256);
+  const bool need_sums = p.mask[1] || p.mask[2] || (p.mask[0] && training);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batchops_batch_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor coeffs = at::empty({3 * l.C}, p.save_mean.options());
+    BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
+      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] {
+        ChannelParams<scalar_t, acc_t, kAct, kResidual> params{
+            p.save_mean.const_data_ptr<acc_t>(), p.save_invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(p.weight),
+            ptr_or_null<acc_t>(p.bias), kResidual ? p.residual.const_data_ptr<scalar_t>() : nullptr};
+        // Without sums (eval mode, grad_input only) the finalize still runs over zero
+        // partials to produce the per-channel coefficients.
+        PartialGrid g = partial_grid(l);
+        if (!need_sums) g.chunks = 0;
+        GradReducer<scalar_t, acc_t, kAct, kResidual> reducer{p.input.const_data_ptr<scalar_t>(),
+                                                             p.grad_output.const_data_ptr<scalar_t>(), params};
+        at::Tensor partial = launch_partial_reduce(reducer, l, g, p.input);
+        finalize_grads<acc_t><<<channel_blocks, 256, 0, stream>>>(
+            reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), g, l.per_channel(), training,
+            p.save_invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(p.weight),
+            p.mask[1] ? p.grad_weight.mutable_data_ptr<acc_t>() : nullptr,
+            p.mask[2] ? p.grad_bias.mutable_data_ptr<acc_t>() : nullptr, coeffs.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int64_t numel = p.input.numel();
+        if (numel == 0 || !(p.mask[0] || p.mask[3])) return;
+        auto launch_apply = [&](auto grad_input, auto grad_residual) {
+          constexpr bool kGradInput = decltype(grad_input)::value;
+          constexpr bool kGradResidual = decltype(grad_residual)::value;
+          backward_apply<scalar_t, acc_t, kAct, kResidual, kGradInput, kGradResidual>
+              <<<elementwise_grid(numel), 256, 0, stream>>>(
+                  p.input.const_data_ptr<scalar_t>(), p.grad_output.const_data_ptr<scalar_t>(),
+                  kGradInput ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+                  kGradResidual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr, params,
+                  coeffs.const_data_ptr<acc_t>(), numel, l.rows, l.C, l.inner);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (p.mask[0] && p.mask[3]) {
+          launch_apply(std::true_type{}, std::true_type{});
+        } else if (p.mask[0]) {
+          launch_apply(std::true_type{}, std::false_type{});
+        } else {
+          launch_apply(std::false_type{}, std::true_type{});
+        }
+      });
+    });
+  });
+  return finish_batch_norm_backward(p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchops, CUDA, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+}
+
+}  // namespace batchops

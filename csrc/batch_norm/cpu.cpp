@@ -366,10 +366,12 @@ void backward_apply(const BatchNormBackwardPlan& p, const ChannelAffine<opmath_t
   const scalar_t* z = kResidual ? p.residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dx = kGradInput ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dz = kGradResidual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-  auto element = [&](int64_t i, int64_t c) {
-    const acc g = upstream_grad<acc, A, kResidual>(dy[i], x[i], z, i, a.mean[c], a.scale[c], a.shift[c]);
+  // Channel constants are passed by value so the compiler can keep them in registers
+  // (through references it must assume dx may alias them and reloads every element).
+  auto element = [=](int64_t i, acc mean, acc scale, acc shift, BackwardCoeffs<acc> kc) {
+    const acc g = upstream_grad<acc, A, kResidual>(dy[i], x[i], z, i, mean, scale, shift);
     if constexpr (kGradInput) {
-      dx[i] = static_cast<scalar_t>((g - k[c].mean_g - (static_cast<acc>(x[i]) - a.mean[c]) * k[c].proj) * k[c].scale);
+      dx[i] = static_cast<scalar_t>((g - kc.mean_g - (static_cast<acc>(x[i]) - mean) * kc.proj) * kc.scale);
     }
     if constexpr (kGradResidual) dz[i] = static_cast<scalar_t>(g);
   };
@@ -379,16 +381,22 @@ void backward_apply(const BatchNormBackwardPlan& p, const ChannelAffine<opmath_t
       for (int64_t t = begin; t < end; ++t) {
         int64_t c, off, len;
         pieces.locate(t, c, off, len);
+        const acc mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
+        const BackwardCoeffs<acc> kc = k[c];
 #pragma omp simd
-        for (int64_t i = off; i < off + len; ++i) element(i, c);
+        for (int64_t i = off; i < off + len; ++i) element(i, mean, scale, shift, kc);
       }
     });
   } else {
+    const acc* mean = a.mean.data();
+    const acc* scale = a.scale.data();
+    const acc* shift = a.shift.data();
+    const BackwardCoeffs<acc>* kc = k.data();
     at::parallel_for(0, l.N * l.inner, std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
                        for (int64_t r = begin; r < end; ++r) {
 #pragma omp simd
-                         for (int64_t c = 0; c < C; ++c) element(r * C + c, c);
+                         for (int64_t c = 0; c < C; ++c) element(r * C + c, mean[c], scale[c], shift[c], kc[c]);
                        }
                      });
   }

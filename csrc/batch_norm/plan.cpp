@@ -90,15 +90,17 @@ BatchNormForwardPlan plan_batch_norm_forward(const at::Tensor& input, const std:
   at::Tensor b = check_per_channel(kForward, "bias", bias, input);
   at::Tensor rm = check_per_channel(kForward, "running_mean", running_mean, input);
   at::Tensor rv = check_per_channel(kForward, "running_var", running_var, input);
-  TORCH_CHECK(rm.defined() == rv.defined(), kForward, ": running_mean and running_var must both be given or both be None");
   if (training) {
+    TORCH_CHECK_VALUE(rm.defined() == rv.defined(), kForward,
+                      ": running_mean and running_var must either both be None or neither be None");
     TORCH_CHECK_VALUE(eps > 0, kForward, ": eps must be positive during training, got ", eps);
     const int64_t per_channel = input.numel() / std::max<int64_t>(input.size(1), 1);
     TORCH_CHECK_VALUE(per_channel != 1, kForward, ": expected more than 1 value per channel when training, got input of shape ",
                       input.sizes());
   } else {
     TORCH_CHECK_VALUE(eps >= 0, kForward, ": eps must be non-negative, got ", eps);
-    TORCH_CHECK(rm.defined(), kForward, ": running_mean and running_var must be given in evaluation mode (training=False)");
+    TORCH_CHECK(rm.defined(), kForward, ": running_mean must be defined in evaluation mode (training=False)");
+    TORCH_CHECK(rv.defined(), kForward, ": running_var must be defined in evaluation mode (training=False)");
   }
   if (momentum_tensor.has_value() && momentum_tensor->defined()) {
     TORCH_CHECK(momentum_tensor->numel() == 1, kForward, ": momentum_tensor must have one element, got ",

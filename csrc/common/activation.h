@@ -30,7 +30,7 @@ C10_HOST_DEVICE inline T activation_forward(T x) {
   if constexpr (A == Activation::kNone) {
     return x;
   } else if constexpr (A == Activation::kReLU) {
-    return x > T(0) ? x : T(0);
+    return x < T(0) ? T(0) : x;  // NaN stays NaN, as torch.relu
   } else if constexpr (A == Activation::kSiLU) {
     return x / (T(1) + std::exp(-x));
   } else if constexpr (A == Activation::kGELU) {
@@ -48,7 +48,7 @@ C10_HOST_DEVICE inline T activation_backward(T x) {
   if constexpr (A == Activation::kNone) {
     return T(1);
   } else if constexpr (A == Activation::kReLU) {
-    return x > T(0) ? T(1) : T(0);
+    return T(x > T(0));  // a compare, not a branch: keeps the CPU loops vectorised
   } else if constexpr (A == Activation::kSiLU) {
     const T s = T(1) / (T(1) + std::exp(-x));
     return s * (T(1) + x * (T(1) - s));

@@ -8,6 +8,10 @@ Environment switches (setup.py prints what it decided):
                               given we build 7.5, 8.0, 8.6, 8.9 and 9.0 plus PTX.
   MAX_JOBS                    parallel compile jobs (ninja).
   BATCHOPS_DEBUG=1            -O0 -g instead of -O3.
+  BATCHOPS_EXTRA_CXX          extra flags for the C++ compiler (e.g. for experiments).
+
+CPU kernels are compiled for the baseline, AVX2 and AVX-512 (csrc/batch_norm/cpu_*.cpp) and the
+best the processor supports is picked at run time.
 """
 import glob
 import os
@@ -108,9 +112,10 @@ if with_cuda:
 
 debug = os.environ.get("BATCHOPS_DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
-# -fopenmp-simd: honour `#pragma omp simd` (vectorised float reductions without -ffast-math);
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers, so without it
+# every CPU kernel runs on one thread. The link flag resolves to the libgomp.so.1 torch loads.
 # -fno-trapping-math: lets GCC turn the activation selects into vector blends.
-cxx_flags = opt + ["-fopenmp-simd", "-fno-trapping-math", "-Wno-unused-parameter"]
+cxx_flags = opt + ["-fopenmp", "-fno-trapping-math", "-Wno-unused-parameter"] + os.environ.get("BATCHOPS_EXTRA_CXX", "").split()
 # The version string lands in the binary so import can tell a stale build from a torch upgrade.
 macros = [
     ("BATCHOPS_TORCH_VERSION", f'"{torch.__version__}"'),
@@ -130,11 +135,17 @@ if with_cuda:
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["--use_fast_math", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
 else:
     ext = CppExtension(
-        "batchops._C", sources, include_dirs=include_dirs, define_macros=macros, extra_compile_args={"cxx": cxx_flags}
+        "batchops._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), BATCHOPS_CUDA={mode}")

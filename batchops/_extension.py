@@ -58,6 +58,7 @@ def build_info() -> dict:
         "extension_loaded": _C is not None,
         "cuda_kernels": False,
         "cuda_archs": [],
+        "cpu_kernel_isa": None,
         "built_with_torch": None,
         "running_torch": torch.__version__,
         "error": _load_error,
@@ -69,4 +70,5 @@ def build_info() -> dict:
         info["cuda_kernels"] = bool(_C.with_cuda)
         info["cuda_archs"] = [a for a in _C.cuda_archs.replace(" ", ";").split(";") if a]
         info["built_with_torch"] = _C.torch_version
+        info["cpu_kernel_isa"] = _C.cpu_isa()  # default / avx2 / avx512, chosen at run time
     return info

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_isa.h"
+
 TORCH_LIBRARY(batchops, m) {
   // Batch norm. Functional: the new running statistics are returned (empty when not
   // updated) and copied into the buffers by the Python layer, so the op can carry autograd.
@@ -31,7 +33,16 @@ TORCH_LIBRARY(batchops, m) {
 #define BATCHOPS_WITH_CUDA 0
 #endif
 
-static struct PyModuleDef batchops_module = {PyModuleDef_HEAD_INIT, "_C", "batchops compiled kernels", -1, nullptr};
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(batchops::cpu_isa_name(batchops::cpu_isa()));
+}
+
+static PyMethodDef batchops_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use now: default, avx2 or avx512."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef batchops_module = {PyModuleDef_HEAD_INIT, "_C", "batchops compiled kernels", -1,
+                                             batchops_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&batchops_module);

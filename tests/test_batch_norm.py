@@ -1231,3 +1231,35 @@ def test_build_info():
     assert info["extension_loaded"] is True and info["error"] is None
     if info["cuda_kernels"]:
         assert info["cuda_archs"], "CUDA kernels built but no arch recorded"
+
+
+# ---------------------------------------------------------------------------------------
+# CPU instruction-set levels: every compiled level (baseline, AVX2, AVX-512) is checked on
+# machines that have it; BATCHOPS_CPU_ISA caps the level used.
+
+ISA_LEVELS = ["default", "avx2", "avx512"]
+ISA_ORDER = {name: i for i, name in enumerate(ISA_LEVELS)}
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("shape, fmt", [((3, 16, 70, 70), None), ((2, 3, 9, 11), None), ((4, 24, 7, 9), torch.channels_last),
+                                        ((50, 13), None)], ids=["planar_channels", "planar_few", "channels_last", "rows"])
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=_dtype_id)
+def test_cpu_isa_levels(monkeypatch, isa, shape, fmt, dtype):
+    best = batchops.build_info()["cpu_kernel_isa"]
+    if ISA_ORDER[isa] > ISA_ORDER[best]:
+        pytest.skip(f"this processor supports CPU kernels up to {best}")
+    monkeypatch.setenv("BATCHOPS_CPU_ISA", isa)
+    assert batchops.build_info()["cpu_kernel_isa"] == isa
+    inputs = make_inputs(shape, "cpu", dtype, residual=True, param_dtype=f32)
+    if fmt is not None:
+        for key in ("x", "z", "gy"):
+            inputs[key] = inputs[key].contiguous(memory_format=fmt)
+    for activation in (None, "relu", "gelu"):
+        ours = evaluate(ours_impl, **inputs, training=True, activation=activation)
+        ref = evaluate(torch_impl, **inputs, cast=f64, training=True, activation=activation)
+        if dtype == f32:
+            assert_results_close(ours, ref, dtype)
+        else:  # bf16 output rounding: compare at its resolution
+            for key in ref:
+                torch.testing.assert_close(ours[key].double(), ref[key], atol=5e-2, rtol=2e-2, msg=key)

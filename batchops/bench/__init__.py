@@ -1,0 +1,131 @@
+"""Benchmarks of batchops against torch, shared by the `batchops bench` command and the
+scripts under benchmarks/.
+
+Each op lives in a module batchops.bench.<op> that provides `cases(device, quick, smoke)` (a
+list of harness.Case) and `NOTES` (how its bytes are counted). To add an op, write that module
+and add it to OPS.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Sequence
+
+from batchops.bench import harness
+from batchops.bench.harness import Case, Row, Stats, TimingSettings, quantile, time_interleaved
+
+__all__ = ["OPS", "run", "settings_for", "harness", "Case", "Row", "Stats", "TimingSettings", "quantile",
+           "time_interleaved"]
+
+OPS = {"batch_norm": "batchops.bench.batch_norm"}
+
+DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+
+
+def settings_for(quick: bool = False, smoke: bool = False) -> TimingSettings:
+    if smoke:  # tests: tiny shapes, three samples, a small copy
+        return TimingSettings(warmup_s=0.0, min_warmup=1, budget_s=0.0, min_reps=3, max_reps=3,
+                              copy_bytes=4 * 2**20, copy_reps=3)
+    if quick:  # CI smoke runs
+        return TimingSettings(warmup_s=0.05, min_warmup=2, budget_s=0.5, min_reps=5, max_reps=25,
+                              copy_bytes=64 * 2**20, copy_reps=5)
+    # The full run: about 5 s per case, so the 12 CPU batch norm cases take ~1.5 minutes.
+    return TimingSettings(warmup_s=0.3, min_warmup=3, budget_s=5.0, min_reps=20, max_reps=400)
+
+
+def run(
+    ops: Sequence[str] = ("batch_norm",),
+    device: str = "auto",
+    quick: bool = False,
+    out_dir: str | os.PathLike | None = DEFAULT_OUT_DIR,
+    *,
+    smoke: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[str, str | None]:
+    """Run the benchmarks of `ops` on `device` ("cpu", "cuda" or "auto"). Returns the markdown
+    report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md; None when
+    out_dir is None). `log`, when given, receives one line per finished case.
+
+    Raises the RuntimeError of batchops._extension.require_extension() when the compiled kernels
+    are unavailable.
+    """
+    import torch
+
+    from batchops._extension import build_info, require_extension
+
+    require_extension()
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; available: {sorted(OPS)}")
+    dev = harness.resolve_device(device)
+    if dev.type == "cuda" and not build_info()["cuda_kernels"]:
+        raise RuntimeError(
+            "--device cuda, but batchops._C was built without CUDA kernels; rebuild with a "
+            "CUDA toolkit (see README.md, 'Build options') or use --device cpu"
+        )
+    settings = settings_for(quick, smoke)
+    when = harness.utcnow()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+
+    contention = harness.CpuContention() if dev.type == "cpu" else None
+    copy_bw = harness.copy_bandwidth(dev, settings)
+    if log:
+        log(f"copy bandwidth: {copy_bw.bytes_per_s / 1e9:.1f} GB/s")
+
+    tables: list[str] = []
+    all_rows = []
+    for op in ops:
+        module = importlib.import_module(OPS[op])
+        rows = []
+        for case in module.cases(dev, quick=quick, smoke=smoke):
+            row = harness.run_case(case, dev, settings)
+            rows.append(row)
+            if log:
+                log(_progress(row))
+        all_rows.append((op, module, rows))
+    # Measured again after the cases: on a shared machine one measurement can fall in a busy
+    # moment, and the best one is the closest to the physical limit.
+    copy_bw = copy_bw.combined(harness.copy_bandwidth(dev, settings))
+    for op, module, rows in all_rows:
+        tables += [f"## {op}", "", harness.format_table(rows, copy_bw), ""]
+        notes = getattr(module, "NOTES", "")
+        if notes:
+            tables += [notes, ""]
+
+    kind = "smoke" if smoke else "quick" if quick else "full"
+    sections = [f"# batchops benchmarks ({kind} run): {', '.join(ops)}", ""]
+    sections += harness.environment_lines(dev, copy_bw, when)
+    others = contention.others() if contention is not None else None
+    if others is not None:
+        sections.append(
+            f"- other processes kept {others:.2f} of {os.cpu_count()} CPUs busy on average during the run "
+            "(/proc/stat minus this process)"
+            + (": the machine was shared, so the timings are noisy (a parallel region stalls when one of its "
+               "threads loses its core), and ratios reflect how each provider copes with that too"
+               if others > 0.2 else "")
+        )
+    sections += [
+        f"- timing: providers interleaved in one process, alternating order each round; "
+        f"{'CUDA events after warm-up, L2 flushed before each sample' if dev.type == 'cuda' else 'time.perf_counter'}; "
+        f"warm-up {settings.warmup_s:g} s, {settings.min_warmup} calls or more; samples per provider (n) sized to "
+        f"about {settings.budget_s:g} s per case, within [{settings.min_reps}, {settings.max_reps}]",
+        "- ratio = batchops median / torch median (lower is better); GB/s = batchops bytes / batchops median; "
+        "\"of copy BW\" = that as a fraction of the copy bandwidth above (it can pass 100% when a case's tensors fit in "
+        "the last-level cache, as they are reused from call to call); peak memory = "
+        + ("torch.cuda.max_memory_allocated increase during one call" if dev.type == "cuda" else "n/a on CPU"),
+        "- absolute times compare only within one run on one machine",
+        "",
+    ]
+    sections += tables
+    text = "\n".join(sections)
+    path = harness.write_results(text, out_dir, dev, when) if out_dir is not None else None
+    return text, path
+
+
+def _progress(row: Row) -> str:
+    c = row.case
+    t = {k: f"{v.median:.3f}" for k, v in row.times.items()}
+    return (f"  {c.op} {'x'.join(map(str, c.shape))} {c.layout} {harness.dtype_name(c.dtype)} {c.mode}: "
+            f"torch {t.get('torch', '-')} ms, batchops {t.get('batchops', '-')} ms {row.note}").rstrip()
+

@@ -1,0 +1,164 @@
+"""Batch norm cases: batchops.BatchNorm2d against torch.nn.BatchNorm2d (DESIGN.md, "Numbers to beat").
+
+Both modules hold the same state (torch's, loaded into ours), so they compute the same thing.
+Before timing, each case checks both providers once against torch's composition in float64
+(the table's note names a provider that is off). Inputs are randn, never zeros.
+
+Counting rule for "batchops bytes" (S = numel x element size of one input-sized tensor). It
+counts what batchops' kernels actually move, pass by pass (they are not persistent: a tile does
+not stay on chip between the statistics pass and the apply pass):
+  * training forward: the statistics pass reads x, the apply pass reads x again and writes y:
+    3S; a residual z is read once more by the apply pass: 4S.
+  * backward: the reduction pass reads dy and x, the apply pass reads them again and writes dx:
+    5S; a fused activation is recomputed from x (no extra tensor); with a residual, z is read
+    by both passes and dz is written: 8S.
+  * full = forward + backward: 8S, or 12S with a residual.
+  * eval forward: x read once, y written: 2S.
+The minimum for a persistent kernel would be 2S forward and 3S backward. Per-channel vectors
+(weight, statistics) are negligible and not counted.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+
+from batchops.bench.harness import REFERENCE, Case
+
+OP = "batch_norm"
+
+LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+# (forward, backward) bytes in units of S, per variant.
+_FWD_BWD = {"plain": (3, 5), "relu": (3, 5), "residual_relu": (4, 8)}
+
+
+def shapes_for(device: torch.device, quick: bool = False, smoke: bool = False) -> list[tuple[int, int, int, int]]:
+    if smoke:
+        return [(2, 8, 6, 6)]
+    if quick:
+        return [(8, 64, 28, 28)] if device.type == "cpu" else [(32, 64, 56, 56)]
+    if device.type == "cpu":
+        return [(32, 64, 56, 56)]
+    # 64x256x56x56 float32 is 205 MB, >= 4x the L2 of current GPUs (50 MB on H100).
+    return [(32, 64, 56, 56), (64, 256, 56, 56)]
+
+
+def dtypes_for(device: torch.device, quick: bool = False, smoke: bool = False) -> list[torch.dtype]:
+    if device.type == "cpu" or smoke:
+        return [torch.float32]
+    return [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _modules(C: int, activation: str | None, device: torch.device):
+    import batchops
+
+    ref = torch.nn.BatchNorm2d(C, device=device)
+    g = torch.Generator(device="cpu").manual_seed(C)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        ref.bias.copy_(torch.rand(C, generator=g) - 0.5)
+        ref.running_mean.copy_(torch.rand(C, generator=g) * 0.2 - 0.1)
+        ref.running_var.copy_(torch.rand(C, generator=g) + 0.5)
+    ours = batchops.BatchNorm2d(C, activation=activation, device=device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _composed(bn: torch.nn.Module, variant: str) -> Callable:
+    """torch's way to write the variant: bn(x), relu(bn(x)), relu(bn(x) + z)."""
+    if variant == "plain":
+        return lambda x, z: bn(x)
+    if variant == "relu":
+        return lambda x, z: torch.relu(bn(x))
+    return lambda x, z: torch.relu(bn(x) + z)
+
+
+def _callable(f: Callable, m: torch.nn.Module, x, z, dy, mode: str, training: bool) -> Callable[[], object]:
+    """One provider's call for a mode: the output (forward) or the gradients w.r.t. x, weight,
+    bias and z (backward: through a graph built once and retained; full: forward + backward)."""
+    if not training:  # inference: no autograd
+        def infer():
+            with torch.no_grad():
+                return f(x, z)
+        return infer
+    ins = tuple(t for t in (x, m.weight, m.bias, z) if t is not None)
+    if mode == "forward":
+        return lambda: f(x, z)
+    if mode == "backward":
+        y = f(x, z)
+        return lambda: torch.autograd.grad(y, ins, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(f(x, z), ins, dy)
+
+
+def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, training: bool):
+    def build(device: torch.device) -> dict[str, Callable[[], object]]:
+        fmt = LAYOUTS[layout]
+        activation = None if variant == "plain" else "relu"
+        ref, ours = _modules(shape[1], activation, device)
+        ref.train(training)
+        ours.train(training)
+        # The check's float64 reference: torch's composition in double precision, same state.
+        ref64 = copy.deepcopy(ref).double()
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def randn() -> torch.Tensor:
+            t = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+            return t.contiguous(memory_format=fmt)
+
+        x = randn()
+        z = randn() if variant == "residual_relu" else None
+        dy = randn() if training else None
+
+        def f_ours(x, z):
+            return ours(x, z)
+
+        def double(t):
+            return None if t is None else t.detach().double()
+
+        x64, z64, dy64 = double(x), double(z), double(dy)
+        if training:
+            for t in (x, z, x64, z64):
+                if t is not None:
+                    t.requires_grad_(True)
+        return {
+            "torch": _callable(_composed(ref, variant), ref, x, z, dy, mode, training),
+            "batchops": _callable(f_ours, ours, x, z, dy, mode, training),
+            REFERENCE: _callable(_composed(ref64, variant), ref64, x64, z64, dy64, mode, training),
+        }
+
+    return build
+
+
+def _case(shape, layout, dtype, mode, variant, training=True) -> Case:
+    names = {"plain": "BatchNorm2d", "relu": "BatchNorm2d+ReLU", "residual_relu": "BatchNorm2d+add+ReLU"}
+    op = names[variant] + ("" if training else " (eval)")
+    if training:
+        fwd, bwd = _FWD_BWD[variant]
+        units = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+    else:
+        units = 2 + (1 if variant == "residual_relu" else 0)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    S = math.prod(shape) * itemsize
+    return Case(op=op, shape=tuple(shape), layout=layout, dtype=dtype, mode=mode,
+                build=_build(shape, layout, dtype, mode, variant, training),
+                bytes_moved=units * S, bytes_rule=f"{units}S")
+
+
+def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> list[Case]:
+    out = []
+    for dtype in dtypes_for(device, quick, smoke):
+        for shape in shapes_for(device, quick, smoke):
+            for layout in LAYOUTS:
+                for mode in ("forward", "backward", "full"):
+                    out.append(_case(shape, layout, dtype, mode, "plain"))
+                out.append(_case(shape, layout, dtype, "full", "relu"))
+                out.append(_case(shape, layout, dtype, "full", "residual_relu"))
+                out.append(_case(shape, layout, dtype, "forward", "plain", training=False))
+    return out
+
+
+NOTES = __doc__.split("\n\n", 2)[2].strip()

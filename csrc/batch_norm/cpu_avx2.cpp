@@ -1,0 +1,23 @@
+// The CPU batch norm kernels compiled for AVX2; cpu.cpp calls them when the processor has it.
+// Every header is included before the target pragma so that only the kernels in
+// cpu_kernels.h (in their own namespace, internal linkage) get the wider instructions:
+// inline functions shared with other files stay baseline code.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "batch_norm/batch_norm.h"
+#include "common/cpu_isa.h"
+
+#if BATCHOPS_CPU_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,f16c")
+#define BATCHOPS_CPU_NS cpu_avx2
+#include "batch_norm/cpu_kernels.h"
+#pragma GCC pop_options
+#endif

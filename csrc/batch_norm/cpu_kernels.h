@@ -1,0 +1,515 @@
+// Batch norm on the CPU.
+//
+// Work is cut into fixed pieces (at most kPiece elements of one (n, c) run in the planar
+// view, or a block of rows in the channels-last view) whose partial results are merged in a
+// fixed order, so results do not depend on the thread count. A piece fits in L1/L2, so the
+// shifted two-pass statistics inside it cost no extra memory traffic.
+//
+// Planar inputs with enough channels are processed channel by channel: a channel's
+// statistics pass and its apply pass run back to back while its data is still in L2, so
+// forward reads x from memory about once and backward reads (dy, x) about once, as torch's
+// own channel-parallel backward does. With few channels the passes run over the whole
+// tensor instead. Both orders compute the same pieces merged in the same order: the results
+// are bitwise identical.
+// This header is compiled once per CPU instruction set (cpu.cpp, cpu_avx2.cpp, cpu_avx512.cpp),
+// each time inside its own namespace BATCHOPS_CPU_NS; cpu.cpp picks one at run time.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <utility>
+#include <vector>
+
+#include "batch_norm/batch_norm.h"
+
+#ifndef BATCHOPS_CPU_NS
+#error "define BATCHOPS_CPU_NS before including batch_norm/cpu_kernels.h"
+#endif
+
+namespace batchops {
+namespace BATCHOPS_CPU_NS {
+namespace {
+
+
+constexpr int64_t kPiece = 4096;
+// Row blocks are larger: each ends in a per-channel merge (a division per channel), and
+// 64 KiB of float rows still fits in L2 for the second statistics pass.
+constexpr int64_t kRowBlock = 16384;
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+// Planar view (N, C, inner): each (n, c) run split into pieces of at most kPiece elements.
+// Piece t = (c * N + n) * per_run + p, so one channel's pieces are consecutive.
+struct PlanarPieces {
+  int64_t N, C, inner, per_run;
+  explicit PlanarPieces(const BatchNormLayout& l)
+      : N(l.N), C(l.C), inner(l.inner), per_run(std::max<int64_t>(1, (l.inner + kPiece - 1) / kPiece)) {}
+  int64_t count() const { return C * N * per_run; }
+  int64_t per_channel() const { return N * per_run; }
+  // Element offset and length of piece t (its channel is t / per_channel()).
+  std::pair<int64_t, int64_t> locate(int64_t t) const {
+    const int64_t p = t % per_run;
+    const int64_t cn = t / per_run;
+    const int64_t n = cn % N;
+    const int64_t c = cn / N;
+    const int64_t start = p * kPiece;
+    return {(n * C + c) * inner + start, std::min(kPiece, inner - start)};
+  }
+};
+
+// Rows view (M, C): blocks of about kRowBlock elements.
+struct RowBlocks {
+  int64_t M, C, rows_per_block, count;
+  explicit RowBlocks(const BatchNormLayout& l)
+      : M(l.per_channel()), C(l.C), rows_per_block(std::max<int64_t>(1, kRowBlock / std::max<int64_t>(l.C, 1))) {
+    count = (M + rows_per_block - 1) / rows_per_block;
+  }
+  int64_t begin(int64_t b) const { return b * rows_per_block; }
+  int64_t end(int64_t b) const { return std::min(M, (b + 1) * rows_per_block); }
+};
+
+// Channel by channel only pays when there are channels enough to keep every thread busy.
+bool channel_major(const BatchNormLayout& l) { return !l.rows && l.C >= 4 * at::get_num_threads(); }
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+
+// Shifted two-pass statistics of one L1-resident run: mean = shift + sum(d)/n and
+// m2 = sum(d^2) - sum(d)^2/n with d = x - shift, accurate for large means (x = 1e4 + noise).
+template <typename scalar_t>
+WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
+  using acc = opmath_t<scalar_t>;
+  acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc>(x[i]);
+  const acc shift = s / acc(n);
+  acc sd = 0, sdd = 0;
+#pragma omp simd reduction(+ : sd, sdd)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc d = static_cast<acc>(x[i]) - shift;
+    sd += d;
+    sdd += d * d;
+  }
+  WelfordData<double> w;
+  w.count = n;
+  w.mean = double(shift) + double(sd) / double(n);
+  w.m2 = std::max(0.0, double(sdd) - double(sd) * double(sd) / double(n));
+  return w;
+}
+
+// The same per channel for a block of rows; out[c] receives channel c's statistics.
+template <typename scalar_t>
+void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t<scalar_t>>& scratch,
+                WelfordData<double>* out) {
+  using acc = opmath_t<scalar_t>;
+  scratch.assign(3 * C, acc(0));
+  acc* s = scratch.data();
+  acc* sd = s + C;
+  acc* sdd = sd + C;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] += static_cast<acc>(xr[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) s[c] /= acc(rows);  // s now holds the shift
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc d = static_cast<acc>(xr[c]) - s[c];
+      sd[c] += d;
+      sdd[c] += d * d;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    out[c].count = rows;
+    out[c].mean = double(s[c]) + double(sd[c]) / double(rows);
+    out[c].m2 = std::max(0.0, double(sdd[c]) - double(sd[c]) * double(sd[c]) / double(rows));
+  }
+}
+
+// One planar channel's statistics: its pieces merged in order.
+template <typename scalar_t>
+WelfordData<double> planar_channel_stats(const scalar_t* x, const PlanarPieces& pieces, int64_t c) {
+  WelfordData<double> w;
+  for (int64_t k = 0; k < pieces.per_channel(); ++k) {
+    const auto [off, len] = pieces.locate(c * pieces.per_channel() + k);
+    w = welford_merge(w, run_stats(x + off, len));
+  }
+  return w;
+}
+
+// Every channel's statistics, pieces in parallel, then merged per channel in order.
+template <typename scalar_t>
+std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const BatchNormLayout& l) {
+  const int64_t C = l.C;
+  std::vector<WelfordData<double>> stats(C);
+  std::vector<WelfordData<double>> partial;
+  int64_t parts = 0;
+  if (!l.rows) {
+    PlanarPieces pieces(l);
+    parts = pieces.per_channel();
+    partial.resize(pieces.count());  // [c][k]
+    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [off, len] = pieces.locate(t);
+        partial[t] = run_stats(x + off, len);
+      }
+    });
+  } else {
+    RowBlocks blocks(l);
+    parts = blocks.count;
+    std::vector<WelfordData<double>> by_block(blocks.count * C);  // [b][c]
+    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t<scalar_t>> scratch;
+      for (int64_t b = begin; b < end; ++b) {
+        rows_stats(x + blocks.begin(b) * C, blocks.end(b) - blocks.begin(b), C, scratch, by_block.data() + b * C);
+      }
+    });
+    partial.resize(by_block.size());  // transpose to [c][b]
+    for (int64_t b = 0; b < blocks.count; ++b) {
+      for (int64_t c = 0; c < C; ++c) partial[c * parts + b] = by_block[b * C + c];
+    }
+  }
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      WelfordData<double> w;
+      for (int64_t k = 0; k < parts; ++k) w = welford_merge(w, partial[c * parts + k]);
+      stats[c] = w;
+    }
+  });
+  return stats;
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise pieces. Channel constants come by value so they live in registers (through
+// references the compiler must assume the output may alias them and reloads each element).
+
+template <typename acc>
+struct Affine {  // y = act((x - mean) * scale + shift [+ z])
+  acc mean, scale, shift;
+};
+
+template <typename acc, typename stat_t>
+Affine<acc> affine_of(int64_t c, const stat_t* mean, const stat_t* invstd, const stat_t* weight,
+                      const stat_t* bias) {
+  return {acc(mean[c]), acc(invstd[c] * (weight ? weight[c] : stat_t(1))), acc(bias ? bias[c] : stat_t(0))};
+}
+
+template <typename scalar_t, Activation A, bool kResidual>
+inline void forward_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t off, int64_t len,
+                         Affine<opmath_t<scalar_t>> a) {
+  using acc = opmath_t<scalar_t>;
+#pragma omp simd
+  for (int64_t i = off; i < off + len; ++i) {
+    acc v = (static_cast<acc>(x[i]) - a.mean) * a.scale + a.shift;
+    if constexpr (kResidual) v += static_cast<acc>(z[i]);
+    y[i] = static_cast<scalar_t>(activation_forward<A>(v));
+  }
+}
+
+// g = dy * act'(pre), pre recomputed from x (and z): no full-size tensor is saved for it.
+template <typename acc, Activation A, bool kResidual, typename scalar_t>
+inline acc upstream_grad(scalar_t dy, scalar_t x, const scalar_t* z, int64_t i, Affine<acc> a) {
+  if constexpr (A == Activation::kNone) {
+    return static_cast<acc>(dy);
+  } else {
+    acc pre = (static_cast<acc>(x) - a.mean) * a.scale + a.shift;
+    if constexpr (kResidual) pre += static_cast<acc>(z[i]);
+    return static_cast<acc>(dy) * activation_backward<A>(pre);
+  }
+}
+
+// (sum g, sum g * (x - mean)) over one planar piece.
+template <typename scalar_t, Activation A, bool kResidual>
+inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
+                                                int64_t off, int64_t len, Affine<opmath_t<scalar_t>> a) {
+  using acc = opmath_t<scalar_t>;
+  acc sg = 0, sgx = 0;
+  if constexpr (A == Activation::kNone) {
+#pragma omp simd reduction(+ : sg, sgx)
+    for (int64_t i = off; i < off + len; ++i) {
+      const acc g = static_cast<acc>(dy[i]);
+      sg += g;
+      sgx += g * (static_cast<acc>(x[i]) - a.mean);
+    }
+  } else {
+    // g goes through an L1 buffer: fused into the reduction, GCC turns the activation's
+    // select into a branch around a load of dy and stops vectorising (5x slower for relu).
+    acc g[kPiece];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) g[j] = upstream_grad<acc, A, kResidual>(dy[off + j], x[off + j], z, off + j, a);
+#pragma omp simd reduction(+ : sg, sgx)
+    for (int64_t j = 0; j < len; ++j) {
+      sg += g[j];
+      sgx += g[j] * (static_cast<acc>(x[off + j]) - a.mean);
+    }
+  }
+  return {double(sg), double(sgx)};
+}
+
+template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+inline void backward_element(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
+                             int64_t i, Affine<opmath_t<scalar_t>> a, BackwardCoeffs<opmath_t<scalar_t>> k) {
+  using acc = opmath_t<scalar_t>;
+  const acc g = upstream_grad<acc, A, kResidual>(dy[i], x[i], z, i, a);
+  if constexpr (kGradInput) {
+    dx[i] = static_cast<scalar_t>((g - k.mean_g - (static_cast<acc>(x[i]) - a.mean) * k.proj) * k.scale);
+  }
+  if constexpr (kGradResidual) dz[i] = static_cast<scalar_t>(g);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, Activation A, bool kResidual>
+void forward_cpu_typed(BatchNormForwardPlan& p) {
+  using acc = opmath_t<scalar_t>;
+  using stat_t = acc;  // float for half/bfloat16/float inputs, double for double
+  const auto& l = p.layout;
+  const int64_t C = l.C;
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const scalar_t* z = kResidual ? p.residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* y = p.output.mutable_data_ptr<scalar_t>();
+  stat_t* save_mean = p.save_mean.mutable_data_ptr<stat_t>();
+  stat_t* save_invstd = p.save_invstd.mutable_data_ptr<stat_t>();
+  const stat_t* w = p.weight.defined() ? p.weight.const_data_ptr<stat_t>() : nullptr;
+  const stat_t* b = p.bias.defined() ? p.bias.const_data_ptr<stat_t>() : nullptr;
+  const stat_t* rm = p.running_mean.defined() ? p.running_mean.const_data_ptr<stat_t>() : nullptr;
+  const stat_t* rv = p.running_var.defined() ? p.running_var.const_data_ptr<stat_t>() : nullptr;
+  stat_t* new_rm = p.update_running ? p.new_running_mean.mutable_data_ptr<stat_t>() : nullptr;
+  stat_t* new_rv = p.update_running ? p.new_running_var.mutable_data_ptr<stat_t>() : nullptr;
+  const bool empty = p.output.numel() == 0;
+
+  auto finalize = [&](int64_t c, const WelfordData<double>& stats) {
+    double m, is, nrm = 0, nrv = 0;
+    batch_norm_finalize_channel<double>(stats, p.eps, p.momentum, p.update_running, rm ? double(rm[c]) : 0.0,
+                                        rv ? double(rv[c]) : 0.0, &m, &is, &nrm, &nrv);
+    save_mean[c] = stat_t(m);
+    save_invstd[c] = stat_t(is);
+    if (p.update_running) {
+      new_rm[c] = stat_t(nrm);
+      new_rv[c] = stat_t(nrv);
+    }
+  };
+
+  if (p.training && channel_major(l)) {
+    PlanarPieces pieces(l);
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        finalize(c, empty ? WelfordData<double>() : planar_channel_stats(x, pieces, c));
+        const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
+        for (int64_t k = 0; k < pieces.per_channel() && !empty; ++k) {
+          const auto [off, len] = pieces.locate(c * pieces.per_channel() + k);
+          forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a);
+        }
+      }
+    });
+    return;
+  }
+
+  if (p.training) {
+    const auto stats = empty ? std::vector<WelfordData<double>>(C) : all_channel_stats(x, l);
+    for (int64_t c = 0; c < C; ++c) finalize(c, stats[c]);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      save_mean[c] = rm[c];
+      save_invstd[c] = stat_t(1) / std::sqrt(rv[c] + stat_t(p.eps));
+    }
+  }
+  if (empty) return;
+  std::vector<Affine<acc>> affine(C);
+  for (int64_t c = 0; c < C; ++c) affine[c] = affine_of<acc>(c, save_mean, save_invstd, w, b);
+  if (!l.rows) {
+    PlanarPieces pieces(l);
+    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [off, len] = pieces.locate(t);
+        forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[t / pieces.per_channel()]);
+      }
+    });
+  } else {
+    const Affine<acc>* af = affine.data();
+    at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         const int64_t base = r * C;
+#pragma omp simd
+                         for (int64_t c = 0; c < C; ++c) {
+                           acc v = (static_cast<acc>(x[base + c]) - af[c].mean) * af[c].scale + af[c].shift;
+                           if constexpr (kResidual) v += static_cast<acc>(z[base + c]);
+                           y[base + c] = static_cast<scalar_t>(activation_forward<A>(v));
+                         }
+                       }
+                     });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+void backward_cpu_typed(BatchNormBackwardPlan& p) {
+  using acc = opmath_t<scalar_t>;
+  using stat_t = acc;
+  const auto& l = p.layout;
+  const int64_t C = l.C;
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const scalar_t* dy = p.grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* z = kResidual ? p.residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = kGradInput ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dz = kGradResidual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+  const stat_t* mean = p.save_mean.const_data_ptr<stat_t>();
+  const stat_t* invstd = p.save_invstd.const_data_ptr<stat_t>();
+  const stat_t* w = p.weight.defined() ? p.weight.const_data_ptr<stat_t>() : nullptr;
+  const stat_t* b = p.bias.defined() ? p.bias.const_data_ptr<stat_t>() : nullptr;
+  const bool empty = p.input.numel() == 0;
+  const bool need_sums = !empty && (p.mask[1] || p.mask[2] || (p.mask[0] && p.training));
+  constexpr bool kApply = kGradInput || kGradResidual;
+
+  // Per-channel results from the two sums: parameter grads and the grad_input coefficients.
+  auto finalize = [&](int64_t c, double sum_g, double sum_gxmu) {
+    if (p.mask[1]) p.grad_weight.mutable_data_ptr<stat_t>()[c] = stat_t(sum_gxmu * double(invstd[c]));
+    if (p.mask[2]) p.grad_bias.mutable_data_ptr<stat_t>()[c] = stat_t(sum_g);
+    const auto k = batch_norm_backward_coeffs<double>(sum_g, sum_gxmu, l.per_channel(), double(invstd[c]),
+                                                      w ? double(w[c]) : 1.0, p.training);
+    return BackwardCoeffs<acc>{acc(k.mean_g), acc(k.proj), acc(k.scale)};
+  };
+
+  if (channel_major(l)) {
+    PlanarPieces pieces(l);
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const auto a = affine_of<acc>(c, mean, invstd, w, b);
+        const int64_t first = c * pieces.per_channel();
+        double sg = 0, sgx = 0;
+        for (int64_t k = 0; k < pieces.per_channel() && need_sums; ++k) {
+          const auto [off, len] = pieces.locate(first + k);
+          const auto [g, gx] = grad_sums_span<scalar_t, A, kResidual>(dy, x, z, off, len, a);
+          sg += g;
+          sgx += gx;
+        }
+        const auto kc = finalize(c, sg, sgx);
+        if constexpr (kApply) {
+          for (int64_t k = 0; k < pieces.per_channel() && !empty; ++k) {
+            const auto [off, len] = pieces.locate(first + k);
+#pragma omp simd
+            for (int64_t i = off; i < off + len; ++i) {
+              backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, i, a, kc);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  std::vector<Affine<acc>> affine(C);
+  for (int64_t c = 0; c < C; ++c) affine[c] = affine_of<acc>(c, mean, invstd, w, b);
+  std::vector<double> sum_g(C, 0.0), sum_gxmu(C, 0.0);
+  if (need_sums && !l.rows) {
+    PlanarPieces pieces(l);
+    std::vector<std::pair<double, double>> partial(pieces.count());
+    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [off, len] = pieces.locate(t);
+        partial[t] = grad_sums_span<scalar_t, A, kResidual>(dy, x, z, off, len, affine[t / pieces.per_channel()]);
+      }
+    });
+    for (int64_t t = 0; t < pieces.count(); ++t) {
+      sum_g[t / pieces.per_channel()] += partial[t].first;
+      sum_gxmu[t / pieces.per_channel()] += partial[t].second;
+    }
+  } else if (need_sums) {
+    RowBlocks blocks(l);
+    std::vector<double> partial(2 * blocks.count * C);  // [b][2][c]
+    const Affine<acc>* af = affine.data();
+    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> scratch(3 * C);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        std::fill(scratch.begin(), scratch.end(), acc(0));
+        acc* sg = scratch.data();
+        acc* sgx = sg + C;
+        acc* g = sgx + C;  // one row of g first, as in grad_sums_span, to keep the loops vectorised
+        for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
+          const int64_t base = r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) g[c] = upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c, af[c]);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            sg[c] += g[c];
+            sgx[c] += g[c] * (static_cast<acc>(x[base + c]) - af[c].mean);
+          }
+        }
+        std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.begin() + 2 * blk * C);
+      }
+    });
+    for (int64_t blk = 0; blk < blocks.count; ++blk) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum_g[c] += partial[2 * blk * C + c];
+        sum_gxmu[c] += partial[2 * blk * C + C + c];
+      }
+    }
+  }
+  std::vector<BackwardCoeffs<acc>> coeffs(C);
+  for (int64_t c = 0; c < C; ++c) coeffs[c] = finalize(c, sum_g[c], sum_gxmu[c]);
+  if (empty || !kApply) return;
+  if (!l.rows) {
+    PlanarPieces pieces(l);
+    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [off, len] = pieces.locate(t);
+        const int64_t c = t / pieces.per_channel();
+        const auto a = affine[c];
+        const auto kc = coeffs[c];
+#pragma omp simd
+        for (int64_t i = off; i < off + len; ++i) {
+          backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, i, a, kc);
+        }
+      }
+    });
+  } else {
+    const Affine<acc>* af = affine.data();
+    const BackwardCoeffs<acc>* kc = coeffs.data();
+    at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r) {
+#pragma omp simd
+                         for (int64_t c = 0; c < C; ++c) {
+                           backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz,
+                                                                                              r * C + c, af[c], kc[c]);
+                         }
+                       }
+                     });
+  }
+}
+
+}  // namespace
+
+void batch_norm_forward_kernel(BatchNormForwardPlan& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_forward_cpu", [&] {
+    BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
+      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] { forward_cpu_typed<scalar_t, kAct, kResidual>(p); });
+    });
+  });
+}
+
+void batch_norm_backward_kernel(BatchNormBackwardPlan& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_backward_cpu", [&] {
+    BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
+      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] {
+        BATCHOPS_DISPATCH_BOOL(p.mask[0], kGradInput, [&] {
+          BATCHOPS_DISPATCH_BOOL(p.mask[3], kGradResidual, [&] {
+            backward_cpu_typed<scalar_t, kAct, kResidual, kGradInput, kGradResidual>(p);
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace BATCHOPS_CPU_NS
+}  // namespace batchops

@@ -1,0 +1,22 @@
+// Which vector instruction set the CPU kernels run with. Each CPU kernel header is compiled
+// once per level (default SSE2, AVX2+FMA, AVX-512) and the best level the processor supports
+// is chosen at run time, as ATen's DispatchStub does. BATCHOPS_CPU_ISA=default|avx2|avx512
+// caps the choice (tests use it to cover every level on one machine).
+#pragma once
+
+namespace batchops {
+
+enum class CpuIsa : int { kDefault = 0, kAVX2 = 1, kAVX512 = 2 };
+
+// Read on every call (a getenv, nanoseconds) so a test can switch levels in one process.
+CpuIsa cpu_isa();
+const char* cpu_isa_name(CpuIsa isa);
+
+}  // namespace batchops
+
+// The variant files compile only with GCC on x86-64; elsewhere the default level is used.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define BATCHOPS_CPU_VARIANTS 1
+#else
+#define BATCHOPS_CPU_VARIANTS 0
+#endif

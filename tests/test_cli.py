@@ -1,0 +1,102 @@
+"""The `batchops` command line and the benchmark harness (no timing assertions)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import batchops
+from batchops import cli
+from batchops.bench import harness
+from batchops.bench.harness import REFERENCE, Stats, check_providers, compare_outputs, quantile
+
+needs_extension = pytest.mark.skipif(not batchops.extension_available(), reason="batchops._C is not built")
+
+
+def test_quantile_and_stats_on_a_known_list():
+    xs = [7.0, 1.0, 10.0, 4.0, 2.0, 9.0, 3.0, 6.0, 5.0, 8.0]  # 1..10, shuffled
+    assert quantile(xs, 0.5) == pytest.approx(5.5)
+    assert quantile(xs, 0.2) == pytest.approx(2.8)  # position 0.2 * 9 = 1.8 -> 2 + 0.8
+    assert quantile(xs, 0.8) == pytest.approx(8.2)
+    assert quantile(xs, 0.0) == 1.0 and quantile(xs, 1.0) == 10.0
+    s = Stats.of([3.0, 1.0, 2.0])
+    assert (s.median, s.n) == (2.0, 3)
+    # Same convention as torch.quantile (linear interpolation).
+    ref = torch.quantile(torch.tensor(xs, dtype=torch.float64), torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    assert [quantile(xs, q) for q in (0.2, 0.5, 0.8)] == pytest.approx(ref.tolist())
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
+
+
+def test_compare_outputs_flags_a_mismatch():
+    a = torch.randn(100)
+    assert compare_outputs((a, a), (a.clone(), a.clone()), torch.float32) == ""
+    assert "DIFFER" in compare_outputs(a, a + 0.5, torch.float32)
+    good = lambda: (a.double(), a.sum())  # noqa: E731
+    assert check_providers({"torch": good, "batchops": good, REFERENCE: good}, torch.float32) == ""
+    note = check_providers({"torch": lambda: (a.double() + 0.5, a.sum()), "batchops": good, REFERENCE: good},
+                           torch.float32)
+    assert note.startswith("TORCH OFF vs float64"), note
+
+
+def test_info_runs(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"batchops {batchops.__version__}" in out
+    assert "extension_loaded" in out and torch.__version__ in out
+
+
+def _env():
+    # The package may be used from the checkout without being installed.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(batchops.__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_python_dash_m_batchops_info():
+    proc = subprocess.run([sys.executable, "-m", "batchops", "info"], capture_output=True, text=True, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "build_info" in proc.stdout
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "bench" in capsys.readouterr().out
+
+
+@needs_extension
+def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
+    out_dir = tmp_path / "results"  # does not exist yet: bench creates it
+    assert cli.main(["bench", "--device", "cpu", "--smoke", "--out", str(out_dir)]) == 0
+    files = list(out_dir.iterdir())
+    assert len(files) == 1
+    name = files[0].name
+    assert name.startswith(f"cpu-{torch.get_num_threads()}threads-") and name.endswith(".md")
+    text = files[0].read_text()
+    assert capsys.readouterr().out.strip() == text.strip()  # what is printed is what is written
+    header = next(line for line in text.splitlines() if line.startswith("| op |"))
+    assert "torch ms" in header and "batchops ms" in header and "ratio" in header
+    rows = [line for line in text.splitlines() if line.startswith("| BatchNorm2d")]
+    assert len(rows) == 12
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[5] != "-" and cells[6] != "-", row  # both providers were timed
+        assert "error" not in cells[-1] and "DIFFER" not in cells[-1], row
+    assert "copy bandwidth" in text and "torch " + torch.__version__ in text
+
+
+def test_bench_without_extension_fails_with_the_build_hint(monkeypatch, tmp_path, capsys):
+    from batchops import _extension
+
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "_load_error", "batchops' compiled kernels (batchops._C) could not be imported: "
+                        "test; " + _extension.BUILD_HINT)
+    assert cli.main(["bench", "--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "pip install --no-build-isolation" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_device_tag():
+    assert harness.device_tag(torch.device("cpu")) == f"cpu-{torch.get_num_threads()}threads"

@@ -4,6 +4,7 @@ from batchops._extension import build_info, extension_available
 from batchops import ops  # registers fake kernels and autograd for every op
 from batchops import functional
 from batchops.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+from batchops.packing import pack_padded_sequence, pad, pad_packed_sequence, unpad
 
 __all__ = [
     "__version__",
@@ -15,4 +16,8 @@ __all__ = [
     "BatchNorm3d",
     "convert_batchnorm",
     "revert_batchnorm",
+    "pack_padded_sequence",
+    "pad_packed_sequence",
+    "unpad",
+    "pad",
 ]

@@ -19,6 +19,11 @@ TORCH_LIBRARY(batchops, m) {
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, str? activation, "
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+
+  // Packing: out[i] = index[i] >= 0 ? input[index[i]] : fill, rows = input's first dimension.
+  // inverse_index (input row -> output row or -1) is not read by the kernel: autograd uses it
+  // to make the backward one more gather instead of a scatter-add.
+  m.def("gather_rows(Tensor input, Tensor index, Tensor? inverse_index, Scalar fill) -> Tensor");
 }
 
 // A plain Python module (no pybind11: faster to compile). Importing it runs the

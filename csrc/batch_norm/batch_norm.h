@@ -104,7 +104,7 @@ BatchNormForwardPlan plan_batch_norm_forward(const at::Tensor& input, const std:
                                              const std::optional<at::Tensor>& running_mean,
                                              const std::optional<at::Tensor>& running_var, bool training,
                                              double momentum, const std::optional<at::Tensor>& momentum_tensor,
-                                             double eps, std::optional<std::string_view> activation);
+                                             double eps, std::optional<c10::string_view> activation);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_batch_norm_forward(
     BatchNormForwardPlan& plan);
@@ -127,7 +127,7 @@ BatchNormBackwardPlan plan_batch_norm_backward(const at::Tensor& grad_output, co
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& residual,
                                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                                               bool training, std::optional<std::string_view> activation,
+                                               bool training, std::optional<c10::string_view> activation,
                                                std::array<bool, 4> output_mask);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_batch_norm_backward(BatchNormBackwardPlan& plan);

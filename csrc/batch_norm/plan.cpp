@@ -77,7 +77,7 @@ BatchNormForwardPlan plan_batch_norm_forward(const at::Tensor& input, const std:
                                              const std::optional<at::Tensor>& running_mean,
                                              const std::optional<at::Tensor>& running_var, bool training,
                                              double momentum, const std::optional<at::Tensor>& momentum_tensor,
-                                             double eps, std::optional<std::string_view> activation) {
+                                             double eps, std::optional<c10::string_view> activation) {
   check_input(kForward, input);
   BatchNormForwardPlan p;
   p.activation = parse_activation(activation, kForward);
@@ -156,7 +156,7 @@ BatchNormBackwardPlan plan_batch_norm_backward(const at::Tensor& grad_output, co
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& residual,
                                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                                               bool training, std::optional<std::string_view> activation,
+                                               bool training, std::optional<c10::string_view> activation,
                                                std::array<bool, 4> output_mask) {
   check_input(kBackward, input);
   BatchNormBackwardPlan p;

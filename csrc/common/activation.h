@@ -7,22 +7,23 @@
 
 #include <cmath>
 #include <optional>
-#include <string_view>
+#include <c10/util/string_view.h>
+#include <string>
 
 namespace batchops {
 
 enum class Activation : int { kNone = 0, kReLU, kSiLU, kGELU, kGELUTanh };
 
 // Accepted names: None, "relu", "silu", "gelu" (exact, erf), "gelu_tanh".
-inline Activation parse_activation(std::optional<std::string_view> name, const char* op) {
+inline Activation parse_activation(std::optional<c10::string_view> name, const char* op) {
   if (!name.has_value()) return Activation::kNone;
-  const std::string_view n = *name;
+  const c10::string_view n = *name;
   if (n == "relu") return Activation::kReLU;
   if (n == "silu") return Activation::kSiLU;
   if (n == "gelu") return Activation::kGELU;
   if (n == "gelu_tanh") return Activation::kGELUTanh;
   TORCH_CHECK_VALUE(false, op, ": activation must be None, 'relu', 'silu', 'gelu' or 'gelu_tanh', got '",
-                    std::string(n), "'");
+                    std::string(n.data(), n.size()), "'");
 }
 
 template <Activation A, typename T>

@@ -2,7 +2,7 @@
 from batchops._version import __version__
 from batchops._extension import build_info, extension_available
 from batchops import ops  # registers fake kernels and autograd for every op
-from batchops import functional
+from batchops import data, functional
 from batchops.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
 from batchops.packing import pack_padded_sequence, pad, pad_packed_sequence, unpad
 
@@ -10,6 +10,7 @@ __all__ = [
     "__version__",
     "build_info",
     "extension_available",
+    "data",
     "functional",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -41,7 +41,10 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 def _rows(x: Tensor, leading: int) -> Tensor:
     """View x's first `leading` dims as one row dim: (rows, *features)."""
-    return x.reshape(-1, *x.shape[leading:])
+    rows = 1
+    for size in x.shape[:leading]:
+        rows *= size
+    return x.reshape(rows, *x.shape[leading:])  # not -1: zero-width features leave it ambiguous
 
 
 # ---------------------------------------------------------------------------------------

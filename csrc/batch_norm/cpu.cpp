@@ -5,6 +5,7 @@
 
 #include "batch_norm/batch_norm.h"
 #include "common/cpu_isa.h"
+#include "common/cpu_memory.h"
 
 #define BATCHOPS_CPU_NS cpu_default
 #include "batch_norm/cpu_kernels.h"
@@ -51,6 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   auto p = plan_batch_norm_forward(input, weight, bias, residual, running_mean, running_var, training, momentum,
                                    momentum_tensor, eps, activation);
   if (p.momentum_tensor.defined()) p.momentum = p.momentum_tensor.item<double>();
+  advise_huge_pages(p.output);
   run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_forward_kernel));
   return finish_batch_norm_forward(p);
 }
@@ -62,6 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     std::array<bool, 4> output_mask) {
   auto p = plan_batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
                                     activation, output_mask);
+  advise_huge_pages(p.grad_input);
+  advise_huge_pages(p.grad_residual);
   run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_backward_kernel));
   return finish_batch_norm_backward(p);
 }

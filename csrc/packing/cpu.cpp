@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "common/cpu_memory.h"
 #include "packing/packing.h"
 
 namespace batchops {
@@ -13,6 +14,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& input, const at::Tensor& index,
                            const std::optional<at::Tensor>& inverse_index, const at::Scalar& fill) {
   auto p = plan_gather_rows(input, index, inverse_index, fill);
   if (p.output.numel() == 0) return p.output;
+  advise_huge_pages(p.output);
   const auto* src = static_cast<const char*>(p.input.const_data_ptr());
   const auto* fill_row = static_cast<const char*>(p.fill_row.const_data_ptr());
   auto* dst = static_cast<char*>(p.output.mutable_data_ptr());

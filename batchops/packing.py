@@ -51,33 +51,40 @@ def _rows(x: Tensor, leading: int) -> Tensor:
 # torch's PackedSequence layout
 
 
+def _needs_grad(t: Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
 def _packed_maps(batch_sizes: Tensor, sorted_indices: Tensor | None, unsorted_indices: Tensor | None,
-                 lengths_sorted: Tensor, B: int, T: int, batch_first: bool, device) -> tuple[Tensor, Tensor]:
-    """(packed row -> padded row, padded row -> packed row or -1) for a padded grid of T steps.
+                 lengths_sorted: Tensor, B: int, T: int, batch_first: bool, device, *, to_padded: bool,
+                 to_packed: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(packed row -> padded row, padded row -> packed row or -1) for a padded grid of T steps;
+    each only when asked for (the backward's map is skipped when no gradient is needed).
 
     Packed row r holds step t = #{cum_batch_sizes <= r} of the j-th longest sequence,
     j = r - cum_excl[t]; padded row of (b, t) is b*T + t (batch_first) or t*B + b.
     """
-    total = int(batch_sizes.sum())
-    cum = _to_device(torch.cumsum(batch_sizes, 0), device)
-    cum_excl = cum - _to_device(batch_sizes, device)
-    r = torch.arange(total, device=device)
-    t = torch.searchsorted(cum, r, right=True)
-    j = r - cum_excl[t]
-    b = sorted_indices[j] if sorted_indices is not None else j
-    to_padded = b * T + t if batch_first else t * B + b
-
-    # Inverse over the (B, T) grid, original batch order: rank of b among the sorted.
-    rank = unsorted_indices if unsorted_indices is not None else torch.arange(B, device=device)
-    lengths_dev = _to_device(lengths_sorted, device)[rank]  # (B,) original order
-    steps = torch.arange(T, device=device)
-    cum_excl_t = torch.zeros(T, dtype=torch.int64, device=device)
-    n = min(T, cum_excl.numel())
-    cum_excl_t[:n] = cum_excl[:n]
-    grid = cum_excl_t[None, :] + rank[:, None]  # (B, T)
-    grid = torch.where(steps[None, :] < lengths_dev[:, None], grid, torch.full_like(grid, -1))
-    to_packed = grid.reshape(-1) if batch_first else grid.t().reshape(-1)
-    return to_padded, to_packed
+    cum_host = torch.cumsum(batch_sizes, 0)
+    cum, cum_excl = _to_device(torch.stack([cum_host, cum_host - batch_sizes]), device).unbind(0)
+    padded_map = packed_map = None
+    if to_padded:
+        r = torch.arange(int(cum_host[-1]) if cum_host.numel() else 0, device=device)
+        t = torch.searchsorted(cum, r, right=True)
+        j = r - cum_excl[t]
+        b = sorted_indices[j] if sorted_indices is not None else j
+        padded_map = b * T + t if batch_first else t * B + b
+    if to_packed:
+        # Over the (B, T) grid in original batch order; rank[b] = b's place among the sorted.
+        rank = unsorted_indices if unsorted_indices is not None else torch.arange(B, device=device)
+        lengths_dev = _to_device(lengths_sorted, device)[rank]
+        steps = torch.arange(T, device=device)
+        cum_excl_t = torch.zeros(T, dtype=torch.int64, device=device)
+        n = min(T, cum_excl.numel())
+        cum_excl_t[:n] = cum_excl[:n]
+        grid = cum_excl_t[None, :] + rank[:, None]  # (B, T)
+        grid = torch.where(steps[None, :] < lengths_dev[:, None], grid, torch.full_like(grid, -1))
+        packed_map = grid.reshape(-1) if batch_first else grid.t().reshape(-1)
+    return padded_map, packed_map
 
 
 def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
@@ -123,7 +130,7 @@ def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
     counts = torch.bincount(lengths_sorted, minlength=max_len + 1)
     batch_sizes = counts.flip(0).cumsum(0).flip(0)[1:max_len + 1].contiguous()
     to_padded, to_packed = _packed_maps(batch_sizes, sorted_indices, unsorted_indices, lengths_sorted, B, T,
-                                        batch_first, input.device)
+                                        batch_first, input.device, to_padded=True, to_packed=_needs_grad(input))
     data = gather_rows(_rows(input, 2), to_padded, to_packed, 0)
     return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
 
@@ -144,7 +151,7 @@ def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, pad
     # lengths of the sorted sequences: lengths_sorted[j] = #{t : batch_sizes[t] > j}
     lengths_sorted = (bs[None, :] > torch.arange(B)[:, None]).sum(1)
     to_padded, to_packed = _packed_maps(bs, sequence.sorted_indices, sequence.unsorted_indices, lengths_sorted,
-                                        B, T, batch_first, data.device)
+                                        B, T, batch_first, data.device, to_padded=_needs_grad(data), to_packed=True)
     padded = gather_rows(data, to_packed, to_padded, padding_value)
     padded = padded.reshape(B, T, *data.shape[1:]) if batch_first else padded.reshape(T, B, *data.shape[1:])
     unsorted = sequence.unsorted_indices
@@ -184,10 +191,12 @@ def unpad(x: Tensor, lengths=None, mask: Tensor | None = None, *, max_seqlen: in
         r = torch.arange(n, device=device)
         b = torch.searchsorted(cu[1:], r, right=True)
         indices = b * T + (r - cu[b])
-        steps = torch.arange(T, device=device)
-        lengths_dev = cu[1:] - cu[:-1]
-        inverse = torch.where(steps[None, :] < lengths_dev[:, None], cu[:-1, None] + steps[None, :],
-                              torch.full((B, T), -1, dtype=torch.int64, device=device)).reshape(-1)
+        inverse = None  # the backward's map, only when a gradient is needed
+        if _needs_grad(x):
+            steps = torch.arange(T, device=device)
+            lengths_dev = cu[1:] - cu[:-1]
+            inverse = torch.where(steps[None, :] < lengths_dev[:, None], cu[:-1, None] + steps[None, :],
+                                  torch.full((B, T), -1, dtype=torch.int64, device=device)).reshape(-1)
         cu_seqlens = cu.to(torch.int32)
         longest = int(host.max()) if B else 0
         max_seqlen = longest if max_seqlen is None else max_seqlen
@@ -198,7 +207,7 @@ def unpad(x: Tensor, lengths=None, mask: Tensor | None = None, *, max_seqlen: in
         position = torch.cumsum(flat, 0)  # inclusive: the kept token's 1-based packed row
         n = int(position[-1]) if total is None and flat.numel() else (total or 0)
         indices = torch.searchsorted(position, torch.arange(1, n + 1, device=device))
-        inverse = torch.where(flat.bool(), position - 1, torch.full_like(position, -1))
+        inverse = torch.where(flat.bool(), position - 1, torch.full_like(position, -1)) if _needs_grad(x) else None
         per_row = flat.reshape(B, T).sum(1)
         cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=device)
         cu_seqlens[1:] = torch.cumsum(per_row, 0)

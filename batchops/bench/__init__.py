@@ -17,7 +17,7 @@ from batchops.bench.harness import Case, Row, Stats, TimingSettings, quantile, t
 __all__ = ["OPS", "run", "settings_for", "harness", "Case", "Row", "Stats", "TimingSettings", "quantile",
            "time_interleaved"]
 
-OPS = {"batch_norm": "batchops.bench.batch_norm"}
+OPS = {"batch_norm": "batchops.bench.batch_norm", "packing": "batchops.bench.packing"}
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 

@@ -35,9 +35,9 @@ BatchNormLayout make_layout(const at::Tensor& x, at::MemoryFormat format) {
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK_VALUE(input.dim() >= 2 && input.dim() <= 5, op, ": expected input of 2 to 5 dimensions (N, C, *), got ",
                     input.dim(), "-D input of shape ", input.sizes());
-  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()) && input.scalar_type() != at::kFloat8_e4m3fn,
-                              op, ": input must be float32, float64, float16 or bfloat16, got ",
-                              input.scalar_type());
+  const auto t = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+                              ": input must be float32, float64, float16 or bfloat16, got ", t);
 }
 
 // Per-channel tensors: right size, same device, dtype equal to the input's or float32 for

@@ -100,13 +100,11 @@ def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
         raise ValueError(f"pack_padded_sequence: input must be at least 2-D (T, B, *) or (B, T, *), "
                          f"got shape {tuple(input.shape)}")
     B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
-    if input.numel() == 0 and B == 0:
+    if B == 0:
         raise RuntimeError("Cannot pack empty tensors.")
     if lengths.numel() != B:
         raise RuntimeError(f"Expected `len(lengths)` to be equal to batch_size, but got {lengths.numel()} "
                            f"(batch_size={B})")
-    if B == 0:
-        raise RuntimeError("Cannot pack empty tensors.")
     if bool((lengths <= 0).any()):
         raise RuntimeError("Length of all samples has to be greater than 0, but found an element in 'lengths' "
                            "that is <= 0")

@@ -824,12 +824,18 @@ def _compare_nets(a, b, t):
         torch.testing.assert_close(p, q, **t, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_convert_batchnorm(device):
+def _randomized_net(device):
+    """_Net in float64 with random parameters and running statistics in every batch norm."""
     net = _Net().to(device=device, dtype=f64)
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             _randomize(m)
+    return net
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convert_batchnorm(device):
+    net = _randomized_net(device)
     ref = copy.deepcopy(net)
     bn2d = net.features[1]
     shared = (bn2d.weight, bn2d.bias, bn2d.running_mean, bn2d.running_var, bn2d.num_batches_tracked)
@@ -864,10 +870,7 @@ def test_convert_batchnorm(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_revert_batchnorm(device):
-    net = _Net().to(device=device, dtype=f64)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            _randomize(m)
+    net = _randomized_net(device)
     ref = copy.deepcopy(net)
     converted = batchops.convert_batchnorm(net)
     weight = converted.features[1].weight

@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEPS := torch==2.14.1 numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil
+DEPS := torch==2.14.1 numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn
 # CUDA sources build whenever nvcc and torch's CUDA build are present (BATCHOPS_CUDA=auto).
 export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)

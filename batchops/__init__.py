@@ -3,7 +3,8 @@ from batchops._version import __version__
 from batchops._extension import build_info, extension_available
 from batchops import ops  # registers fake kernels and autograd for every op
 from batchops import data, functional
-from batchops.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+from batchops.nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupedLinear, Linear, convert_batchnorm,
+                         revert_batchnorm)
 from batchops.packing import pack_padded_sequence, pad, pad_packed_sequence, unpad
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Linear",
+    "GroupedLinear",
     "convert_batchnorm",
     "revert_batchnorm",
     "pack_padded_sequence",

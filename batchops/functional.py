@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchops.ops import batch_norm_forward
+from batchops.ops import batch_norm_forward, grouped_linear_forward, linear_forward
 from batchops.ops.common import check_activation
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "linear", "grouped_linear"]
 
 
 def _verify_batch_size(size: torch.Size) -> None:
@@ -59,3 +59,63 @@ def batch_norm(
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return output
+
+
+def _autocast(input: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under torch.autocast, cast floating tensors to the autocast dtype as it does for
+    F.linear (custom ops are not on autocast's lists); otherwise return them unchanged."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (input, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (input, *tensors))
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:
+    """``act(input @ weight.T + bias)`` with the bias and activation fused into one pass after the
+    product, and the activation's derivative and the bias gradient fused in backward.
+
+    With ``activation=None`` this is exactly :func:`torch.nn.functional.linear`. ``activation`` is
+    None, "relu", "silu", "gelu" or "gelu_tanh". ``input`` may have any leading shape.
+    """
+    check_activation("batchops.linear", activation)
+    if activation is None:
+        return torch.nn.functional.linear(input, weight, bias)
+    input, weight, bias = _autocast(input, weight, bias)
+    with torch.autocast(input.device.type, enabled=False):
+        return linear_forward(input, weight, bias, activation)[0]
+
+
+def _group_sizes_tensor(group_sizes, input: Tensor) -> Tensor:
+    if isinstance(group_sizes, Tensor):
+        return group_sizes
+    if not isinstance(group_sizes, (list, tuple)):
+        raise TypeError(f"batchops.grouped_linear: group_sizes must be a list of ints or an integer tensor, "
+                        f"got {type(group_sizes).__name__}")
+    for i, s in enumerate(group_sizes):
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"batchops.grouped_linear: group_sizes[{i}] must be an int, got {type(s).__name__}")
+    # On the CPU: checked there (negative sizes, the sum) and copied to the input's device by the op.
+    return torch.tensor(list(group_sizes), dtype=torch.int64)
+
+
+def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, group_sizes=None, *,
+                   activation: str | None = None) -> Tensor:
+    """G linear layers in one call: group g computes ``act(x_g @ weight[g].T + bias[g])``.
+
+    ``weight`` is (G, out_features, in_features), ``bias`` (G, out_features) or None.
+
+    * Uniform groups (``group_sizes=None``): ``input`` is (G, ..., in_features) and
+      ``output[g] = act(input[g] @ weight[g].T + bias[g])``, like ``torch.baddbmm`` plus the activation.
+    * Ragged groups (mixture-of-experts routing): ``input`` is (total_rows, in_features) with the
+      rows of group 0 first, then group 1, ...; ``group_sizes`` (a list of ints or an integer tensor
+      with G entries, zeros allowed) says how many rows each group has. A tensor on the input's GPU
+      avoids a host sync; its values are then checked on the device (a device-side assert) instead
+      of raising here.
+    """
+    check_activation("batchops.grouped_linear", activation)
+    if group_sizes is not None:
+        group_sizes = _group_sizes_tensor(group_sizes, input)
+    input, weight, bias = _autocast(input, weight, bias)
+    with torch.autocast(input.device.type, enabled=False):
+        return grouped_linear_forward(input, weight, bias, group_sizes, activation)[0]

@@ -20,6 +20,26 @@ TORCH_LIBRARY(batchops, m) {
       "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, str? activation, "
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 
+  // Linear: output = act(input @ weight^T + bias). `saved` is what backward needs besides the
+  // inputs: the product input @ weight^T without the bias for silu / gelu / gelu_tanh, else
+  // empty (relu's backward reads the output). See csrc/linear/linear.h.
+  m.def("linear_forward(Tensor input, Tensor weight, Tensor? bias, str? activation) -> (Tensor output, Tensor saved)");
+  // output_mask: grad_input, grad_weight, grad_bias; unrequested ones are empty.
+  m.def(
+      "linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
+      "Tensor saved, str? activation, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Grouped: weight (G, out, in), bias (G, out). Without group_sizes the input is
+  // (G, ..., in); with them it is (total_rows, in), rows ordered by group, group_sizes (G)
+  // integers on the CPU or the input's device.
+  m.def(
+      "grouped_linear_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? group_sizes, str? activation) "
+      "-> (Tensor output, Tensor saved)");
+  m.def(
+      "grouped_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? group_sizes, Tensor output, Tensor saved, str? activation, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // Packing: out[i] = index[i] >= 0 ? input[index[i]] : fill, rows = input's first dimension.
   // inverse_index (input row -> output row or -1) is not read by the kernel: autograd uses it
   // to make the backward one more gather instead of a scatter-add.

@@ -17,7 +17,9 @@ log=${OUT:-$results}/gpu-check-$(date -u +%Y-%m-%d).log
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || exit 1
   $PY setup.py build_ext --inplace 2>&1 | grep -E "batchops setup|error" ; [ "${PIPESTATUS[0]}" = 0 ] || exit 1
   $PY .ci/check_cuda_kernels.py || exit 1
-  $PY -m pytest tests -q --timeout 600 --durations 20 -rs -x --maxfail 20; echo "pytest exit: $?"
+  # --continue-on-collection-errors: a GPU machine may lack a test-only package (hypothesis,
+  # scikit-learn); the other modules must still run.
+  $PY -m pytest tests -q --timeout 600 --durations 20 -rs --maxfail 20 --continue-on-collection-errors; echo "pytest exit: $?"
   $PY -m batchops bench --device cuda --out "$results"; echo "bench exit: $?"
   [ -n "${OUT:-}" ] && cp "$results"/*.md "$OUT"/ 2>/dev/null
 } 2>&1 | tee "$log"

@@ -1,0 +1,128 @@
+"""torch.ops.batchops.{linear,grouped_linear}_{forward,backward}: fake kernels and autograd.
+
+Each forward returns (output, saved): `saved` is the raw product input @ weight^T without the
+bias for silu / gelu / gelu_tanh (what their derivative needs), and an empty tensor otherwise
+(relu's backward reads the output). See csrc/linear/linear.h.
+"""
+from __future__ import annotations
+
+import torch
+
+from batchops._extension import extension_available, require_extension
+
+_NEEDS_PREACT = ("silu", "gelu", "gelu_tanh")
+
+_DOUBLE_BACKWARD_ERROR = (
+    "batchops.linear / batchops.grouped_linear: double backward (a gradient of the gradient) is not supported. "
+    "Use torch.nn.functional.linear (per group) and the activation separately where second derivatives are needed."
+)
+
+
+def linear_forward(input, weight, bias, activation):
+    """-> (output, saved)."""
+    require_extension()
+    return torch.ops.batchops.linear_forward(input, weight, bias, activation)
+
+
+def grouped_linear_forward(input, weight, bias, group_sizes, activation):
+    """-> (output, saved)."""
+    require_extension()
+    return torch.ops.batchops.grouped_linear_forward(input, weight, bias, group_sizes, activation)
+
+
+def _out_shape(input, out_features):
+    return (*input.shape[:-1], out_features)
+
+
+def _forward_outputs(input, out_features, activation):
+    shape = _out_shape(input, out_features)
+    output = input.new_empty(shape)
+    saved = input.new_empty(shape) if activation in _NEEDS_PREACT else input.new_empty((0,))
+    return output, saved
+
+
+def _linear_forward_fake(input, weight, bias, activation):
+    return _forward_outputs(input, weight.shape[0], activation)
+
+
+def _grouped_forward_fake(input, weight, bias, group_sizes, activation):
+    return _forward_outputs(input, weight.shape[1], activation)
+
+
+def _backward_outputs(input, weight, bias, output_mask):
+    def empty():
+        return input.new_empty((0,))
+
+    return (
+        input.new_empty(input.shape) if output_mask[0] else empty(),
+        weight.new_empty(weight.shape) if output_mask[1] else empty(),
+        bias.new_empty(bias.shape) if output_mask[2] and bias is not None else empty(),
+    )
+
+
+def _linear_backward_fake(grad_output, input, weight, bias, output, saved, activation, output_mask):
+    return _backward_outputs(input, weight, bias, output_mask)
+
+
+def _grouped_backward_fake(grad_output, input, weight, bias, group_sizes, output, saved, activation, output_mask):
+    return _backward_outputs(input, weight, bias, output_mask)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, bias, activation = inputs
+    out, saved = output
+    # relu's backward reads the output; the others never do.
+    ctx.save_for_backward(input, weight, bias, out if activation == "relu" else None, saved)
+    ctx.activation = activation
+
+
+def _linear_backward(ctx, grad_output, _grad_saved):
+    input, weight, bias, out, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and bias is not None]
+    if not any(mask):
+        return None, None, None, None
+    out = out if out is not None else input.new_empty((0,))
+    gi, gw, gb = torch.ops.batchops.linear_backward(grad_output, input, weight, bias, out, saved, ctx.activation,
+                                                   mask)
+    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None
+
+
+def _grouped_setup_context(ctx, inputs, output):
+    input, weight, bias, group_sizes, activation = inputs
+    out, saved = output
+    ctx.save_for_backward(input, weight, bias, group_sizes, out if activation == "relu" else None, saved)
+    ctx.activation = activation
+
+
+def _grouped_backward(ctx, grad_output, _grad_saved):
+    input, weight, bias, group_sizes, out, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and bias is not None]
+    if not any(mask):
+        return None, None, None, None, None
+    out = out if out is not None else input.new_empty((0,))
+    gi, gw, gb = torch.ops.batchops.grouped_linear_backward(grad_output, input, weight, bias, group_sizes, out, saved,
+                                                           ctx.activation, mask)
+    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def _double_backward(ctx, *grads):
+    # Without this registration autograd would only warn and hand back None gradients.
+    raise RuntimeError(_DOUBLE_BACKWARD_ERROR)
+
+
+if extension_available():
+    torch.library.register_fake("batchops::linear_forward")(_linear_forward_fake)
+    torch.library.register_fake("batchops::linear_backward")(_linear_backward_fake)
+    torch.library.register_fake("batchops::grouped_linear_forward")(_grouped_forward_fake)
+    torch.library.register_fake("batchops::grouped_linear_backward")(_grouped_backward_fake)
+    torch.library.register_autograd("batchops::linear_forward", _linear_backward, setup_context=_linear_setup_context)
+    torch.library.register_autograd("batchops::grouped_linear_forward", _grouped_backward,
+                                    setup_context=_grouped_setup_context)
+    for _name in ("batchops::linear_backward", "batchops::grouped_linear_backward"):
+        torch.library.register_autograd(_name, _double_backward, setup_context=_no_setup)

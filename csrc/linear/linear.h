@@ -1,0 +1,105 @@
+// Linear layers: y = act(x W^T + b), dense and grouped (uniform or ragged groups).
+//
+// The plan (argument checks, shapes, group offsets, allocation) is shared by the CPU and
+// CUDA implementations so both reject the same inputs with the same messages; the epilogue
+// arithmetic is written once for host and device.
+//
+// What forward saves for backward (the second output, "saved"):
+//   activation None       nothing (an empty tensor): the gradient passes straight through
+//   "relu"                nothing: backward reads the output, since y > 0 exactly when x W^T + b > 0
+//   "silu" / "gelu*"      the raw product x W^T WITHOUT the bias (backward adds it back): the
+//                         epilogue then never writes the biased value, one pass less
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_unsafe_view.h>
+#include <c10/macros/Macros.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+#include "common/activation.h"
+
+namespace batchops {
+
+enum class LinearMode { kDense, kUniform, kRagged };
+
+inline bool activation_needs_preact(Activation a) {
+  return a == Activation::kSiLU || a == Activation::kGELU || a == Activation::kGELUTanh;
+}
+
+struct LinearPlan {
+  const char* op = "";
+  LinearMode mode = LinearMode::kDense;
+  Activation act = Activation::kNone;
+  int64_t G = 1;     // groups (1 for dense)
+  int64_t rows = 0;  // rows of all groups together
+  int64_t K = 0;     // in_features
+  int64_t N = 0;     // out_features
+  at::Tensor x;           // (rows, K), contiguous, detached
+  at::Tensor weight;      // dense (N, K); grouped (G, N, K); contiguous
+  at::Tensor bias;        // dense (N); grouped (G, N); undefined when there is none
+  at::Tensor group_sizes; // ragged: int64 (G), on the input's device
+  // Row offsets of the groups (G + 1 entries) when known on the host: always on the CPU, and
+  // for dense / uniform input on CUDA. Empty for ragged CUDA input whose sizes live on the GPU.
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> in_sizes;   // the input's shape (grad_input gets it)
+  std::vector<int64_t> out_sizes;  // the output's shape
+};
+
+LinearPlan plan_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       std::optional<c10::string_view> activation);
+LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes,
+                               std::optional<c10::string_view> activation);
+
+// The backward's view of the same shapes: forward's plan plus the incoming gradient and what
+// forward saved, all as (rows, N), contiguous.
+struct LinearBackwardPlan {
+  LinearPlan fwd;
+  at::Tensor grad_output;  // (rows, N)
+  at::Tensor saved;        // relu: output; silu/gelu*: x W^T; else undefined
+  std::array<bool, 3> mask{};  // grad_input, grad_weight, grad_bias
+};
+
+LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
+                                        const at::Tensor& saved, std::optional<c10::string_view> activation,
+                                        std::array<bool, 3> output_mask, bool grouped);
+
+// The "saved" output of forward for this plan: the (rows, N) raw product or an empty tensor.
+inline bool plan_saves_preact(const LinearPlan& p) { return activation_needs_preact(p.act); }
+
+// A kernel's result in its final shape, NOT as a view of the 2-D buffer it was computed in:
+// an op output that autograd sees as a view (of a base no one else holds) cannot be modified
+// in place (`y = linear(x); y += residual` fails), and a gradient that is a view gets stolen
+// as one by AccumulateGrad. matmul returns its reshaped results the same way.
+inline at::Tensor linear_shaped(const at::Tensor& t, at::IntArrayRef sizes) { return at::_unsafe_view(t, sizes); }
+
+// Empty results for outputs that were not requested, in one place.
+at::Tensor linear_undefined_grad(const at::Tensor& like);
+
+// ---------------------------------------------------------------------------------------
+// Epilogue arithmetic (host + device), in the accumulation type acc_t.
+
+// Forward: the activation of the biased product.
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t linear_epilogue(acc_t product, acc_t bias) {
+  return activation_forward<A>(product + bias);
+}
+
+// Backward: d act / d pre at this element, from what forward saved (see the top of the file).
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t linear_grad_factor(acc_t saved, acc_t bias) {
+  if constexpr (A == Activation::kNone) {
+    return acc_t(1);
+  } else if constexpr (A == Activation::kReLU) {
+    return acc_t(saved > acc_t(0));
+  } else {
+    return activation_backward<A>(saved + bias);
+  }
+}
+
+}  // namespace batchops

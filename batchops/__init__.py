@@ -2,9 +2,9 @@
 from batchops._version import __version__
 from batchops._extension import build_info, extension_available
 from batchops import ops  # registers fake kernels and autograd for every op
-from batchops import data, functional
-from batchops.nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupedLinear, Linear, convert_batchnorm,
-                         revert_batchnorm)
+from batchops import data, functional, train, tuning
+from batchops.nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupedLinear, Linear, SyncBatchNorm,
+                         convert_batchnorm, revert_batchnorm)
 from batchops.packing import pack_padded_sequence, pad, pad_packed_sequence, unpad
 
 __all__ = [
@@ -12,10 +12,13 @@ __all__ = [
     "build_info",
     "extension_available",
     "data",
+    "train",
+    "tuning",
     "functional",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "Linear",
     "GroupedLinear",
     "convert_batchnorm",

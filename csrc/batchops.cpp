@@ -19,6 +19,17 @@ TORCH_LIBRARY(batchops, m) {
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, str? activation, "
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // For SyncBatchNorm. Per-channel mean and m2 (sum of squared deviations from the mean) of
+  // the input, float (double for double input); both 0 for an empty batch. The count is
+  // input.numel() / C.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor m2)");
+  // grad_input = w * invstd * (g - mean_g - xhat * mean_gxhat) with g = dy * act'(pre),
+  // xhat = (x - save_mean) * save_invstd, and mean_g / mean_gxhat given (per channel, over the
+  // whole distributed batch); grad_residual = g. output_mask: grad_input, grad_residual.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor save_mean, Tensor save_invstd, Tensor mean_g, Tensor mean_gxhat, str? activation, "
+      "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_residual)");
 
   // Linear: output = act(input @ weight^T + bias). `saved` is what backward needs besides the
   // inputs: the product input @ weight^T without the bias for silu / gelu / gelu_tanh, else

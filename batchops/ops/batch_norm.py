@@ -1,4 +1,6 @@
-"""torch.ops.batchops.batch_norm_{forward,backward}: fake kernels and autograd.
+"""torch.ops.batchops.batch_norm_{forward,backward}: fake kernels and autograd; and the two ops
+SyncBatchNorm adds (batch_norm_stats, batch_norm_backward_elemt), used inside its own
+autograd.Function (batchops/nn/sync_batch_norm.py), so they carry no autograd of their own.
 
 The forward op is functional: it returns the new running statistics instead of writing
 them, because torch.library.register_autograd refuses ops that mutate inputs. The caller
@@ -33,6 +35,43 @@ def batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, s
     return torch.ops.batchops.batch_norm_backward(
         grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation, output_mask
     )
+
+
+def batch_norm_stats(input):
+    """-> (mean, m2): per-channel mean and sum of squared deviations (float32, float64 for
+    float64 input); zeros for an empty batch. The count is input.numel() // input.size(1)."""
+    require_extension()
+    return torch.ops.batchops.batch_norm_stats(input)
+
+
+def batch_norm_backward_elemt(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g,
+                              mean_gxhat, activation, output_mask):
+    """-> (grad_input, grad_residual) from the given per-channel mean(g) and mean(g * xhat) of the
+    whole (distributed) batch; unrequested ones are empty."""
+    require_extension()
+    return torch.ops.batchops.batch_norm_backward_elemt(
+        grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat, activation,
+        output_mask,
+    )
+
+
+def _stats_fake(input):
+    C = input.shape[1]
+    stat = stat_dtype(input.dtype)
+    return input.new_empty((C,), dtype=stat), input.new_empty((C,), dtype=stat)
+
+
+def _backward_elemt_fake(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat,
+                         activation, output_mask):
+    fmt = kernel_memory_format(input)
+
+    def full():
+        return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+
+    def none():
+        return input.new_empty((0,))
+
+    return (full() if output_mask[0] else none(), full() if output_mask[1] else none())
 
 
 def _forward_fake(input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor,
@@ -107,6 +146,8 @@ def _backward_backward(ctx, *grads):
 if extension_available():
     torch.library.register_fake("batchops::batch_norm_forward")(_forward_fake)
     torch.library.register_fake("batchops::batch_norm_backward")(_backward_fake)
+    torch.library.register_fake("batchops::batch_norm_stats")(_stats_fake)
+    torch.library.register_fake("batchops::batch_norm_backward_elemt")(_backward_elemt_fake)
     torch.library.register_autograd("batchops::batch_norm_forward", _forward_backward,
                                     setup_context=_forward_setup_context)
     torch.library.register_autograd("batchops::batch_norm_backward", _backward_backward,

@@ -117,6 +117,11 @@ def main() -> int:
     finally:
         if dist is not None and dist.is_initialized():
             try:
+                # Objects still holding the group (a DDP model in fn's garbage) must go first:
+                # destroying the group under a live DDP reducer aborted ranks at exit (~1 in 14).
+                import gc
+
+                gc.collect()
                 dist.destroy_process_group()
             except Exception:
                 pass  # after a peer failed this may raise too; the first error is the one to report

@@ -58,7 +58,7 @@ C10_HOST_DEVICE inline BackwardCoeffs<acc_t> batch_norm_backward_coeffs(acc_t su
                                                                         acc_t invstd, acc_t weight, bool training) {
   BackwardCoeffs<acc_t> k;
   k.scale = weight * invstd;
-  if (training && count > 0) {
+  if (training && count > 0) {  // (batch_norm_backward_elemt sets mean_g / proj itself)
     const acc_t inv_n = acc_t(1) / acc_t(count);
     k.mean_g = sum_g * inv_n;
     k.proj = sum_gxmu * inv_n * invstd * invstd;
@@ -118,6 +118,10 @@ struct BatchNormBackwardPlan {
   at::Tensor weight, bias;                  // statistic dtype, contiguous; may be undefined
   at::Tensor save_mean, save_invstd;        // statistic dtype, contiguous
   at::ScalarType weight_dtype = at::kFloat, bias_dtype = at::kFloat;
+  // Set by batch_norm_backward_elemt (eval-mode plan): per-channel mean(g) and mean(g * xhat)
+  // over the whole (distributed) batch, statistic dtype, contiguous. grad_input then uses
+  // the training formula with these instead of local sums. Undefined otherwise.
+  at::Tensor mean_g, mean_gxhat;
   // outputs: grad_weight / grad_bias in statistic dtype until finish casts them
   at::Tensor grad_input, grad_weight, grad_bias, grad_residual;
 };
@@ -131,6 +135,27 @@ BatchNormBackwardPlan plan_batch_norm_backward(const at::Tensor& grad_output, co
                                                std::array<bool, 4> output_mask);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_batch_norm_backward(BatchNormBackwardPlan& plan);
+
+// Per-channel statistics only (batch_norm_stats, for SyncBatchNorm): mean and m2 = sum of
+// squared deviations, both zero for a channel with no values.
+struct BatchNormStatsPlan {
+  BatchNormLayout layout;
+  at::Tensor input;     // in layout.format
+  at::Tensor mean, m2;  // outputs, statistic dtype
+};
+
+BatchNormStatsPlan plan_batch_norm_stats(const at::Tensor& input);
+
+// batch_norm_backward_elemt: an eval-mode backward plan for grad_input / grad_residual with the
+// given global coefficients (see BatchNormBackwardPlan::mean_g).
+BatchNormBackwardPlan plan_batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& residual,
+                                                     const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                                     const at::Tensor& mean_g, const at::Tensor& mean_gxhat,
+                                                     std::optional<c10::string_view> activation,
+                                                     std::array<bool, 2> output_mask);
 
 // The dtype statistics are accumulated and saved in: float for half/bfloat16/float, else double.
 inline at::ScalarType batch_norm_stat_dtype(at::ScalarType input) {

@@ -15,10 +15,12 @@ namespace batchops {
 
 #if BATCHOPS_CPU_VARIANTS
 namespace cpu_avx2 {
+void batch_norm_stats_kernel(BatchNormStatsPlan& p);
 void batch_norm_forward_kernel(BatchNormForwardPlan& p);
 void batch_norm_backward_kernel(BatchNormBackwardPlan& p);
 }  // namespace cpu_avx2
 namespace cpu_avx512 {
+void batch_norm_stats_kernel(BatchNormStatsPlan& p);
 void batch_norm_forward_kernel(BatchNormForwardPlan& p);
 void batch_norm_backward_kernel(BatchNormBackwardPlan& p);
 }  // namespace cpu_avx512
@@ -70,11 +72,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   return finish_batch_norm_backward(p);
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  auto p = plan_batch_norm_stats(input);
+  run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_stats_kernel));
+  return {p.mean, p.m2};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, const at::Tensor& mean_g, const at::Tensor& mean_gxhat,
+    std::optional<c10::string_view> activation, std::array<bool, 2> output_mask) {
+  auto p = plan_batch_norm_backward_elemt(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g,
+                                          mean_gxhat, activation, output_mask);
+  advise_huge_pages(p.grad_input);
+  advise_huge_pages(p.grad_residual);
+  run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_backward_kernel));
+  auto out = finish_batch_norm_backward(p);
+  return {std::get<0>(out), std::get<3>(out)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchops, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
 }
 
 }  // namespace batchops

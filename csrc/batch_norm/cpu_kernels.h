@@ -368,14 +368,21 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   const stat_t* b = p.bias.defined() ? p.bias.const_data_ptr<stat_t>() : nullptr;
   const bool empty = p.input.numel() == 0;
   const bool need_sums = !empty && (p.mask[1] || p.mask[2] || (p.mask[0] && p.training));
+  // Global coefficients given by batch_norm_backward_elemt (SyncBatchNorm), else null.
+  const stat_t* ext_mean_g = p.mean_g.defined() ? p.mean_g.const_data_ptr<stat_t>() : nullptr;
+  const stat_t* ext_mean_gxhat = p.mean_gxhat.defined() ? p.mean_gxhat.const_data_ptr<stat_t>() : nullptr;
   constexpr bool kApply = kGradInput || kGradResidual;
 
   // Per-channel results from the two sums: parameter grads and the grad_input coefficients.
   auto finalize = [&](int64_t c, double sum_g, double sum_gxmu) {
     if (p.mask[1]) p.grad_weight.mutable_data_ptr<stat_t>()[c] = stat_t(sum_gxmu * double(invstd[c]));
     if (p.mask[2]) p.grad_bias.mutable_data_ptr<stat_t>()[c] = stat_t(sum_g);
-    const auto k = batch_norm_backward_coeffs<double>(sum_g, sum_gxmu, l.per_channel(), double(invstd[c]),
-                                                      w ? double(w[c]) : 1.0, p.training);
+    auto k = batch_norm_backward_coeffs<double>(sum_g, sum_gxmu, l.per_channel(), double(invstd[c]),
+                                                w ? double(w[c]) : 1.0, p.training);
+    if (ext_mean_g) {
+      k.mean_g = double(ext_mean_g[c]);
+      k.proj = double(ext_mean_gxhat[c]) * double(invstd[c]);
+    }
     return BackwardCoeffs<acc>{acc(k.mean_g), acc(k.proj), acc(k.scale)};
   };
 
@@ -487,7 +494,31 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   }
 }
 
+// Statistics only (batch_norm_stats): the same pieces, merged in the same order, as the
+// training forward, so the result equals what it normalises with.
+template <typename scalar_t>
+void stats_cpu_typed(BatchNormStatsPlan& p) {
+  using stat_t = opmath_t<scalar_t>;
+  const auto& l = p.layout;
+  stat_t* mean = p.mean.mutable_data_ptr<stat_t>();
+  stat_t* m2 = p.m2.mutable_data_ptr<stat_t>();
+  if (p.input.numel() == 0) {
+    for (int64_t c = 0; c < l.C; ++c) mean[c] = m2[c] = stat_t(0);
+    return;
+  }
+  const auto stats = all_channel_stats(p.input.const_data_ptr<scalar_t>(), l);
+  for (int64_t c = 0; c < l.C; ++c) {
+    mean[c] = stat_t(stats[c].mean);
+    m2[c] = stat_t(stats[c].m2);
+  }
+}
+
 }  // namespace
+
+void batch_norm_stats_kernel(BatchNormStatsPlan& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_stats_cpu",
+                                  [&] { stats_cpu_typed<scalar_t>(p); });
+}
 
 void batch_norm_forward_kernel(BatchNormForwardPlan& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_forward_cpu", [&] {

@@ -214,6 +214,17 @@ __global__ void finalize_stats(const WelfordData<acc_t>* partial, PartialGrid g,
                                      update_running ? new_running_var + c : &dummy_var);
 }
 
+// batch_norm_stats: the merged statistics as mean and m2 (both 0 for an empty channel).
+template <typename acc_t>
+__global__ void finalize_mean_m2(const WelfordData<acc_t>* partial, PartialGrid g, acc_t* mean, acc_t* m2) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.C) return;
+  WelfordData<acc_t> s;
+  for (int64_t k = 0; k < g.chunks; ++k) s = welford_merge(s, partial[g.index(c, k)]);
+  mean[c] = s.mean;
+  m2[c] = s.m2;
+}
+
 template <typename acc_t>
 __global__ void eval_stats(int64_t C, acc_t eps, const acc_t* running_mean, const acc_t* running_var,
                            acc_t* save_mean, acc_t* save_invstd) {
@@ -226,7 +237,8 @@ __global__ void eval_stats(int64_t C, acc_t eps, const acc_t* running_mean, cons
 template <typename acc_t>
 __global__ void finalize_grads(const GradSums<acc_t>* partial, PartialGrid g, int64_t count, bool training,
                                const acc_t* invstd, const acc_t* weight, acc_t* grad_weight, acc_t* grad_bias,
-                               acc_t* coeffs) {
+                               acc_t* coeffs, const acc_t* ext_mean_g = nullptr,
+                               const acc_t* ext_mean_gxhat = nullptr) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
   acc_t sg = 0, sgx = 0;
@@ -236,7 +248,11 @@ __global__ void finalize_grads(const GradSums<acc_t>* partial, PartialGrid g, in
   }
   if (grad_weight) grad_weight[c] = sgx * invstd[c];
   if (grad_bias) grad_bias[c] = sg;
-  const auto k = batch_norm_backward_coeffs<acc_t>(sg, sgx, count, invstd[c], weight ? weight[c] : acc_t(1), training);
+  auto k = batch_norm_backward_coeffs<acc_t>(sg, sgx, count, invstd[c], weight ? weight[c] : acc_t(1), training);
+  if (ext_mean_g) {  // batch_norm_backward_elemt: coefficients of the whole distributed batch
+    k.mean_g = ext_mean_g[c];
+    k.proj = ext_mean_gxhat[c] * invstd[c];
+  }
   coeffs[3 * c] = k.mean_g;
   coeffs[3 * c + 1] = k.proj;
   coeffs[3 * c + 2] = k.scale;
@@ -335,21 +351,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   return finish_batch_norm_forward(p);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, std::optional<c10::string_view> activation,
-    std::array<bool, 4> output_mask) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
-                                    activation, output_mask);
+void run_backward_cuda(BatchNormBackwardPlan& p) {
+  const bool training = p.training;
   const auto& l = p.layout;
-  if (l.C == 0) return finish_batch_norm_backward(p);
+  if (l.C == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned channel_blocks = static_cast<unsigned>((l.C + 255) / 256);
   const bool need_sums = p.mask[1] || p.mask[2] || (p.mask[0] && training);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batchops_batch_norm_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor coeffs = at::empty({3 * l.C}, p.save_mean.options());
     BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
@@ -368,7 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
             reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), g, l.per_channel(), training,
             p.save_invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(p.weight),
             p.mask[1] ? p.grad_weight.mutable_data_ptr<acc_t>() : nullptr,
-            p.mask[2] ? p.grad_bias.mutable_data_ptr<acc_t>() : nullptr, coeffs.mutable_data_ptr<acc_t>());
+            p.mask[2] ? p.grad_bias.mutable_data_ptr<acc_t>() : nullptr, coeffs.mutable_data_ptr<acc_t>(),
+            ptr_or_null<acc_t>(p.mean_g), ptr_or_null<acc_t>(p.mean_gxhat));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const int64_t numel = p.input.numel();
         if (numel == 0 || !(p.mask[0] || p.mask[3])) return;
@@ -393,7 +404,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
       });
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, std::optional<c10::string_view> activation,
+    std::array<bool, 4> output_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  auto p = plan_batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
+                                    activation, output_mask);
+  run_backward_cuda(p);
   return finish_batch_norm_backward(p);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, const at::Tensor& mean_g, const at::Tensor& mean_gxhat,
+    std::optional<c10::string_view> activation, std::array<bool, 2> output_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  auto p = plan_batch_norm_backward_elemt(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g,
+                                          mean_gxhat, activation, output_mask);
+  run_backward_cuda(p);
+  auto out = finish_batch_norm_backward(p);
+  return {std::get<0>(out), std::get<3>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  c10::cuda::CUDAGuard guard(input.device());
+  auto p = plan_batch_norm_stats(input);
+  const auto& l = p.layout;
+  if (l.C == 0) return {p.mean, p.m2};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned channel_blocks = static_cast<unsigned>((l.C + 255) / 256);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batchops_batch_norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto g = partial_grid(l);  // no chunks for an empty batch: the finalize writes zeros
+    WelfordReducer<scalar_t, acc_t> reducer{p.input.const_data_ptr<scalar_t>()};
+    at::Tensor partial = launch_partial_reduce(reducer, l, g, p.input);
+    finalize_mean_m2<acc_t><<<channel_blocks, 256, 0, stream>>>(
+        reinterpret_cast<const WelfordData<acc_t>*>(partial.const_data_ptr()), g, p.mean.mutable_data_ptr<acc_t>(),
+        p.m2.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {p.mean, p.m2};
 }
 
 }  // namespace
@@ -401,6 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 TORCH_LIBRARY_IMPL(batchops, CUDA, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
 }
 
 }  // namespace batchops

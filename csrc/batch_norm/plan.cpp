@@ -9,6 +9,8 @@ namespace {
 
 constexpr const char* kForward = "batchops.batch_norm";
 constexpr const char* kBackward = "batchops.batch_norm_backward";
+constexpr const char* kStats = "batchops.batch_norm_stats";
+constexpr const char* kElemt = "batchops.batch_norm_backward_elemt";
 
 bool is_reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
@@ -196,6 +198,41 @@ BatchNormBackwardPlan plan_batch_norm_backward(const at::Tensor& grad_output, co
   if (p.mask[1]) p.grad_weight = at::empty({C}, stat_opts);
   if (p.mask[2]) p.grad_bias = at::empty({C}, stat_opts);
   if (p.mask[3]) p.grad_residual = at::empty(input.sizes(), act_opts);
+  return p;
+}
+
+BatchNormStatsPlan plan_batch_norm_stats(const at::Tensor& input) {
+  check_input(kStats, input);
+  BatchNormStatsPlan p;
+  const auto format = choose_format(input);
+  p.layout = make_layout(input, format);
+  p.input = input.contiguous(format);
+  auto stat_opts = input.options().dtype(batch_norm_stat_dtype(input.scalar_type()));
+  p.mean = at::empty({p.layout.C}, stat_opts);
+  p.m2 = at::empty({p.layout.C}, stat_opts);
+  return p;
+}
+
+BatchNormBackwardPlan plan_batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& residual,
+                                                     const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                                     const at::Tensor& mean_g, const at::Tensor& mean_gxhat,
+                                                     std::optional<c10::string_view> activation,
+                                                     std::array<bool, 2> output_mask) {
+  auto p = plan_batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd,
+                                    /*training=*/false, activation, {output_mask[0], false, false, output_mask[1]});
+  const auto stat = batch_norm_stat_dtype(input.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean_g", mean_g},
+                                {"mean_gxhat", mean_gxhat}}) {
+    TORCH_CHECK(t.device() == input.device(), kElemt, ": ", name, " is on ", t.device(), " but input is on ",
+                input.device());
+    TORCH_CHECK(t.numel() == input.size(1), kElemt, ": ", name, " has ", t.numel(), " elements, expected ",
+                input.size(1));
+  }
+  p.mean_g = mean_g.to(stat).contiguous();
+  p.mean_gxhat = mean_gxhat.to(stat).contiguous();
   return p;
 }
 

@@ -2,6 +2,7 @@
 
     batchops bench [--device cpu|cuda|auto] [--quick] [--op batch_norm] [--out DIR]
     batchops info
+    batchops sweep [--batch-sizes 16,32,64,128,256] [--epochs N] [--lr-rule sqrt] [--out DIR] [--quick]
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     from batchops.bench import DEFAULT_OUT_DIR, OPS
 
     parser = argparse.ArgumentParser(prog="batchops", description="batchops: fused batch-processing kernels for PyTorch")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,info,sweep}")
 
     bench = sub.add_parser("bench", help="benchmark batchops against torch and write a markdown table",
                            description="Time batchops against torch (interleaved, in one process), print a markdown "
@@ -31,7 +32,58 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-write", action="store_true", help="print the table only")
 
     sub.add_parser("info", help="print how batchops was built and what torch and devices it sees")
+    _add_sweep_parser(sub)
     return parser
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _add_sweep_parser(sub) -> None:
+    # batchops.tuning.sweep is imported only when the command runs: `bench` and `info` must not
+    # depend on it (nor on scikit-learn).
+    default_out = os.path.join("benchmarks", "sweep")
+    sweep = sub.add_parser(
+        "sweep", help="convergence study: train a small CNN at several batch sizes, plot and report",
+        description="Train the same model (batchops.BatchNorm2d CNN on scikit-learn's digits) from the same "
+                    "initial weights at each batch size, with the learning rate scaled by a rule; measure the "
+                    "loss against steps, samples and wall time, the steps and samples to a target loss, the "
+                    "throughput and the gradient noise scale; print a summary table and write PNG plots, "
+                    "report.md and sweep.json to OUT.")
+    sweep.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B1,B2,...",
+                       help="comma-separated batch sizes (default: 16,32,64,128,256; --quick: 16,64)")
+    sweep.add_argument("--epochs", type=float, default=None,
+                       help="epochs of data per batch size (the same samples for each; default: 15)")
+    sweep.add_argument("--max-samples", type=int, default=None, help="samples per batch size (overrides --epochs)")
+    sweep.add_argument("--lr-rule", default="sqrt", choices=("sqrt", "linear", "none"),
+                       help="lr = base_lr * (B / base_batch_size) ** {sqrt: 0.5, linear: 1, none: 0} (default: sqrt)")
+    sweep.add_argument("--base-lr", type=float, default=None, help="learning rate at --base-batch-size "
+                       "(default: 0.05 for sgd, 0.001 for adam)")
+    sweep.add_argument("--base-batch-size", type=int, default=32, help="batch size of --base-lr (default: 32)")
+    sweep.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="sgd (momentum 0.9) or adam")
+    sweep.add_argument("--target-loss", type=float, default=None,
+                       help="training loss that counts as reached (default: the loosest loss every run "
+                            "reached within half its samples)")
+    sweep.add_argument("--out", default=default_out,
+                       help=f"folder for the plots, report.md and sweep.json, created if missing "
+                            f"(default: {default_out})")
+    sweep.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                       help="where to train (default: cpu; auto: CUDA when a GPU and CUDA kernels are present)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the sample order")
+    sweep.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads during the sweep (default: torch's; --quick: 1)")
+    sweep.add_argument("--quick", action="store_true",
+                       help="tiny configuration (batch sizes 16,64, 640 samples each, 1 thread): "
+                            "a smoke run of seconds")
+    sweep.add_argument("--no-noise-scale", action="store_true", help="skip the gradient noise scale measurement")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _info() -> int:
@@ -74,6 +126,34 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from batchops.tuning.sweep import DEFAULT_BATCH_SIZES, batch_size_sweep
+
+    kwargs = {}
+    batch_sizes = args.batch_sizes or ((16, 64) if args.quick else DEFAULT_BATCH_SIZES)
+    # One thread for the smoke run: the model is tiny, and on a busy machine a second intra-op
+    # thread mostly waits for a core.
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    max_samples = args.max_samples
+    if args.quick:
+        if max_samples is None and args.epochs is None:
+            max_samples = 640
+        kwargs.update(eval_points=6, noise_points=8, eval_train_samples=512)
+    try:
+        result = batch_size_sweep(
+            batch_sizes, lr_rule=args.lr_rule, base_lr=args.base_lr, base_batch_size=args.base_batch_size,
+            optimizer=args.optimizer, epochs=args.epochs, max_samples=max_samples, target_loss=args.target_loss,
+            seed=args.seed, out_dir=args.out, device=args.device, num_threads=threads,
+            progress=not args.no_progress, noise_scale=not args.no_noise_scale, **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        print(f"batchops sweep: error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(f"written to {args.out}: " + ", ".join(sorted(os.path.basename(p) for p in result.files.values())),
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -81,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "info":
         return _info()
+    if args.command == "sweep":
+        return _sweep(args)
     parser.print_help()
     return 2
 

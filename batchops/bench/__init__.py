@@ -17,7 +17,13 @@ from batchops.bench.harness import Case, Row, Stats, TimingSettings, quantile, t
 __all__ = ["OPS", "run", "settings_for", "harness", "Case", "Row", "Stats", "TimingSettings", "quantile",
            "time_interleaved"]
 
-OPS = {"batch_norm": "batchops.bench.batch_norm", "packing": "batchops.bench.packing"}
+OPS = {
+    "batch_norm": "batchops.bench.batch_norm",
+    "packing": "batchops.bench.packing",
+    "linear": "batchops.bench.linear",
+    "memmap": "batchops.bench.memmap",
+    "prefetch": "batchops.bench.prefetch",
+}
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 

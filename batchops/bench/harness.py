@@ -356,6 +356,7 @@ class Case:
     build: Callable[[torch.device], dict[str, Callable[[], object]]]
     bytes_moved: int | None = None
     bytes_rule: str = ""
+    flops: int | None = None  # floating-point operations per call (products: 2 M K N), for GFLOP/s
 
 
 @dataclass
@@ -370,6 +371,12 @@ class Row:
         if "torch" in self.times and "batchops" in self.times and self.times["torch"].median > 0:
             return self.times["batchops"].median / self.times["torch"].median
         return None
+
+    def flop_rate(self, provider: str) -> float | None:
+        t = self.times.get(provider)
+        if t is None or not self.case.flops or t.median <= 0:
+            return None
+        return self.case.flops / (t.median * 1e-3)
 
     def bandwidth(self) -> float | None:
         t = self.times.get("batchops")
@@ -535,7 +542,8 @@ def environment_lines(device: torch.device, copy_bw: CopyBandwidth | None, when:
 
 def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
     header = ("| op | shape | layout | dtype | mode | torch ms, median [p20, p80] | batchops ms, median [p20, p80] "
-              "| ratio | batchops bytes | batchops GB/s | of copy BW | peak mem torch / batchops | n | note |")
+              "| ratio | batchops bytes | batchops GB/s | of copy BW | GFLOP/s torch / batchops | peak mem torch / batchops "
+              "| n | note |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
         c = row.case
@@ -545,12 +553,15 @@ def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
         peaks = [row.peak.get(p) for p in PROVIDERS]
         peak = "n/a" if all(p is None for p in peaks) else " / ".join(fmt_bytes(p) for p in peaks)
         n = "/".join(sorted({str(s.n) for s in row.times.values()})) or "-"
+        rates = [row.flop_rate(p) for p in PROVIDERS]
+        gflops = "-" if all(r is None for r in rates) else " / ".join(
+            f"{r / 1e9:.0f}" if r is not None else "-" for r in rates)
         lines.append(
             f"| {c.op} | {'x'.join(map(str, c.shape))} | {c.layout} | {dtype_name(c.dtype)} | {c.mode} "
             f"| {fmt_ms(row.times.get('torch'))} | {fmt_ms(row.times.get('batchops'))} "
             f"| {f'{ratio:.2f}' if ratio is not None else '-'} "
             f"| {c.bytes_rule or '-'} ({fmt_bytes(c.bytes_moved) if c.bytes_moved else '-'}) "
-            f"| {f'{bw / 1e9:.1f}' if bw is not None else '-'} | {frac} | {peak} | {n} | {row.note} |"
+            f"| {f'{bw / 1e9:.1f}' if bw is not None else '-'} | {frac} | {gflops} | {peak} | {n} | {row.note} |"
         )
     return "\n".join(lines)
 

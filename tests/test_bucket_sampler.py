@@ -5,10 +5,6 @@ import collections
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from batchops.data import BucketBatchSampler, ResumableDistributedSampler
+from batchops.testing.isolation import run_isolated
 
 MODES = [
     pytest.param({"max_tokens": 1024}, id="max_tokens"),
@@ -391,21 +388,9 @@ def test_lengths_errors(lengths, exc, match):
 
 def test_imports_without_compiled_extension():
     """batchops.data needs only torch and numpy: block batchops._C and batchops.ops and import it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = textwrap.dedent(
-        f"""
-        import sys, types, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name in ("batchops._C", "batchops.ops") or name.startswith("batchops.ops."):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        pkg = types.ModuleType("batchops"); pkg.__path__ = [{os.path.join(root, "batchops")!r}]
-        sys.modules["batchops"] = pkg  # skip batchops/__init__, which loads the kernels
+    out = run_isolated("""
         from batchops.data import BucketBatchSampler
         print(len(BucketBatchSampler([1, 2, 3], batch_size=2)))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2"

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import psutil
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from batchops.testing import RankFailure, RankResult, run_ranks
+from batchops.testing.isolation import run_isolated
 
 
 # ----------------------------------------------------------------------------- rank functions
@@ -205,18 +205,7 @@ def test_string_target_and_argument_errors():
 def test_main_script_without_torch_or_extension(tmp_path):
     """A function defined in a __main__ script works (as with multiprocessing's spawn), and the
     harness needs neither torch nor batchops' compiled module."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(
-        f"""
-        import sys, types, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name in ("torch", "batchops._C", "batchops.ops") or name.startswith("torch."):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        pkg = types.ModuleType("batchops"); pkg.__path__ = [{os.path.join(root, "batchops")!r}]
-        sys.modules["batchops"] = pkg  # skip batchops/__init__, which loads torch and the kernels
+    out = run_isolated("""
         from batchops.testing import run_ranks
 
         def where(rank, world_size):
@@ -225,8 +214,7 @@ def test_main_script_without_torch_or_extension(tmp_path):
 
         if __name__ == "__main__":
             print(run_ranks(where, 3, init=False, timeout=30)[2].value)
-        """
-    ))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+        """, blocked=("torch", "batchops._C", "batchops.ops"), blocked_prefixes=("torch.",),
+        script=tmp_path / "script.py", timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 3, '2', '__mp_main__')"

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from batchops.data.loss_weighted import LossWeightedSampler
 from batchops.testing import run_ranks
+from batchops.testing.isolation import run_isolated
 
 
 def formula(losses, temperature=1.0, floor=0.1, eps=1e-8, initial_loss=None):
@@ -434,22 +431,10 @@ def test_two_gloo_ranks_share_one_table():
 
 
 def test_imports_without_compiled_extension():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = textwrap.dedent(
-        f"""
-        import sys, types, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name in ("batchops._C", "batchops.ops") or name.startswith("batchops.ops."):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        pkg = types.ModuleType("batchops"); pkg.__path__ = [{os.path.join(root, "batchops")!r}]
-        sys.modules["batchops"] = pkg  # skip batchops/__init__, which loads the kernels
+    out = run_isolated("""
         from batchops.data.loss_weighted import LossWeightedSampler
         import batchops.testing
         print(len(LossWeightedSampler(5, 3)))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"

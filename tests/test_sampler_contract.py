@@ -10,10 +10,6 @@ from __future__ import annotations
 import collections
 import io
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -28,6 +24,7 @@ from batchops.data.distributed import DistributedSamplerWrapper
 from batchops.data.loss_weighted import LossWeightedSampler
 from batchops.data.minibatch import ShuffledBatchSampler
 from batchops.data.sampler_contract import ResumableDistributedSampler
+from batchops.testing.isolation import run_isolated
 
 PROFILE = settings(
     max_examples=30,
@@ -219,24 +216,12 @@ def test_reproducible_per_seed_and_epoch(factory, n, seed, epoch):
 
 def test_imports_without_compiled_extension():
     """The new samplers need only torch and numpy: block batchops._C and batchops.ops."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = textwrap.dedent(
-        f"""
-        import sys, types, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name in ("batchops._C", "batchops.ops") or name.startswith("batchops.ops."):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        pkg = types.ModuleType("batchops"); pkg.__path__ = [{os.path.join(root, "batchops")!r}]
-        sys.modules["batchops"] = pkg  # skip batchops/__init__, which loads the kernels
+    out = run_isolated("""
         from batchops.data.curriculum import CurriculumSampler
         from batchops.data.distributed import DistributedSamplerWrapper
         from batchops.data.minibatch import ShuffledBatchSampler, minibatches, minibatch_gd_linear_regression
         print(len(CurriculumSampler([3, 1, 2], total_epochs=2)), len(ShuffledBatchSampler(5, 2)),
               len(DistributedSamplerWrapper(range(5), num_replicas=2, rank=1)))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "3", "3"]

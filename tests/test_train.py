@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 import batchops.train as bt
 from batchops.data import DistributedSamplerWrapper, ShuffledBatchSampler
 from batchops.testing import run_ranks
+from batchops.testing.isolation import run_isolated
 
 N, D, C = 48, 6, 3
 
@@ -403,22 +404,8 @@ def test_join_uneven_loaders_and_sync_batchnorm_error():
 
 def test_imports_without_compiled_extension(tmp_path):
     """batchops.train is pure Python: it imports (and trains) with batchops._C blocked."""
-    import subprocess
-    import sys
-    import textwrap
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(
-        f"""
-        import sys, types, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name in ("batchops._C", "batchops.ops", "batchops.nn") or name.startswith("batchops.ops."):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        pkg = types.ModuleType("batchops"); pkg.__path__ = [{os.path.join(root, "batchops")!r}]
-        sys.modules["batchops"] = pkg  # skip batchops/__init__, which loads the kernels
+    out = run_isolated("""
+        import sys
         import torch
         import batchops.train as bt
         model = torch.nn.Linear(3, 2)
@@ -426,8 +413,6 @@ def test_imports_without_compiled_extension(tmp_path):
         res = bt.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), data, epochs=2, device="cpu",
                      progress=False, verbose=False)
         print(res.global_step, "batchops._C" in sys.modules)
-        """
-    ))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        """, blocked=("batchops._C", "batchops.ops", "batchops.nn"), script=tmp_path / "script.py")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "6 False"

@@ -20,6 +20,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/cpu_memory.h"
+#include "linear/entry_points.h"
 #include "linear/linear.h"
 
 #define BATCHOPS_CPU_NS cpu_default
@@ -330,46 +331,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
           b.mask[1] ? grad_weight : linear_undefined_grad(p.x), b.mask[2] ? grad_bias : linear_undefined_grad(p.x)};
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      std::optional<c10::string_view> activation) {
-  auto p = plan_linear(input, weight, bias, activation);
-  return forward(p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& output, const at::Tensor& saved,
-    std::optional<c10::string_view> activation, std::array<bool, 3> output_mask) {
-  auto b = plan_linear_backward(grad_output, input, weight, bias, std::nullopt, output, saved, activation,
-                                output_mask, /*grouped=*/false);
-  return backward(b);
-}
-
-std::tuple<at::Tensor, at::Tensor> grouped_linear_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                                              const std::optional<at::Tensor>& bias,
-                                                              const std::optional<at::Tensor>& group_sizes,
-                                                              std::optional<c10::string_view> activation) {
-  auto p = plan_grouped_linear(input, weight, bias, group_sizes, activation);
-  return forward(p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
-    const at::Tensor& saved, std::optional<c10::string_view> activation, std::array<bool, 3> output_mask) {
-  auto b = plan_linear_backward(grad_output, input, weight, bias, group_sizes, output, saved, activation,
-                                output_mask, /*grouped=*/true);
-  return backward(b);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchops, CPU, m) {
-  m.impl("linear_forward", &linear_forward_cpu);
-  m.impl("linear_backward", &linear_backward_cpu);
-  m.impl("grouped_linear_forward", &grouped_linear_forward_cpu);
-  m.impl("grouped_linear_backward", &grouped_linear_backward_cpu);
-}
+using CpuLinearOps = LinearEntryPoints<NoDeviceGuard, &forward, &backward>;
+
+TORCH_LIBRARY_IMPL(batchops, CPU, m) { BATCHOPS_REGISTER_LINEAR(m, CpuLinearOps); }
 
 }  // namespace batchops

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "linear/entry_points.h"
 #include "linear/linear.h"
 
 namespace batchops {
@@ -560,50 +561,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
           b.mask[2] ? grad_bias : linear_undefined_grad(p.x)};
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                                       const std::optional<at::Tensor>& bias,
-                                                       std::optional<c10::string_view> activation) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_linear(input, weight, bias, activation);
-  return forward(p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& output, const at::Tensor& saved,
-    std::optional<c10::string_view> activation, std::array<bool, 3> output_mask) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto b = plan_linear_backward(grad_output, input, weight, bias, std::nullopt, output, saved, activation,
-                                output_mask, /*grouped=*/false);
-  return backward(b);
-}
-
-std::tuple<at::Tensor, at::Tensor> grouped_linear_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                                               const std::optional<at::Tensor>& bias,
-                                                               const std::optional<at::Tensor>& group_sizes,
-                                                               std::optional<c10::string_view> activation) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_grouped_linear(input, weight, bias, group_sizes, activation);
-  return forward(p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
-    const at::Tensor& saved, std::optional<c10::string_view> activation, std::array<bool, 3> output_mask) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto b = plan_linear_backward(grad_output, input, weight, bias, group_sizes, output, saved, activation,
-                                output_mask, /*grouped=*/true);
-  return backward(b);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchops, CUDA, m) {
-  m.impl("linear_forward", &linear_forward_cuda);
-  m.impl("linear_backward", &linear_backward_cuda);
-  m.impl("grouped_linear_forward", &grouped_linear_forward_cuda);
-  m.impl("grouped_linear_backward", &grouped_linear_backward_cuda);
-}
+using CudaLinearOps = LinearEntryPoints<c10::cuda::CUDAGuard, &forward, &backward>;
+
+TORCH_LIBRARY_IMPL(batchops, CUDA, m) { BATCHOPS_REGISTER_LINEAR(m, CudaLinearOps); }
 
 }  // namespace batchops

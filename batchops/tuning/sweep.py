@@ -79,8 +79,12 @@ def load_digits_dataset(test_fraction: float = 0.2,
 
     The split is stratified with a fixed seed; pixels are standardised with the training set's
     mean and standard deviation (one scalar each, so images keep their structure)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # an optional dependency: pip install "batchops[sweep]"
+        raise ImportError("batchops' default sweep data needs scikit-learn: pip install scikit-learn "
+                          "(or batchops[sweep]), or pass dataset=") from exc
 
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(

@@ -34,15 +34,21 @@ class _BatchNorm(_NormBase):
         text = super().extra_repr()
         return text + (f", activation={self.activation!r}" if self.activation is not None else "")
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input_dim(input)
+    def _training_momentum(self) -> float | Tensor:
+        """Count a training batch in num_batches_tracked and return the running-statistics
+        momentum: the module's, or 1 / num_batches_tracked (cumulative average) when it is None."""
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                # Cumulative moving average. A tensor factor, not 1/float(buffer): no host sync,
-                # and torch.compile(fullgraph=True) can trace it (torch's module breaks there).
+                # A tensor factor, not 1/float(buffer): no host sync, and torch.compile(fullgraph=True)
+                # can trace it (torch's module breaks there).
                 momentum = 1.0 / self.num_batches_tracked.to(torch.float64)
+        return momentum
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        momentum = self._training_momentum()
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         return F.batch_norm(

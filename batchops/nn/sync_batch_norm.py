@@ -168,11 +168,7 @@ class SyncBatchNorm(_BatchNorm):
         if sync is None:
             return super().forward(input, residual)
         process_group, world_size = sync
-        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, without a host sync
-                momentum = 1.0 / self.num_batches_tracked.to(torch.float64)
+        momentum = self._training_momentum()  # the sync path only runs in training
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, residual, running_mean, running_var,

@@ -14,10 +14,27 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import batchops
 
 CUDA_AVAILABLE = torch.cuda.is_available()
+
+# The activation names every batchops op takes, and torch's reference for each.
+ACTIVATIONS = [None, "relu", "silu", "gelu", "gelu_tanh"]
+TORCH_ACT = {
+    None: lambda t: t,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: readable test ids."""
+    return str(dtype).replace("torch.", "")
+
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),

@@ -17,25 +17,13 @@ from torch import nn
 
 import batchops
 from batchops import functional as BF
-from conftest import DEVICES
+from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
 f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 
-ACTIVATIONS = [None, "relu", "silu", "gelu", "gelu_tanh"]
-TORCH_ACT = {
-    None: lambda t: t,
-    "relu": F.relu,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-}
 HALF_FLOOR = {f16: 1e-3, bf16: 1e-2}
-
-
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _act_id(activation) -> str:

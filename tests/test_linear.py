@@ -462,16 +462,22 @@ def test_no_input_requires_grad(device, activation):
 # What forward saves; values at the edges
 
 
+def _torch_derivative(pre, activation):
+    """act'(pre) by torch's autograd."""
+    pre = pre.detach().requires_grad_()
+    return torch.autograd.grad(TORCH_ACT[activation](pre).sum(), pre)[0]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
 def test_forward_op_saved(device, activation):
-    """`saved` is x @ W^T without the bias for silu / gelu / gelu_tanh, empty otherwise."""
+    """`saved` is act'(x @ W^T + b) for silu / gelu / gelu_tanh, empty otherwise."""
     inputs = dense_inputs((2, 3, 13), 7, device, f64)
     x, w, b = inputs["x"], inputs["w"], inputs["b"]
     out, saved = torch.ops.batchops.linear_forward(x, w, b, activation)
     torch.testing.assert_close(out, torch_linear(x, w, b, activation))
     if activation in ("silu", "gelu", "gelu_tanh"):
-        torch.testing.assert_close(saved, F.linear(x, w))
+        torch.testing.assert_close(saved, _torch_derivative(F.linear(x, w, b), activation))
     else:
         assert saved.numel() == 0
     gi = grouped_inputs((8, 13), 3, 7, device, f64)
@@ -479,7 +485,8 @@ def test_forward_op_saved(device, activation):
                                                            torch.tensor([3, 0, 5]), activation)
     torch.testing.assert_close(out, torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5], activation))
     if activation in ("silu", "gelu", "gelu_tanh"):
-        torch.testing.assert_close(saved, torch_grouped(gi["x"], gi["w"], None, [3, 0, 5]))
+        pre = torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5])
+        torch.testing.assert_close(saved, _torch_derivative(pre, activation))
     else:
         assert saved.numel() == 0
 

@@ -1,8 +1,9 @@
 """torch.ops.batchops.{linear,grouped_linear}_{forward,backward}: fake kernels and autograd.
 
-Each forward returns (output, saved): `saved` is the raw product input @ weight^T without the
-bias for silu / gelu / gelu_tanh (what their derivative needs), and an empty tensor otherwise
-(relu's backward reads the output). See csrc/linear/linear.h.
+Each forward returns (output, saved): `saved` is the activation's derivative
+act'(input @ weight^T + bias) for silu / gelu / gelu_tanh, computed with the activation so
+that backward is a multiply, and an empty tensor otherwise (relu's backward reads the
+output). See csrc/linear/linear.h.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from batchops._extension import extension_available, require_extension
 
-_NEEDS_PREACT = ("silu", "gelu", "gelu_tanh")
+_SAVES_DERIVATIVE = ("silu", "gelu", "gelu_tanh")
 
 _DOUBLE_BACKWARD_ERROR = (
     "batchops.linear / batchops.grouped_linear: double backward (a gradient of the gradient) is not supported. "
@@ -37,7 +38,7 @@ def _out_shape(input, out_features):
 def _forward_outputs(input, out_features, activation):
     shape = _out_shape(input, out_features)
     output = input.new_empty(shape)
-    saved = input.new_empty(shape) if activation in _NEEDS_PREACT else input.new_empty((0,))
+    saved = input.new_empty(shape) if activation in _SAVES_DERIVATIVE else input.new_empty((0,))
     return output, saved
 
 
@@ -71,6 +72,9 @@ def _grouped_backward_fake(grad_output, input, weight, bias, group_sizes, output
 def _linear_setup_context(ctx, inputs, output):
     input, weight, bias, activation = inputs
     out, saved = output
+    # `saved` gets no gradient; without this autograd would hand backward a zero-filled tensor
+    # of its full size for it, one more pass over (rows, out_features) per backward.
+    ctx.set_materialize_grads(False)
     # relu's backward reads the output; the others never do.
     ctx.save_for_backward(input, weight, bias, out if activation == "relu" else None, saved)
     ctx.activation = activation
@@ -80,7 +84,7 @@ def _linear_backward(ctx, grad_output, _grad_saved):
     input, weight, bias, out, saved = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and bias is not None]
-    if not any(mask):
+    if not any(mask) or grad_output is None:
         return None, None, None, None
     out = out if out is not None else input.new_empty((0,))
     gi, gw, gb = torch.ops.batchops.linear_backward(grad_output, input, weight, bias, out, saved, ctx.activation,
@@ -91,6 +95,7 @@ def _linear_backward(ctx, grad_output, _grad_saved):
 def _grouped_setup_context(ctx, inputs, output):
     input, weight, bias, group_sizes, activation = inputs
     out, saved = output
+    ctx.set_materialize_grads(False)  # as in _linear_setup_context
     ctx.save_for_backward(input, weight, bias, group_sizes, out if activation == "relu" else None, saved)
     ctx.activation = activation
 
@@ -99,7 +104,7 @@ def _grouped_backward(ctx, grad_output, _grad_saved):
     input, weight, bias, group_sizes, out, saved = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and bias is not None]
-    if not any(mask):
+    if not any(mask) or grad_output is None:
         return None, None, None, None, None
     out = out if out is not None else input.new_empty((0,))
     gi, gw, gb = torch.ops.batchops.grouped_linear_backward(grad_output, input, weight, bias, group_sizes, out, saved,

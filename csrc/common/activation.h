@@ -126,27 +126,41 @@ C10_HOST_DEVICE inline T activation_forward(T x) {
   }
 }
 
-// d act(x) / dx at the pre-activation value x (what backward recomputes).
+// GELU's normal cdf and pdf at x; on the CPU in float, erf reuses the pdf's exp(-x^2/2).
+template <typename T>
+C10_HOST_DEVICE inline void gelu_cdf_pdf(T x, T& cdf, T& pdf) {
+  const T kInvSqrt2Pi = T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    const float e = detail::vector_expf(-0.5f * x * x);
+    cdf = 0.5f * (1.0f + detail::vector_erff_given_exp(x * float(M_SQRT1_2), e));
+    pdf = e * kInvSqrt2Pi;
+    return;
+  }
+#endif
+  cdf = T(0.5) * (T(1) + act_erf(x * T(M_SQRT1_2)));
+  pdf = act_exp(T(-0.5) * x * x) * kInvSqrt2Pi;
+}
+
+// act(x), and act'(x) into `derivative`, sharing the transcendental work: linear's forward
+// saves the derivative so that its backward is a multiply (see linear/linear.h).
 template <Activation A, typename T>
-C10_HOST_DEVICE inline T activation_backward(T x) {
+C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) {
   if constexpr (A == Activation::kNone) {
-    return T(1);
+    derivative = T(1);
+    return x;
   } else if constexpr (A == Activation::kReLU) {
-    return T(x > T(0));  // a compare, not a branch: keeps the CPU loops vectorised
+    derivative = T(x > T(0));  // a compare, not a branch: keeps the CPU loops vectorised
+    return x < T(0) ? T(0) : x;
   } else if constexpr (A == Activation::kSiLU) {
     const T s = T(1) / (T(1) + act_exp(-x));
-    return s * (T(1) + x * (T(1) - s));
+    derivative = s * (T(1) + x * (T(1) - s));
+    return x * s;
   } else if constexpr (A == Activation::kGELU) {
-#if !defined(__CUDA_ARCH__)
-    if constexpr (std::is_same_v<T, float>) {  // CPU float: erf's exp(-x^2/2) is the pdf's too
-      const float e = detail::vector_expf(-0.5f * x * x);
-      const float cdf = 0.5f * (1.0f + detail::vector_erff_given_exp(x * float(M_SQRT1_2), e));
-      return cdf + x * e * float(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-    }
-#endif
-    const T cdf = T(0.5) * (T(1) + act_erf(x * T(M_SQRT1_2)));
-    const T pdf = act_exp(T(-0.5) * x * x) * T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-    return cdf + x * pdf;
+    T cdf, pdf;
+    gelu_cdf_pdf(x, cdf, pdf);
+    derivative = cdf + x * pdf;
+    return x * cdf;
   } else {
     const T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
     const T kKappa = T(0.044715);
@@ -157,8 +171,17 @@ C10_HOST_DEVICE inline T activation_backward(T x) {
     const T right = T(1) + t;
     const T left_derivative = T(0.5) * right;
     const T right_derivative = left * (T(1) - t * t) * kBeta * (T(1) + T(3) * kKappa * x2);
-    return left_derivative + right_derivative;
+    derivative = left_derivative + right_derivative;
+    return left * right;
   }
+}
+
+// d act(x) / dx at the pre-activation value x (what batch norm's backward recomputes).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T activation_backward(T x) {
+  T derivative;
+  (void)activation_forward_with_derivative<A>(x, derivative);  // the unused value is dead code
+  return derivative;
 }
 
 }  // namespace batchops

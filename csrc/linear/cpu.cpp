@@ -31,47 +31,45 @@ namespace batchops {
 
 #if BATCHOPS_CPU_VARIANTS
 namespace cpu_avx2 {
-void linear_epilogue_forward(at::ScalarType, Activation, const void*, void*, const void*, int64_t, int64_t);
-void linear_epilogue_backward(at::ScalarType, Activation, const void*, const void*, const void*, void*, void*,
-                              int64_t, int64_t);
+void linear_epilogue_forward(at::ScalarType, Activation, void*, void*, const void*, int64_t, int64_t);
+void linear_epilogue_backward(at::ScalarType, Activation, const void*, const void*, void*, void*, int64_t, int64_t);
 }  // namespace cpu_avx2
 namespace cpu_avx512 {
-void linear_epilogue_forward(at::ScalarType, Activation, const void*, void*, const void*, int64_t, int64_t);
-void linear_epilogue_backward(at::ScalarType, Activation, const void*, const void*, const void*, void*, void*,
-                              int64_t, int64_t);
+void linear_epilogue_forward(at::ScalarType, Activation, void*, void*, const void*, int64_t, int64_t);
+void linear_epilogue_backward(at::ScalarType, Activation, const void*, const void*, void*, void*, int64_t, int64_t);
 }  // namespace cpu_avx512
 #endif
 
 namespace {
 
-void epilogue_forward(at::ScalarType dtype, Activation act, const void* z, void* y, const void* bias, int64_t rows,
+void epilogue_forward(at::ScalarType dtype, Activation act, void* z, void* derivative, const void* bias, int64_t rows,
                       int64_t N) {
 #if BATCHOPS_CPU_VARIANTS
   switch (cpu_isa()) {
     case CpuIsa::kAVX512:
-      return cpu_avx512::linear_epilogue_forward(dtype, act, z, y, bias, rows, N);
+      return cpu_avx512::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
     case CpuIsa::kAVX2:
-      return cpu_avx2::linear_epilogue_forward(dtype, act, z, y, bias, rows, N);
+      return cpu_avx2::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
     default:
       break;
   }
 #endif
-  cpu_default::linear_epilogue_forward(dtype, act, z, y, bias, rows, N);
+  cpu_default::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
 }
 
-void epilogue_backward(at::ScalarType dtype, Activation act, const void* dy, const void* saved, const void* bias,
-                       void* dz, void* bias_sum, int64_t rows, int64_t N) {
+void epilogue_backward(at::ScalarType dtype, Activation act, const void* dy, const void* saved, void* dz,
+                       void* bias_sum, int64_t rows, int64_t N) {
 #if BATCHOPS_CPU_VARIANTS
   switch (cpu_isa()) {
     case CpuIsa::kAVX512:
-      return cpu_avx512::linear_epilogue_backward(dtype, act, dy, saved, bias, dz, bias_sum, rows, N);
+      return cpu_avx512::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
     case CpuIsa::kAVX2:
-      return cpu_avx2::linear_epilogue_backward(dtype, act, dy, saved, bias, dz, bias_sum, rows, N);
+      return cpu_avx2::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
     default:
       break;
   }
 #endif
-  cpu_default::linear_epilogue_backward(dtype, act, dy, saved, bias, dz, bias_sum, rows, N);
+  cpu_default::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
 }
 
 // Rows per block: 128 rows of 256 float outputs is 128 KiB, which stays in L2 between the
@@ -151,7 +149,7 @@ void ragged_product(const at::Tensor& out, const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   const auto opts = p.x.options();
-  const bool save_preact = plan_saves_preact(p);
+  const bool save_derivative = plan_saves_derivative(p);
   if (p.mode == LinearMode::kDense && p.act == Activation::kNone) {
     // torch's own F.linear (addmm with the bias in the BLAS call): the same numbers as torch.
     return {linear_shaped(at::linear(p.x, p.weight, p.bias.defined() ? std::optional<at::Tensor>(p.bias) : std::nullopt),
@@ -161,12 +159,14 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   // relu and None save no pre-activation, so the bias goes into the BLAS call as in F.linear:
   // x W^T + b is rounded once (in half precision, rounding x W^T first and then adding the
   // bias flips relu's mask, and its gradient, wherever x W^T + b is within a rounding of 0).
-  // silu / gelu* save x W^T without the bias (see linear.h) and add it in the epilogue.
-  const bool bias_in_product = !save_preact && p.bias.defined();
+  // silu / gelu* add it in the epilogue (for float, one add in registers instead of a pass that
+  // broadcasts the bias into z). The epilogue turns z into the output in place and writes
+  // silu / gelu*'s derivative (saved, see linear.h) to its own buffer.
+  const bool bias_in_product = !save_derivative && p.bias.defined();
   at::Tensor z = at::empty({p.rows, p.N}, opts);
-  at::Tensor y = save_preact ? at::empty({p.rows, p.N}, opts) : z;  // relu / None: in place
+  at::Tensor derivative = save_derivative ? at::empty({p.rows, p.N}, opts) : at::Tensor();
   advise_huge_pages(z);
-  advise_huge_pages(y);
+  advise_huge_pages(derivative);
   const at::Tensor bias_acc = bias_in_product ? at::zeros({1, p.N}, opts.dtype(acc_type(p.x.scalar_type())))
                                               : bias_rows(p);
   const bool need_epilogue = p.act != Activation::kNone;  // None: the product (with its bias) is the result
@@ -174,8 +174,8 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   const auto dtype = p.x.scalar_type();
   auto epilogue = [&](const RowBlock& b) {
     if (!need_epilogue) return;
-    epilogue_forward(dtype, p.act, row_ptr(z, b.begin), row_ptr(y, b.begin), bias_row(bias_acc, b.group),
-                     b.end - b.begin, p.N);
+    epilogue_forward(dtype, p.act, row_ptr(z, b.begin), save_derivative ? row_ptr(derivative, b.begin) : nullptr,
+                     bias_row(bias_acc, b.group), b.end - b.begin, p.N);
   };
   std::vector<double> cost(blocks.size());
   if (p.mode == LinearMode::kRagged) {
@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
       parallel_balanced(cost, [&](int64_t i) { epilogue(blocks[i]); });
     }
   }
-  return {linear_shaped(y, p.out_sizes), save_preact ? linear_shaped(z, p.out_sizes) : at::empty({0}, opts)};
+  return {linear_shaped(z, p.out_sizes), save_derivative ? linear_shaped(derivative, p.out_sizes) : at::empty({0}, opts)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
@@ -230,7 +230,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
   const bool any_product = b.mask[0] || b.mask[1];
   const at::Tensor& dy = b.grad_output;
   at::Tensor dz = need_dz && any_product ? at::empty({p.rows, p.N}, opts) : dy;
-  const at::Tensor bias_acc = bias_rows(p);
   const auto blocks = row_blocks(p.offsets);
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
   at::Tensor partial;  // per-block column sums of dz, for the bias gradient
@@ -248,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
     const RowBlock& blk = blocks[i];
     const int64_t off = blk.begin * p.N * elt;
     epilogue_backward(dtype, p.act, static_cast<const char*>(dy.const_data_ptr()) + off,
-                      static_cast<const char*>(saved_base) + off, bias_row(bias_acc, blk.group),
+                      static_cast<const char*>(saved_base) + off,
                       need_dz && any_product ? static_cast<char*>(dz.data_ptr()) + off : nullptr,
                       b.mask[2] ? row_ptr(partial, i) : nullptr, blk.end - blk.begin, p.N);
   };

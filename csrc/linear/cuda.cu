@@ -56,6 +56,19 @@ __device__ __forceinline__ acc_t apply_activation(Activation act, acc_t v) {
   }
 }
 
+// The same for silu / gelu*, with the derivative that forward saves (see linear.h).
+template <typename acc_t>
+__device__ __forceinline__ acc_t apply_activation_with_derivative(Activation act, acc_t v, acc_t& derivative) {
+  switch (act) {
+    case Activation::kSiLU:
+      return activation_forward_with_derivative<Activation::kSiLU>(v, derivative);
+    case Activation::kGELU:
+      return activation_forward_with_derivative<Activation::kGELU>(v, derivative);
+    default:
+      return activation_forward_with_derivative<Activation::kGELUTanh>(v, derivative);
+  }
+}
+
 // Index of the group whose [prefix[g], prefix[g + 1]) holds `item` (prefix has G + 1 entries,
 // non-decreasing); G when item is past the end.
 __device__ __forceinline__ int find_group(const int64_t* prefix, int G, int64_t item) {
@@ -69,23 +82,29 @@ __device__ __forceinline__ int find_group(const int64_t* prefix, int G, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward epilogue after a cuBLAS product: y = act(z + bias[row / rows_per_group]).
+// Forward epilogue after a cuBLAS product: y = act(z + bias[row / rows_per_group]); for silu /
+// gelu* z is then overwritten with the derivative (saved), else y may be z.
 
 template <typename scalar_t, Activation A>
-__global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, scalar_t* __restrict__ y,
-                                        const scalar_t* __restrict__ bias, int64_t total, int64_t N,
-                                        int64_t rows_per_group) {
+__global__ void forward_epilogue_kernel(scalar_t* z, scalar_t* y, const scalar_t* __restrict__ bias, int64_t total,
+                                        int64_t N, int64_t rows_per_group) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / N;
     const int64_t col = i - row * N;
     const acc_t b = bias != nullptr ? acc_t(bias[(row / rows_per_group) * N + col]) : acc_t(0);
-    y[i] = scalar_t(linear_epilogue<A, acc_t>(acc_t(z[i]), b));
+    if constexpr (activation_saves_derivative(A)) {
+      acc_t derivative;
+      y[i] = scalar_t(linear_epilogue_saving_derivative<A, acc_t>(acc_t(z[i]), b, derivative));
+      z[i] = scalar_t(derivative);
+    } else {
+      y[i] = scalar_t(linear_epilogue<A, acc_t>(acc_t(z[i]), b));
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward epilogue: dz = dy * act'(saved, bias) over row chunks that never cross a group,
+// Backward epilogue: dz = dy * act'(from saved) over row chunks that never cross a group,
 // with each chunk's column sums of dz (the bias gradient's partials) written to
 // partial[chunk]. Block: 32 columns x 8 row lanes; grid: x = chunks (upper bound), y = columns.
 
@@ -95,7 +114,7 @@ constexpr int kRowLanes = 8;
 
 template <typename scalar_t, Activation A>
 __global__ void backward_epilogue_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ saved,
-                                         const scalar_t* __restrict__ bias, scalar_t* __restrict__ dz,
+                                         scalar_t* __restrict__ dz,
                                          at::opmath_type<scalar_t>* __restrict__ partial,
                                          const int64_t* __restrict__ offsets,
                                          const int64_t* __restrict__ chunk_prefix, int G, int64_t N) {
@@ -109,10 +128,9 @@ __global__ void backward_epilogue_kernel(const scalar_t* __restrict__ dy, const 
   const int64_t col = int64_t(blockIdx.y) * kColsPerBlock + threadIdx.x;
   acc_t acc = acc_t(0);
   if (col < N) {
-    const acc_t b = bias != nullptr ? acc_t(bias[int64_t(g) * N + col]) : acc_t(0);
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowLanes) {
       const int64_t i = r * N + col;
-      const acc_t grad = acc_t(dy[i]) * linear_grad_factor<A, acc_t>(acc_t(saved[i]), b);
+      const acc_t grad = acc_t(dy[i]) * linear_grad_factor<A, acc_t>(acc_t(saved[i]));
       if (dz != nullptr) dz[i] = scalar_t(grad);
       acc += grad;
     }
@@ -164,7 +182,7 @@ struct GemmArgs {
   const scalar_t* A;
   const scalar_t* B;
   scalar_t* C;
-  scalar_t* C_saved;      // forward: the raw product (no bias) for silu / gelu backward; else null
+  scalar_t* C_saved;      // forward: act'(product + bias) for silu / gelu* backward; else null
   const scalar_t* bias;   // (G, n_cols) or null
   const int64_t* offsets;      // G + 1 row offsets
   const int64_t* tile_prefix;  // kRaggedRows: G + 1 prefix sums of row tiles
@@ -317,15 +335,20 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GemmArgs<sca
     __syncthreads();
   }
 
-  // Epilogue: saved product, bias, activation; stores coalesced along the columns.
+  // Epilogue: bias, activation (and its derivative, saved); stores coalesced along the columns.
   for (int e = threadIdx.x; e < kTileM * kTileN; e += kGemmThreads) {
     const int r = e / kTileN, c = e % kTileN;
     if (r >= m_valid || c >= n_valid) continue;
     acc_t v = Cs[r][c];
     const int64_t out = (m0 + r) * args.ldc + n0 + c;
-    if (C_saved != nullptr) C_saved[out] = scalar_t(v);
     if (args.bias != nullptr) v += acc_t(args.bias[int64_t(g) * args.n_cols + n0 + c]);
-    C[out] = scalar_t(apply_activation(args.act, v));
+    if (C_saved != nullptr) {
+      acc_t derivative;
+      C[out] = scalar_t(apply_activation_with_derivative(args.act, v, derivative));
+      C_saved[out] = scalar_t(derivative);
+    } else {
+      C[out] = scalar_t(apply_activation(args.act, v));
+    }
   }
 }
 
@@ -387,7 +410,7 @@ unsigned elementwise_blocks(int64_t total) {
 
 std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   const auto opts = p.x.options();
-  const bool save_preact = plan_saves_preact(p);
+  const bool save_derivative = plan_saves_derivative(p);
   const std::optional<at::Tensor> bias = p.bias.defined() ? std::optional<at::Tensor>(p.bias) : std::nullopt;
   if (p.mode == LinearMode::kDense && p.act == Activation::kNone) {
     return {linear_shaped(at::linear(p.x, p.weight, bias), p.out_sizes), at::empty({0}, opts)};
@@ -398,9 +421,9 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
             at::empty({0}, opts)};
   }
   at::Tensor y = at::empty({p.rows, p.N}, opts);
-  at::Tensor saved = save_preact ? at::empty({p.rows, p.N}, opts) : at::Tensor();
+  at::Tensor saved = save_derivative ? at::empty({p.rows, p.N}, opts) : at::Tensor();
   if (p.rows == 0 || p.N == 0) {
-    return {linear_shaped(y, p.out_sizes), save_preact ? linear_shaped(saved, p.out_sizes) : at::empty({0}, opts)};
+    return {linear_shaped(y, p.out_sizes), save_derivative ? linear_shaped(saved, p.out_sizes) : at::empty({0}, opts)};
   }
 
   if (p.mode == LinearMode::kRagged) {
@@ -411,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
       a.A = p.x.const_data_ptr<scalar_t>();
       a.B = p.weight.const_data_ptr<scalar_t>();
       a.C = y.mutable_data_ptr<scalar_t>();
-      a.C_saved = save_preact ? saved.mutable_data_ptr<scalar_t>() : nullptr;
+      a.C_saved = save_derivative ? saved.mutable_data_ptr<scalar_t>() : nullptr;
       a.bias = ptr_or_null<scalar_t>(p.bias);
       a.offsets = d.offsets.const_data_ptr<int64_t>();
       a.tile_prefix = tiles.const_data_ptr<int64_t>();
@@ -425,12 +448,12 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
       launch_grouped_gemm<scalar_t, GemmMode::kRaggedRows>(a, (p.rows + kTileM - 1) / kTileM + p.G);
     });
   } else {
-    // cuBLAS product, then one epilogue pass (in place unless the product is saved). relu and
-    // None save no pre-activation, so their bias goes into the cuBLAS call (beta = 1), rounded
+    // cuBLAS product, then one epilogue pass (in place for relu / None; silu / gelu* write
+    // their derivative over the product). relu and None save nothing, so their bias goes into the cuBLAS call (beta = 1), rounded
     // once with the product as in F.linear: in half precision, rounding x W^T before adding the
     // bias would flip relu's mask wherever x W^T + b is within a rounding of 0.
-    const bool bias_in_product = !save_preact && p.bias.defined();
-    at::Tensor z = save_preact ? saved : y;
+    const bool bias_in_product = !save_derivative && p.bias.defined();
+    at::Tensor z = save_derivative ? saved : y;
     if (p.mode == LinearMode::kDense) {
       if (bias_in_product) {
         at::addmm_out(z, p.bias, p.x, p.weight.t());
@@ -454,13 +477,13 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "batchops.linear", [&] {
       BATCHOPS_DISPATCH_ACTIVATION(p.act, [&] {
         forward_epilogue_kernel<scalar_t, kAct><<<elementwise_blocks(total), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-            z.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(epilogue_bias), total,
+            z.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(epilogue_bias), total,
             p.N, rows_per_group);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  return {linear_shaped(y, p.out_sizes), save_preact ? linear_shaped(saved, p.out_sizes) : at::empty({0}, opts)};
+  return {linear_shaped(y, p.out_sizes), save_derivative ? linear_shaped(saved, p.out_sizes) : at::empty({0}, opts)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
@@ -490,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
           backward_epilogue_kernel<scalar_t, kAct>
               <<<dim3(static_cast<unsigned>(max_chunks), static_cast<unsigned>(col_blocks)),
                  dim3(kColsPerBlock, kRowLanes), 0, stream>>>(
-                  dy.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(p.bias),
+                  dy.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
                   need_dz && any_product ? dz.mutable_data_ptr<scalar_t>() : nullptr,
                   b.mask[2] ? partial.mutable_data_ptr<acc_t>() : nullptr, d.offsets.const_data_ptr<int64_t>(),
                   chunks.const_data_ptr<int64_t>(), static_cast<int>(p.G), p.N);

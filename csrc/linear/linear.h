@@ -7,8 +7,16 @@
 // What forward saves for backward (the second output, "saved"):
 //   activation None       nothing (an empty tensor): the gradient passes straight through
 //   "relu"                nothing: backward reads the output, since y > 0 exactly when x W^T + b > 0
-//   "silu" / "gelu*"      the raw product x W^T WITHOUT the bias (backward adds it back): the
-//                         epilogue then never writes the biased value, one pass less
+//   "silu" / "gelu*"      the activation's derivative act'(x W^T + b), in the input's dtype. The
+//                         forward epilogue has the transcendental work for it at hand (GELU's
+//                         cdf and pdf, SiLU's sigmoid), so backward is a multiply instead of a
+//                         second round of exp / erf: on the CPU, where both epilogues are bound
+//                         by memory and arithmetic alike, that is most of what fusing wins back.
+//                         The same number of (rows, N) buffers as saving the product: the
+//                         product's buffer becomes the output or the derivative. Second
+//                         derivatives are not supported (batchops/ops/linear.py), so nothing
+//                         needs the pre-activation itself. The cost: a forward without autograd
+//                         computes and writes the derivative too.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,7 +33,7 @@ namespace batchops {
 
 enum class LinearMode { kDense, kUniform, kRagged };
 
-inline bool activation_needs_preact(Activation a) {
+C10_HOST_DEVICE constexpr bool activation_saves_derivative(Activation a) {
   return a == Activation::kSiLU || a == Activation::kGELU || a == Activation::kGELUTanh;
 }
 
@@ -59,7 +67,7 @@ LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight
 struct LinearBackwardPlan {
   LinearPlan fwd;
   at::Tensor grad_output;  // (rows, N)
-  at::Tensor saved;        // relu: output; silu/gelu*: x W^T; else undefined
+  at::Tensor saved;        // relu: output; silu/gelu*: act'(x W^T + b); else undefined
   std::array<bool, 3> mask{};  // grad_input, grad_weight, grad_bias
 };
 
@@ -69,8 +77,8 @@ LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at:
                                         const at::Tensor& saved, std::optional<c10::string_view> activation,
                                         std::array<bool, 3> output_mask, bool grouped);
 
-// The "saved" output of forward for this plan: the (rows, N) raw product or an empty tensor.
-inline bool plan_saves_preact(const LinearPlan& p) { return activation_needs_preact(p.act); }
+// Whether forward's "saved" output is the (rows, N) derivative (else an empty tensor).
+inline bool plan_saves_derivative(const LinearPlan& p) { return activation_saves_derivative(p.act); }
 
 // A kernel's result in its final shape, NOT as a view of the 2-D buffer it was computed in:
 // an op output that autograd sees as a view (of a base no one else holds) cannot be modified
@@ -84,21 +92,27 @@ at::Tensor linear_undefined_grad(const at::Tensor& like);
 // ---------------------------------------------------------------------------------------
 // Epilogue arithmetic (host + device), in the accumulation type acc_t.
 
-// Forward: the activation of the biased product.
+// Forward: the activation of the biased product (relu, None: nothing is saved).
 template <Activation A, typename acc_t>
 C10_HOST_DEVICE inline acc_t linear_epilogue(acc_t product, acc_t bias) {
   return activation_forward<A>(product + bias);
 }
 
+// Forward for silu / gelu*: the activation, and its derivative into `derivative` (saved).
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t linear_epilogue_saving_derivative(acc_t product, acc_t bias, acc_t& derivative) {
+  return activation_forward_with_derivative<A>(product + bias, derivative);
+}
+
 // Backward: d act / d pre at this element, from what forward saved (see the top of the file).
 template <Activation A, typename acc_t>
-C10_HOST_DEVICE inline acc_t linear_grad_factor(acc_t saved, acc_t bias) {
+C10_HOST_DEVICE inline acc_t linear_grad_factor(acc_t saved) {
   if constexpr (A == Activation::kNone) {
     return acc_t(1);
   } else if constexpr (A == Activation::kReLU) {
-    return acc_t(saved > acc_t(0));
+    return acc_t(saved > acc_t(0));  // saved is the output: > 0 exactly where the input was
   } else {
-    return activation_backward<A>(saved + bias);
+    return saved;
   }
 }
 

@@ -163,9 +163,9 @@ LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at:
     TORCH_CHECK(output.sizes() == at::IntArrayRef(p.out_sizes), op, ": output has shape ", output.sizes(),
                 ", expected ", at::IntArrayRef(p.out_sizes));
     b.saved = rows_view(output, p.rows, p.N);
-  } else if (activation_needs_preact(p.act)) {
+  } else if (activation_saves_derivative(p.act)) {
     TORCH_CHECK(saved.numel() == p.rows * p.N && saved.scalar_type() == input.scalar_type(), op,
-                ": saved pre-activation has shape ", saved.sizes(), " and dtype ", saved.scalar_type(),
+                ": saved (the activation's derivative) has shape ", saved.sizes(), " and dtype ", saved.scalar_type(),
                 ", expected ", p.rows * p.N, " elements of ", input.scalar_type(),
                 " (pass the second output of the forward op)");
     b.saved = rows_view(saved, p.rows, p.N);

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=DEFAULT_OUT_DIR,
                        help=f"folder for the results file, created if missing (default: {DEFAULT_OUT_DIR})")
     bench.add_argument("--no-write", action="store_true", help="print the table only")
+    bench.add_argument("--default-malloc", action="store_true",
+                       help="CPU: keep glibc's adaptive malloc thresholds (by default the run fixes them so that freed "
+                            "buffers are reused instead of faulted in again; see the report's 'memory' line)")
 
     sub.add_parser("info", help="print how batchops was built and what torch and devices it sees")
     _add_sweep_parser(sub)
@@ -115,7 +118,7 @@ def _bench(args: argparse.Namespace) -> int:
     ops = tuple(dict.fromkeys(args.ops)) if args.ops else tuple(bench.OPS)
     try:
         text, path = bench.run(ops, device=args.device, quick=args.quick, smoke=args.smoke,
-                               out_dir=None if args.no_write else args.out,
+                               out_dir=None if args.no_write else args.out, default_malloc=args.default_malloc,
                                log=lambda line: print(line, file=sys.stderr, flush=True))
     except (RuntimeError, ValueError) as exc:
         print(f"batchops bench: error: {exc}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The `batchops` command line and the benchmark harness (no timing assertions)."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -68,7 +69,8 @@ def test_no_subcommand_prints_help(capsys):
 @needs_extension
 def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
     out_dir = tmp_path / "results"  # does not exist yet: bench creates it
-    assert cli.main(["bench", "--device", "cpu", "--smoke", "--out", str(out_dir)]) == 0
+    # --default-malloc: the fixed thresholds are process-wide, so they are tested in a subprocess below.
+    assert cli.main(["bench", "--device", "cpu", "--smoke", "--default-malloc", "--out", str(out_dir)]) == 0
     files = list(out_dir.iterdir())
     assert len(files) == 1
     name = files[0].name
@@ -84,6 +86,21 @@ def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
         assert cells[5] != "-" and cells[6] != "-", row  # both providers were timed
         assert "error" not in cells[-1] and "DIFFER" not in cells[-1], row
     assert "copy bandwidth" in text and "torch " + torch.__version__ in text
+    assert "- memory: the C library's default malloc settings" in text
+
+
+@needs_extension
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc thresholds are glibc's")
+def test_bench_fixes_glibc_malloc_thresholds_for_cpu_runs():
+    """By default a CPU run makes malloc keep freed blocks (see harness.reuse_freed_cpu_memory)
+    and says so in the report; run in a subprocess, since the setting is process-wide."""
+    code = ("from batchops import cli; import sys; "
+            "sys.exit(cli.main(['bench', '--device', 'cpu', '--smoke', '--op', 'linear', '--no-write']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "- memory: glibc malloc set to reuse freed blocks up to 32 MiB (M_MMAP_THRESHOLD)" in proc.stdout
+    assert "| Linear+GELU" in proc.stdout
 
 
 def test_bench_without_extension_fails_with_the_build_hint(monkeypatch, tmp_path, capsys):

@@ -47,10 +47,13 @@ def run(
     *,
     smoke: bool = False,
     log: Callable[[str], None] | None = None,
+    default_malloc: bool = False,
 ) -> tuple[str, str | None]:
     """Run the benchmarks of `ops` on `device` ("cpu", "cuda" or "auto"). Returns the markdown
     report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md; None when
-    out_dir is None). `log`, when given, receives one line per finished case.
+    out_dir is None). `log`, when given, receives one line per finished case. On the CPU the run
+    first fixes glibc's malloc thresholds (harness.reuse_freed_cpu_memory) unless
+    `default_malloc`.
 
     Raises the RuntimeError of batchops._extension.require_extension() when the compiled kernels
     are unavailable.
@@ -74,6 +77,10 @@ def run(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
+    # CPU: fixed malloc thresholds, so that page faults on recycled buffers do not decide ratios.
+    malloc_note = None
+    if dev.type == "cpu" and not default_malloc:
+        malloc_note = harness.reuse_freed_cpu_memory()
     contention = harness.CpuContention() if dev.type == "cpu" else None
     copy_bw = harness.copy_bandwidth(dev, settings)
     if log:
@@ -102,6 +109,8 @@ def run(
     kind = "smoke" if smoke else "quick" if quick else "full"
     sections = [f"# batchops benchmarks ({kind} run): {', '.join(ops)}", ""]
     sections += harness.environment_lines(dev, copy_bw, when)
+    if dev.type == "cpu":
+        sections.append("- memory: " + (malloc_note or "the C library's default malloc settings"))
     others = contention.others() if contention is not None else None
     if others is not None:
         sections.append(

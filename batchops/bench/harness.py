@@ -200,6 +200,41 @@ class TimingSettings:
     flush_l2: bool = True  # CUDA only: overwrite a buffer larger than L2 before each sample
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def reuse_freed_cpu_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**30) -> str | None:
+    """Make glibc's malloc keep freed blocks of up to `mmap_threshold` bytes for reuse.
+
+    torch's CPU tensors come from malloc. By default glibc serves large blocks with fresh mmaps,
+    and returns freed memory at the top of its heap to the kernel, with thresholds that adapt to
+    the program's history; a block that went back is faulted in again, page by page and zeroed,
+    on its next use. Which provider of an interleaved pair pays for that changes from run to
+    run (one run of the same Linear+GELU case measured 0.88x, another 1.03x). Fixed thresholds
+    let both reuse their buffers, as they do under jemalloc or tcmalloc (what
+    `python -m torch.backends.xeon.run_cpu` preloads for CPU training), so the timings measure
+    the kernels. Process-wide, for both providers alike. Returns a description for the report,
+    or None where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
+    except (OSError, AttributeError):
+        return None
+    if not ok:
+        return None
+    return (f"glibc malloc set to reuse freed blocks up to {mmap_threshold / 2**20:g} MiB (M_MMAP_THRESHOLD), "
+            f"trimming only above {trim_threshold / 2**20:g} MiB (M_TRIM_THRESHOLD), for both providers: "
+            "see harness.reuse_freed_cpu_memory; `batchops bench --default-malloc` leaves glibc's defaults")
+
+
 def _call_cpu(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

@@ -71,6 +71,12 @@ def _autocast(input: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ..
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (input, *tensors))
 
 
+def _needs_saving(*tensors: Tensor | None) -> bool:
+    """Whether autograd will run backward through the op: forward then saves the activation's
+    derivative; without it (inference, no_grad, frozen layers) the kernels skip that work."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:
     """``act(input @ weight.T + bias)`` with the bias and activation fused into one pass after the
     product, and the activation's derivative and the bias gradient fused in backward.
@@ -83,7 +89,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         return torch.nn.functional.linear(input, weight, bias)
     input, weight, bias = _autocast(input, weight, bias)
     with torch.autocast(input.device.type, enabled=False):
-        return linear_forward(input, weight, bias, activation)[0]
+        return linear_forward(input, weight, bias, activation, _needs_saving(input, weight, bias))[0]
 
 
 def _group_sizes_tensor(group_sizes, input: Tensor) -> Tensor:
@@ -118,4 +124,5 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, gr
         group_sizes = _group_sizes_tensor(group_sizes, input)
     input, weight, bias = _autocast(input, weight, bias)
     with torch.autocast(input.device.type, enabled=False):
-        return grouped_linear_forward(input, weight, bias, group_sizes, activation)[0]
+        return grouped_linear_forward(input, weight, bias, group_sizes, activation,
+                                      _needs_saving(input, weight, bias))[0]

@@ -32,9 +32,12 @@ TORCH_LIBRARY(batchops, m) {
       "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_residual)");
 
   // Linear: output = act(input @ weight^T + bias). `saved` is what backward needs besides the
-  // inputs: the product input @ weight^T without the bias for silu / gelu / gelu_tanh, else
-  // empty (relu's backward reads the output). See csrc/linear/linear.h.
-  m.def("linear_forward(Tensor input, Tensor weight, Tensor? bias, str? activation) -> (Tensor output, Tensor saved)");
+  // inputs: the activation's derivative at input @ weight^T + bias for silu / gelu / gelu_tanh
+  // when save_for_backward, else empty (relu's backward reads the output; without autograd
+  // nothing is needed). See csrc/linear/linear.h.
+  m.def(
+      "linear_forward(Tensor input, Tensor weight, Tensor? bias, str? activation, bool save_for_backward=True) "
+      "-> (Tensor output, Tensor saved)");
   // output_mask: grad_input, grad_weight, grad_bias; unrequested ones are empty.
   m.def(
       "linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
@@ -44,8 +47,8 @@ TORCH_LIBRARY(batchops, m) {
   // (G, ..., in); with them it is (total_rows, in), rows ordered by group, group_sizes (G)
   // integers on the CPU or the input's device.
   m.def(
-      "grouped_linear_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? group_sizes, str? activation) "
-      "-> (Tensor output, Tensor saved)");
+      "grouped_linear_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? group_sizes, str? activation, "
+      "bool save_for_backward=True) -> (Tensor output, Tensor saved)");
   m.def(
       "grouped_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? group_sizes, Tensor output, Tensor saved, str? activation, bool[3] output_mask) "

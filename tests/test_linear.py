@@ -493,6 +493,56 @@ def test_forward_op_saved(device, activation):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
+@pytest.mark.parametrize("dtype", [f32, f64, torch.bfloat16], ids=_dtype_id)
+def test_forward_without_saving(device, activation, dtype):
+    """save_for_backward=False: the same output (bitwise), nothing saved; backward then refuses
+    clearly for the activations that needed the derivative."""
+    inputs = dense_inputs((2, 3, 13), 7, device, dtype)
+    x, w, b = inputs["x"], inputs["w"], inputs["b"]
+    out, saved = torch.ops.batchops.linear_forward(x, w, b, activation, True)
+    out_ns, saved_ns = torch.ops.batchops.linear_forward(x, w, b, activation, False)
+    torch.testing.assert_close(out_ns, out, rtol=0, atol=0)
+    assert saved_ns.numel() == 0
+    gi = grouped_inputs((8, 13), 3, 7, device, dtype)
+    sizes = torch.tensor([3, 0, 5])
+    out, _ = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"], sizes, activation, True)
+    out_ns, saved_ns = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"], sizes, activation, False)
+    torch.testing.assert_close(out_ns, out, rtol=0, atol=0)
+    assert saved_ns.numel() == 0
+    torch.library.opcheck(torch.ops.batchops.linear_forward.default, (x, w, b, activation, False))
+    xg = x.detach().requires_grad_()
+    y, _ = torch.ops.batchops.linear_forward(xg, w, b, activation, False)
+    if activation in ("silu", "gelu", "gelu_tanh"):
+        with pytest.raises(RuntimeError, match="save_for_backward=False"):
+            y.sum().backward()
+    elif activation is not None:
+        y.sum().backward()  # relu reads the output: nothing was needed
+        torch.testing.assert_close(xg.grad, torch.autograd.grad(torch_linear(xg, w, b, activation).sum(), xg)[0])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_functional_saves_only_for_autograd(monkeypatch, activation):
+    """batchops.functional asks the op to save the derivative only when a gradient will be taken."""
+    import batchops.functional as functional_module
+
+    calls = []
+    real = functional_module.linear_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(functional_module, "linear_forward", spy)
+    x, w, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(3)
+    BF.linear(x, w, b, activation=activation)
+    BF.linear(x, w.requires_grad_(), b, activation=activation)
+    with torch.no_grad():
+        BF.linear(x, w, b, activation=activation)
+    assert calls == [False, True, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
 @pytest.mark.parametrize("mode", ["dense", "uniform", "ragged"])
 def test_output_can_be_modified_in_place(device, activation, mode):
     """The output is a tensor of its own (not a view): `y += residual` works as after F.linear, and

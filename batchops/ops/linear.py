@@ -3,7 +3,8 @@
 Each forward returns (output, saved): `saved` is the activation's derivative
 act'(input @ weight^T + bias) for silu / gelu / gelu_tanh, computed with the activation so
 that backward is a multiply, and an empty tensor otherwise (relu's backward reads the
-output). See csrc/linear/linear.h.
+output) or when save_for_backward is False (no autograd: batchops.functional decides). See
+csrc/linear/linear.h.
 """
 from __future__ import annotations
 
@@ -19,35 +20,36 @@ _DOUBLE_BACKWARD_ERROR = (
 )
 
 
-def linear_forward(input, weight, bias, activation):
+def linear_forward(input, weight, bias, activation, save_for_backward=True):
     """-> (output, saved)."""
     require_extension()
-    return torch.ops.batchops.linear_forward(input, weight, bias, activation)
+    return torch.ops.batchops.linear_forward(input, weight, bias, activation, save_for_backward)
 
 
-def grouped_linear_forward(input, weight, bias, group_sizes, activation):
+def grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward=True):
     """-> (output, saved)."""
     require_extension()
-    return torch.ops.batchops.grouped_linear_forward(input, weight, bias, group_sizes, activation)
+    return torch.ops.batchops.grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward)
 
 
 def _out_shape(input, out_features):
     return (*input.shape[:-1], out_features)
 
 
-def _forward_outputs(input, out_features, activation):
+def _forward_outputs(input, out_features, activation, save_for_backward):
     shape = _out_shape(input, out_features)
     output = input.new_empty(shape)
-    saved = input.new_empty(shape) if activation in _SAVES_DERIVATIVE else input.new_empty((0,))
+    saves = save_for_backward and activation in _SAVES_DERIVATIVE
+    saved = input.new_empty(shape) if saves else input.new_empty((0,))
     return output, saved
 
 
-def _linear_forward_fake(input, weight, bias, activation):
-    return _forward_outputs(input, weight.shape[0], activation)
+def _linear_forward_fake(input, weight, bias, activation, save_for_backward=True):
+    return _forward_outputs(input, weight.shape[0], activation, save_for_backward)
 
 
-def _grouped_forward_fake(input, weight, bias, group_sizes, activation):
-    return _forward_outputs(input, weight.shape[1], activation)
+def _grouped_forward_fake(input, weight, bias, group_sizes, activation, save_for_backward=True):
+    return _forward_outputs(input, weight.shape[1], activation, save_for_backward)
 
 
 def _backward_outputs(input, weight, bias, output_mask):
@@ -69,9 +71,17 @@ def _grouped_backward_fake(grad_output, input, weight, bias, group_sizes, output
     return _backward_outputs(input, weight, bias, output_mask)
 
 
+def _check_saved(ctx):
+    if not ctx.saved_for_backward and ctx.activation in _SAVES_DERIVATIVE:
+        raise RuntimeError(f"batchops linear backward: the forward op ran with save_for_backward=False, so it saved "
+                           f"nothing for the backward of activation '{ctx.activation}'; call it with "
+                           f"save_for_backward=True (batchops.functional does when a gradient is needed)")
+
+
 def _linear_setup_context(ctx, inputs, output):
-    input, weight, bias, activation = inputs
+    input, weight, bias, activation, save_for_backward = inputs
     out, saved = output
+    ctx.saved_for_backward = save_for_backward
     # `saved` gets no gradient; without this autograd would hand backward a zero-filled tensor
     # of its full size for it, one more pass over (rows, out_features) per backward.
     ctx.set_materialize_grads(False)
@@ -85,16 +95,18 @@ def _linear_backward(ctx, grad_output, _grad_saved):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and bias is not None]
     if not any(mask) or grad_output is None:
-        return None, None, None, None
+        return None, None, None, None, None
+    _check_saved(ctx)
     out = out if out is not None else input.new_empty((0,))
     gi, gw, gb = torch.ops.batchops.linear_backward(grad_output, input, weight, bias, out, saved, ctx.activation,
                                                    mask)
-    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None
+    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None
 
 
 def _grouped_setup_context(ctx, inputs, output):
-    input, weight, bias, group_sizes, activation = inputs
+    input, weight, bias, group_sizes, activation, save_for_backward = inputs
     out, saved = output
+    ctx.saved_for_backward = save_for_backward
     ctx.set_materialize_grads(False)  # as in _linear_setup_context
     ctx.save_for_backward(input, weight, bias, group_sizes, out if activation == "relu" else None, saved)
     ctx.activation = activation
@@ -105,11 +117,12 @@ def _grouped_backward(ctx, grad_output, _grad_saved):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and bias is not None]
     if not any(mask) or grad_output is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
+    _check_saved(ctx)
     out = out if out is not None else input.new_empty((0,))
     gi, gw, gb = torch.ops.batchops.grouped_linear_backward(grad_output, input, weight, bias, group_sizes, out, saved,
                                                            ctx.activation, mask)
-    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None
+    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None
 
 
 def _no_setup(ctx, inputs, output):

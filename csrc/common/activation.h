@@ -109,23 +109,6 @@ C10_HOST_DEVICE inline T act_tanh(T x) {
 #endif
 }
 
-template <Activation A, typename T>
-C10_HOST_DEVICE inline T activation_forward(T x) {
-  if constexpr (A == Activation::kNone) {
-    return x;
-  } else if constexpr (A == Activation::kReLU) {
-    return x < T(0) ? T(0) : x;  // NaN stays NaN, as torch.relu
-  } else if constexpr (A == Activation::kSiLU) {
-    return x / (T(1) + act_exp(-x));
-  } else if constexpr (A == Activation::kGELU) {
-    return T(0.5) * x * (T(1) + act_erf(x * T(M_SQRT1_2)));
-  } else {  // tanh approximation, as torch's gelu(approximate="tanh")
-    const T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
-    const T inner = kBeta * (x + T(0.044715) * x * x * x);
-    return T(0.5) * x * (T(1) + act_tanh(inner));
-  }
-}
-
 // GELU's normal cdf and pdf at x; on the CPU in float, erf reuses the pdf's exp(-x^2/2).
 template <typename T>
 C10_HOST_DEVICE inline void gelu_cdf_pdf(T x, T& cdf, T& pdf) {
@@ -174,6 +157,14 @@ C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) 
     derivative = left_derivative + right_derivative;
     return left * right;
   }
+}
+
+// act(x). The same arithmetic as activation_forward_with_derivative (whose derivative is then
+// dead code), so an output does not depend on whether the derivative was saved.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T activation_forward(T x) {
+  T unused_derivative;
+  return activation_forward_with_derivative<A>(x, unused_derivative);
 }
 
 // d act(x) / dx at the pre-activation value x (what batch norm's backward recomputes).

@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   // silu / gelu* add it in the epilogue (for float, one add in registers instead of a pass that
   // broadcasts the bias into z). The epilogue turns z into the output in place and writes
   // silu / gelu*'s derivative (saved, see linear.h) to its own buffer.
-  const bool bias_in_product = !save_derivative && p.bias.defined();
+  const bool bias_in_product = !activation_saves_derivative(p.act) && p.bias.defined();
   at::Tensor z = at::empty({p.rows, p.N}, opts);
   at::Tensor derivative = save_derivative ? at::empty({p.rows, p.N}, opts) : at::Tensor();
   advise_huge_pages(z);

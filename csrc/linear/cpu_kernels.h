@@ -18,15 +18,14 @@ namespace batchops {
 namespace BATCHOPS_CPU_NS {
 namespace {
 
-// z = act(z + bias) in place; for silu / gelu* (activation_saves_derivative) also
-// derivative = act'(z + bias), what backward needs (else derivative is null). bias: N values in
-// the accumulation type.
+// z = act(z + bias) in place; when derivative is not null (silu / gelu* with autograd) also
+// derivative = act'(z + bias), what backward needs. bias: N values in the accumulation type.
 template <typename scalar_t, Activation A>
 void forward_rows(scalar_t* z, scalar_t* derivative, const at::opmath_type<scalar_t>* bias, int64_t rows, int64_t N) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = 0; r < rows; ++r) {
     scalar_t* zr = z + r * N;
-    if constexpr (activation_saves_derivative(A)) {
+    if (activation_saves_derivative(A) && derivative != nullptr) {
       scalar_t* dr = derivative + r * N;
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) {
@@ -82,18 +81,26 @@ inline __m512 gelu_with_derivative_ps(__m512 x, __m512& derivative) {
   return _mm512_mul_ps(x, cdf);
 }
 
-template <>
-void forward_rows<float, Activation::kGELU>(float* z, float* derivative, const float* bias, int64_t rows, int64_t N) {
+template <bool kDerivative>
+void gelu_rows_avx512(float* z, float* derivative, const float* bias, int64_t rows, int64_t N) {
   for (int64_t r = 0; r < rows; ++r) {
     float* zr = z + r * N;
-    float* dr = derivative + r * N;
     for (int64_t j = 0; j < N; j += 16) {
       const __mmask16 lanes = N - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - j)) - 1u);
       const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, zr + j), _mm512_maskz_loadu_ps(lanes, bias + j));
       __m512 d;
-      _mm512_mask_storeu_ps(zr + j, lanes, gelu_with_derivative_ps(v, d));
-      _mm512_mask_storeu_ps(dr + j, lanes, d);
+      _mm512_mask_storeu_ps(zr + j, lanes, gelu_with_derivative_ps(v, d));  // d's math is dead code without kDerivative
+      if constexpr (kDerivative) _mm512_mask_storeu_ps(derivative + r * N + j, lanes, d);
     }
+  }
+}
+
+template <>
+void forward_rows<float, Activation::kGELU>(float* z, float* derivative, const float* bias, int64_t rows, int64_t N) {
+  if (derivative != nullptr) {
+    gelu_rows_avx512<true>(z, derivative, bias, rows, N);
+  } else {
+    gelu_rows_avx512<false>(z, derivative, bias, rows, N);
   }
 }
 #endif

@@ -82,8 +82,8 @@ __device__ __forceinline__ int find_group(const int64_t* prefix, int G, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward epilogue after a cuBLAS product: y = act(z + bias[row / rows_per_group]); for silu /
-// gelu* z is then overwritten with the derivative (saved), else y may be z.
+// Forward epilogue after a cuBLAS product: y = act(z + bias[row / rows_per_group]). When z is
+// not y (silu / gelu* with autograd), z is then overwritten with the derivative (saved).
 
 template <typename scalar_t, Activation A>
 __global__ void forward_epilogue_kernel(scalar_t* z, scalar_t* y, const scalar_t* __restrict__ bias, int64_t total,
@@ -93,7 +93,7 @@ __global__ void forward_epilogue_kernel(scalar_t* z, scalar_t* y, const scalar_t
     const int64_t row = i / N;
     const int64_t col = i - row * N;
     const acc_t b = bias != nullptr ? acc_t(bias[(row / rows_per_group) * N + col]) : acc_t(0);
-    if constexpr (activation_saves_derivative(A)) {
+    if (activation_saves_derivative(A) && z != y) {
       acc_t derivative;
       y[i] = scalar_t(linear_epilogue_saving_derivative<A, acc_t>(acc_t(z[i]), b, derivative));
       z[i] = scalar_t(derivative);
@@ -452,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
     // their derivative over the product). relu and None save nothing, so their bias goes into the cuBLAS call (beta = 1), rounded
     // once with the product as in F.linear: in half precision, rounding x W^T before adding the
     // bias would flip relu's mask wherever x W^T + b is within a rounding of 0.
-    const bool bias_in_product = !save_derivative && p.bias.defined();
+    const bool bias_in_product = !activation_saves_derivative(p.act) && p.bias.defined();
     at::Tensor z = save_derivative ? saved : y;
     if (p.mode == LinearMode::kDense) {
       if (bias_in_product) {

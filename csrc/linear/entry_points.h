@@ -21,9 +21,11 @@ template <typename Guard, LinearForwardFn Forward, LinearBackwardFn Backward>
 struct LinearEntryPoints {
   static std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias,
-                                                           std::optional<c10::string_view> activation) {
+                                                           std::optional<c10::string_view> activation,
+                                                           bool save_for_backward) {
     Guard guard(input.device());
     auto p = plan_linear(input, weight, bias, activation);
+    p.save_for_backward = save_for_backward;
     return Forward(p);
   }
 
@@ -40,9 +42,11 @@ struct LinearEntryPoints {
   static std::tuple<at::Tensor, at::Tensor> grouped_linear_forward(const at::Tensor& input, const at::Tensor& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    const std::optional<at::Tensor>& group_sizes,
-                                                                   std::optional<c10::string_view> activation) {
+                                                                   std::optional<c10::string_view> activation,
+                                                                   bool save_for_backward) {
     Guard guard(input.device());
     auto p = plan_grouped_linear(input, weight, bias, group_sizes, activation);
+    p.save_for_backward = save_for_backward;
     return Forward(p);
   }
 

@@ -15,8 +15,9 @@
 //                         The same number of (rows, N) buffers as saving the product: the
 //                         product's buffer becomes the output or the derivative. Second
 //                         derivatives are not supported (batchops/ops/linear.py), so nothing
-//                         needs the pre-activation itself. The cost: a forward without autograd
-//                         computes and writes the derivative too.
+//                         needs the pre-activation itself. Without autograd (the op's
+//                         save_for_backward=False, which batchops.functional passes when no
+//                         gradient is needed) the derivative is neither computed nor written.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -54,6 +55,7 @@ struct LinearPlan {
   std::vector<int64_t> offsets;
   std::vector<int64_t> in_sizes;   // the input's shape (grad_input gets it)
   std::vector<int64_t> out_sizes;  // the output's shape
+  bool save_for_backward = true;   // forward: write "saved" (see the top of the file)
 };
 
 LinearPlan plan_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -78,7 +80,9 @@ LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at:
                                         std::array<bool, 3> output_mask, bool grouped);
 
 // Whether forward's "saved" output is the (rows, N) derivative (else an empty tensor).
-inline bool plan_saves_derivative(const LinearPlan& p) { return activation_saves_derivative(p.act); }
+inline bool plan_saves_derivative(const LinearPlan& p) {
+  return p.save_for_backward && activation_saves_derivative(p.act);
+}
 
 // A kernel's result in its final shape, NOT as a view of the 2-D buffer it was computed in:
 // an op output that autograd sees as a view (of a base no one else holds) cannot be modified

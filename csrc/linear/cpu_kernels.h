@@ -82,15 +82,27 @@ inline __m512 gelu_with_derivative_ps(__m512 x, __m512& derivative) {
 }
 
 template <bool kDerivative>
+inline void gelu_vector_avx512(float* z, float* derivative, const float* bias, __mmask16 lanes) {
+  const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, z), _mm512_maskz_loadu_ps(lanes, bias));
+  __m512 d;
+  _mm512_mask_storeu_ps(z, lanes, gelu_with_derivative_ps(v, d));  // d's math is dead code without kDerivative
+  if constexpr (kDerivative) _mm512_mask_storeu_ps(derivative, lanes, d);
+}
+
+template <bool kDerivative>
 void gelu_rows_avx512(float* z, float* derivative, const float* bias, int64_t rows, int64_t N) {
+  const __mmask16 all = 0xFFFF;
   for (int64_t r = 0; r < rows; ++r) {
     float* zr = z + r * N;
-    for (int64_t j = 0; j < N; j += 16) {
-      const __mmask16 lanes = N - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - j)) - 1u);
-      const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, zr + j), _mm512_maskz_loadu_ps(lanes, bias + j));
-      __m512 d;
-      _mm512_mask_storeu_ps(zr + j, lanes, gelu_with_derivative_ps(v, d));  // d's math is dead code without kDerivative
-      if constexpr (kDerivative) _mm512_mask_storeu_ps(derivative + r * N + j, lanes, d);
+    float* dr = kDerivative ? derivative + r * N : nullptr;
+    int64_t j = 0;
+    for (; j + 32 <= N; j += 32) {  // two independent vectors per step for the out-of-order core
+      gelu_vector_avx512<kDerivative>(zr + j, dr + j, bias + j, all);
+      gelu_vector_avx512<kDerivative>(zr + j + 16, dr + j + 16, bias + j + 16, all);
+    }
+    for (; j < N; j += 16) {
+      gelu_vector_avx512<kDerivative>(zr + j, dr + j, bias + j,
+                                      N - j >= 16 ? all : __mmask16((1u << (N - j)) - 1u));
     }
   }
 }

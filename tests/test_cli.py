@@ -91,16 +91,19 @@ def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
 
 @needs_extension
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc thresholds are glibc's")
-def test_bench_fixes_glibc_malloc_thresholds_for_cpu_runs():
+def test_bench_fixes_glibc_malloc_thresholds_for_cpu_runs(tmp_path):
     """By default a CPU run makes malloc keep freed blocks (see harness.reuse_freed_cpu_memory)
-    and says so in the report; run in a subprocess, since the setting is process-wide."""
+    and says so in the report; run in a subprocess, since the setting is process-wide. A run of
+    one op writes a file named after it (it must not overwrite the day's full run)."""
     code = ("from batchops import cli; import sys; "
-            "sys.exit(cli.main(['bench', '--device', 'cpu', '--smoke', '--op', 'linear', '--no-write']))")
+            f"sys.exit(cli.main(['bench', '--device', 'cpu', '--smoke', '--op', 'linear', '--out', {str(tmp_path)!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr
     assert "- memory: glibc malloc set to reuse freed blocks up to 32 MiB (M_MMAP_THRESHOLD)" in proc.stdout
     assert "| Linear+GELU" in proc.stdout
+    files = [f.name for f in tmp_path.iterdir()]
+    assert len(files) == 1 and files[0].endswith("-linear.md"), files
 
 
 def test_bench_without_extension_fails_with_the_build_hint(monkeypatch, tmp_path, capsys):

@@ -50,8 +50,8 @@ def run(
     default_malloc: bool = False,
 ) -> tuple[str, str | None]:
     """Run the benchmarks of `ops` on `device` ("cpu", "cuda" or "auto"). Returns the markdown
-    report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md; None when
-    out_dir is None). `log`, when given, receives one line per finished case. On the CPU the run
+    report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md, with
+    "-<op>-<op>..." before ".md" when `ops` is not all of OPS; None when out_dir is None). `log`, when given, receives one line per finished case. On the CPU the run
     first fixes glibc's malloc thresholds (harness.reuse_freed_cpu_memory) unless
     `default_malloc`.
 
@@ -134,7 +134,10 @@ def run(
     ]
     sections += tables
     text = "\n".join(sections)
-    path = harness.write_results(text, out_dir, dev, when) if out_dir is not None else None
+    # A run of some ops only gets their names in the file name, so that it does not overwrite
+    # the day's full run.
+    suffix = "" if set(ops) == set(OPS) else "-" + "-".join(ops)
+    path = harness.write_results(text, out_dir, dev, when, suffix) if out_dir is not None else None
     return text, path
 
 

@@ -601,13 +601,15 @@ def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
     return "\n".join(lines)
 
 
-def results_path(out_dir: str | os.PathLike, device: torch.device, when: _dt.datetime) -> str:
-    return os.path.join(os.fspath(out_dir), f"{device_tag(device)}-{when.strftime('%Y-%m-%d')}.md")
+def results_path(out_dir: str | os.PathLike, device: torch.device, when: _dt.datetime, suffix: str = "") -> str:
+    """out_dir/<device-tag>-<date><suffix>.md"""
+    return os.path.join(os.fspath(out_dir), f"{device_tag(device)}-{when.strftime('%Y-%m-%d')}{suffix}.md")
 
 
-def write_results(text: str, out_dir: str | os.PathLike, device: torch.device, when: _dt.datetime) -> str:
+def write_results(text: str, out_dir: str | os.PathLike, device: torch.device, when: _dt.datetime,
+                  suffix: str = "") -> str:
     os.makedirs(out_dir, exist_ok=True)
-    path = results_path(out_dir, device, when)
+    path = results_path(out_dir, device, when, suffix)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text if text.endswith("\n") else text + "\n")
     return path

@@ -51,9 +51,9 @@ def run(
 ) -> tuple[str, str | None]:
     """Run the benchmarks of `ops` on `device` ("cpu", "cuda" or "auto"). Returns the markdown
     report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md, with
-    "-<op>-<op>..." before ".md" when `ops` is not all of OPS; None when out_dir is None). `log`, when given, receives one line per finished case. On the CPU the run
-    first fixes glibc's malloc thresholds (harness.reuse_freed_cpu_memory) unless
-    `default_malloc`.
+    "-<op>-<op>..." before ".md" when `ops` is not all of OPS; None when out_dir is None).
+    `log`, when given, receives one line per finished case. On the CPU the run first fixes
+    glibc's malloc thresholds (harness.reuse_freed_cpu_memory) unless `default_malloc`.
 
     Raises the RuntimeError of batchops._extension.require_extension() when the compiled kernels
     are unavailable.

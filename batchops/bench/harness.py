@@ -212,7 +212,7 @@ def reuse_freed_cpu_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int
     and returns freed memory at the top of its heap to the kernel, with thresholds that adapt to
     the program's history; a block that went back is faulted in again, page by page and zeroed,
     on its next use. Which provider of an interleaved pair pays for that changes from run to
-    run (one run of the same Linear+GELU case measured 0.88x, another 1.03x). Fixed thresholds
+    run (the same Linear+GELU build measured 0.88x, 0.99x and 1.01x minutes apart). Fixed thresholds
     let both reuse their buffers, as they do under jemalloc or tcmalloc (what
     `python -m torch.backends.xeon.run_cpu` preloads for CPU training), so the timings measure
     the kernels. Process-wide, for both providers alike. Returns a description for the report,

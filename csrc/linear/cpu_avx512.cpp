@@ -9,9 +9,7 @@
 
 #if BATCHOPS_CPU_VARIANTS
 #include <immintrin.h>
-#endif
 
-#if BATCHOPS_CPU_VARIANTS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c")
 #define BATCHOPS_CPU_NS cpu_avx512

@@ -94,7 +94,9 @@ void gelu_rows_avx512(float* z, float* derivative, const float* bias, int64_t ro
   const __mmask16 all = 0xFFFF;
   for (int64_t r = 0; r < rows; ++r) {
     float* zr = z + r * N;
-    float* dr = kDerivative ? derivative + r * N : nullptr;
+    // Without kDerivative nothing is stored through dr; it points at zr so that dr + j stays
+    // valid pointer arithmetic (derivative is null then).
+    float* dr = kDerivative ? derivative + r * N : zr;
     int64_t j = 0;
     for (; j + 32 <= N; j += 32) {  // two independent vectors per step for the out-of-order core
       gelu_vector_avx512<kDerivative>(zr + j, dr + j, bias + j, all);

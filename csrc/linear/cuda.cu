@@ -40,33 +40,28 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // Activation chosen at run time inside kernels whose main cost is elsewhere (the GEMM).
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t apply_activation(Activation act, acc_t v) {
-  switch (act) {
-    case Activation::kReLU:
-      return activation_forward<Activation::kReLU>(v);
-    case Activation::kSiLU:
-      return activation_forward<Activation::kSiLU>(v);
-    case Activation::kGELU:
-      return activation_forward<Activation::kGELU>(v);
-    case Activation::kGELUTanh:
-      return activation_forward<Activation::kGELUTanh>(v);
-    default:
-      return v;
-  }
-}
-
-// The same for silu / gelu*, with the derivative that forward saves (see linear.h).
+// act(v), and act'(v) into `derivative` (what forward saves for silu / gelu*, see linear.h).
 template <typename acc_t>
 __device__ __forceinline__ acc_t apply_activation_with_derivative(Activation act, acc_t v, acc_t& derivative) {
   switch (act) {
+    case Activation::kReLU:
+      return activation_forward_with_derivative<Activation::kReLU>(v, derivative);
     case Activation::kSiLU:
       return activation_forward_with_derivative<Activation::kSiLU>(v, derivative);
     case Activation::kGELU:
       return activation_forward_with_derivative<Activation::kGELU>(v, derivative);
-    default:
+    case Activation::kGELUTanh:
       return activation_forward_with_derivative<Activation::kGELUTanh>(v, derivative);
+    default:
+      return activation_forward_with_derivative<Activation::kNone>(v, derivative);
   }
+}
+
+// act(v) alone: the derivative is dead code once inlined, as in activation_forward.
+template <typename acc_t>
+__device__ __forceinline__ acc_t apply_activation(Activation act, acc_t v) {
+  acc_t unused_derivative;
+  return apply_activation_with_derivative(act, v, unused_derivative);
 }
 
 // Index of the group whose [prefix[g], prefix[g + 1]) holds `item` (prefix has G + 1 entries,

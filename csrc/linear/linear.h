@@ -14,7 +14,7 @@
 //                         by memory and arithmetic alike, that is most of what fusing wins back.
 //                         The same number of (rows, N) buffers as saving the product: the
 //                         product's buffer becomes the output or the derivative. Second
-//                         derivatives are not supported (batchops/ops/linear.py), so nothing
+//                         derivatives are not supported (linear/autograd.cpp), so nothing
 //                         needs the pre-activation itself. Without autograd (the op's
 //                         save_for_backward=False, which batchops.functional passes when no
 //                         gradient is needed) the derivative is neither computed nor written.

@@ -156,13 +156,16 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
                    p.out_sizes),
             at::empty({0}, opts)};
   }
-  // relu and None save no pre-activation, so the bias goes into the BLAS call as in F.linear:
-  // x W^T + b is rounded once (in half precision, rounding x W^T first and then adding the
-  // bias flips relu's mask, and its gradient, wherever x W^T + b is within a rounding of 0).
-  // silu / gelu* add it in the epilogue (for float, one add in registers instead of a pass that
-  // broadcasts the bias into z). The epilogue turns z into the output in place and writes
-  // silu / gelu*'s derivative (saved, see linear.h) to its own buffer.
-  const bool bias_in_product = !activation_saves_derivative(p.act) && p.bias.defined();
+  // Where the bias is added. None (grouped): in the BLAS call, the product is the result, as
+  // F.linear. relu in half precision: in the BLAS call too, so x W^T + b is rounded once
+  // (rounding x W^T to half first and then adding the bias flips relu's mask, and its gradient,
+  // wherever x W^T + b is within a rounding of 0). Otherwise in the epilogue: one add in
+  // registers instead of a pass that broadcasts the bias into z, and in float / double as exact
+  // as the BLAS call's own beta * C add. The epilogue turns z into the output in place and
+  // writes silu / gelu*'s derivative (saved, see linear.h) to its own buffer.
+  const bool reduced_precision = acc_type(p.x.scalar_type()) != p.x.scalar_type();
+  const bool bias_in_product =
+      p.bias.defined() && (p.act == Activation::kNone || (p.act == Activation::kReLU && reduced_precision));
   at::Tensor z = at::empty({p.rows, p.N}, opts);
   at::Tensor derivative = save_derivative ? at::empty({p.rows, p.N}, opts) : at::Tensor();
   advise_huge_pages(z);

@@ -553,6 +553,18 @@ def test_forward_op_is_functional(device):
     assert e_rm.numel() == 0 and e_rv.numel() == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_op_only_output_is_differentiable(device):
+    """Backward takes no gradients of the statistics: they do not require grad, so a loss on them
+    raises instead of silently giving the input no gradient."""
+    args = _forward_args(device, requires_grad=True)
+    out, save_mean, save_invstd, new_rm, new_rv = torch.ops.batchops.batch_norm_forward(*args)
+    assert out.requires_grad
+    assert not any(t.requires_grad for t in (save_mean, save_invstd, new_rm, new_rv))
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        save_mean.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------
 # Double backward must raise
 

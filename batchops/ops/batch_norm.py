@@ -113,10 +113,15 @@ def _backward_fake(grad_output, input, weight, bias, residual, save_mean, save_i
 
 def _forward_setup_context(ctx, inputs, output):
     input, weight, bias, residual, _rm, _rv, training, _m, _mt, _eps, activation = inputs
-    _, save_mean, save_invstd, _, _ = output
+    _, save_mean, save_invstd, new_running_mean, new_running_var = output
     ctx.save_for_backward(input, weight, bias, residual, save_mean, save_invstd)
     ctx.training = training
     ctx.activation = activation
+    # Only the output is differentiable: backward takes no gradients of the statistics, so a
+    # loss built on them must not silently get none, and autograd must not zero-fill a gradient
+    # for each of them every backward.
+    ctx.mark_non_differentiable(save_mean, save_invstd, new_running_mean, new_running_var)
+    ctx.set_materialize_grads(False)
 
 
 def _forward_backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_rm, _grad_rv):
@@ -124,7 +129,7 @@ def _forward_backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_rm, _gra
     need = ctx.needs_input_grad
     mask = [need[0], need[1] and weight is not None, need[2] and bias is not None, need[3] and residual is not None]
     grads = [None] * 11
-    if any(mask):
+    if any(mask) and grad_output is not None:  # None: only the statistics were used (no gradient)
         results = torch.ops.batchops.batch_norm_backward(
             grad_output, input, weight, bias, residual, save_mean, save_invstd, ctx.training, ctx.activation, mask
         )

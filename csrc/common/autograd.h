@@ -21,6 +21,9 @@ namespace batchops::autograd {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using OptName = std::optional<c10::string_view>;  // an activation name, as the schemas take it
 
 // An op's typed handle; call it from a function-local static so the lookup happens once.
 template <typename Sig>

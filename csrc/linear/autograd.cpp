@@ -19,9 +19,6 @@ namespace batchops {
 namespace {
 
 using namespace batchops::autograd;
-using Tensor = at::Tensor;
-using OptTensor = std::optional<at::Tensor>;
-using OptName = std::optional<c10::string_view>;
 using Mask = std::array<bool, 3>;
 
 const std::string kDoubleBackwardError =

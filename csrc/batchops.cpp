@@ -1,6 +1,6 @@
 // Every batchops op's schema, in one place. Device files only implement them
-// (TORCH_LIBRARY_IMPL); Python adds fake kernels and autograd (batchops/ops/; the linear ops'
-// autograd is C++, csrc/linear/autograd.cpp).
+// (TORCH_LIBRARY_IMPL), each op's autograd.cpp its Autograd kernel; Python adds the fake
+// kernels (batchops/ops/).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -842,6 +842,27 @@ SAMPLE_NAMES = ["fill_repeats", "inverse", "inverse_none", "int64", "int32_2d", 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_inverse", [False, True], ids=["scatter_add", "inverse"])
+def test_gather_rows_gradcheck(device, with_inverse):
+    """Both backward paths, and their own gradients: repeats and fill rows (scatter-add), or an
+    injective index with its inverse (one more gather)."""
+    R = 7
+    x = make_data((R, 2, 3), f64, device).requires_grad_(True)
+    if with_inverse:
+        idx = torch.tensor([5, -1, 2, 0, -1, 6], device=device)
+        inv = torch.full((R,), -1, dtype=torch.int64, device=device)
+        inv[idx[idx >= 0]] = torch.nonzero(idx >= 0).flatten()
+    else:
+        idx, inv = torch.tensor([3, -1, 0, 3, 6, -1, 3], device=device), None
+
+    def fn(t):
+        return torch.ops.batchops.gather_rows(t, idx, inv, 1.5)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_gather_rows_opcheck(device, name):
     args = dict(gather_rows_samples(device))[name]

@@ -1,4 +1,4 @@
-"""torch.ops.batchops.gather_rows: fake kernel and autograd.
+"""torch.ops.batchops.gather_rows: fake kernel (its autograd is C++: csrc/packing/autograd.cpp).
 
 out[i] = input[index[i]] where index[i] >= 0, else a row of `fill`. The padded <-> packed
 conversions (batchops.packing) are this one op with different index maps; each direction's
@@ -24,25 +24,6 @@ def _fake(input, index, inverse_index, fill):
     return input.new_empty((index.shape[0], *input.shape[1:]))
 
 
-def _setup_context(ctx, inputs, output):
-    input, index, inverse_index, _fill = inputs
-    ctx.save_for_backward(index, inverse_index)
-    ctx.input_rows = input.shape[0]
-
-
-def _backward(ctx, grad):
-    index, inverse_index = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    if inverse_index is not None:
-        grad_input = torch.ops.batchops.gather_rows(grad, inverse_index, index, 0)
-    else:  # general index (repeats allowed): scatter-add, -1 rows contribute nothing
-        valid = (index >= 0).reshape(-1, *([1] * (grad.dim() - 1)))
-        grad_input = grad.new_zeros((ctx.input_rows, *grad.shape[1:]))
-        grad_input.index_add_(0, index.clamp(min=0), grad * valid)
-    return grad_input, None, None, None
-
-
 if extension_available():
     torch.library.register_fake("batchops::gather_rows")(_fake)
-    torch.library.register_autograd("batchops::gather_rows", _backward, setup_context=_setup_context)
+    # Autograd is C++: csrc/packing/autograd.cpp (why: csrc/common/autograd.h).

@@ -1,4 +1,4 @@
-// What the ops' C++ autograd kernels share (linear/autograd.cpp, batch_norm/autograd.cpp).
+// What the ops' C++ autograd kernels share (linear/, batch_norm/, packing/autograd.cpp).
 //
 // Why autograd in C++ at all: torch.library.register_autograd runs ~40-60 us of Python per
 // forward + backward (autograd_impl, fill_defaults, Function.apply, setup_context, the

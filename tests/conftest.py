@@ -15,6 +15,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchops
 
@@ -93,3 +94,21 @@ def kernels(request):
     if device is not None and str(device).startswith("cuda") and not info["cuda_kernels"]:
         pytest.fail("a CUDA device is available but batchops._C was built without CUDA kernels "
                     f"(build_info: {info})", pytrace=False)
+
+
+class RecordOps(TorchDispatchMode):
+    """`with RecordOps() as rec:` records every op call that reaches the dispatcher, C++ callers
+    such as the ops' autograd kernels included: rec.calls is [(op, args)], rec.ops their short
+    names ("gather_rows", "mm", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    @property
+    def ops(self) -> list[str]:
+        return [func.overloadpacket.__name__ for func, _ in self.calls]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))

@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchops
 from batchops import functional as BF
-from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, dtype_id as _dtype_id
+from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, RecordOps, dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -404,20 +403,6 @@ def test_noncontiguous_inputs(device, dtype, activation):
 REQUIRES_GRAD = ["x", "w", "b", "xw", "xb", "wb", "xwb"]
 
 
-class OpCallRecorder(TorchDispatchMode):
-    """`with OpCallRecorder() as calls:` records (op name, args) of every op call that reaches
-    the dispatcher, C++ callers such as the linear ops' autograd included."""
-
-    def __enter__(self):
-        self.calls = []
-        super().__enter__()
-        return self.calls
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((func.name(), args))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"], ids=_act_id)
 @pytest.mark.parametrize("mode", ["dense", "uniform", "ragged"])
@@ -434,9 +419,9 @@ def test_requires_grad_subsets(device, activation, mode, grad):
         inputs = grouped_inputs((8, 13), 3, 7, device, f64)
         impls, kw = (ours_grouped, torch_grouped), dict(group_sizes=sizes)
     op_name = "linear_backward" if mode == "dense" else "grouped_linear_backward"
-    with OpCallRecorder() as calls:  # the C++ autograd calls the op below Python's reach
+    with RecordOps() as rec:  # the C++ autograd calls the op below Python's reach
         ours = evaluate(impls[0], **inputs, grad=grad, activation=activation, **kw)
-    masks = [list(args[-1]) for name, args in calls if name == f"batchops::{op_name}"]
+    masks = [list(args[-1]) for func, args in rec.calls if func.overloadpacket.__name__ == op_name]
     if mode == "dense" and activation is None:
         assert masks == []  # F.linear itself
     else:

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils import rnn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchops
-from conftest import DEVICES
+from conftest import DEVICES, RecordOps
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -737,16 +736,6 @@ def test_unpad_errors(device):
 # Structure: one gather each way, index maps by prefix sums (no nonzero, no per-step loop)
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 # nonzero / masked_select: data-dependent sizes (a sync on a GPU); index_add / scatter_add: a
 # scatter-add backward instead of one more gather.
 FORBIDDEN_OPS = {"nonzero", "nonzero_static", "masked_select", "index_add", "index_add_", "scatter_add",
@@ -789,9 +778,9 @@ def test_one_gather_each_way_no_nonzero(device, name):
     counts = []
     for B, T in [(4, 8), (48, 96)]:
         fwd, leaf = _conversion(name, B, T, device)
-        with _RecordOps() as forward:
+        with RecordOps() as forward:
             out = fwd()
-        with _RecordOps() as backward:
+        with RecordOps() as backward:
             out.backward(torch.ones_like(out))
         assert leaf.grad is not None
         for phase, rec in (("forward", forward), ("backward", backward)):

@@ -60,12 +60,6 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                             value_or_undefined(residual), save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = name_ivalue(activation);
-    // The edges of the four differentiable inputs (the tensor arguments before them, in order).
-    InputEdges edges;
-    ctx->saved_data["edge_input"] = edges.add(input);
-    ctx->saved_data["edge_weight"] = edges.add(weight);
-    ctx->saved_data["edge_bias"] = edges.add(bias);
-    ctx->saved_data["edge_residual"] = edges.add(residual);
     ctx->mark_non_differentiable({save_mean, save_invstd, new_running_mean, new_running_var});
     // ... and autograd must not zero-fill a gradient for each of them every backward.
     ctx->set_materialize_grads(false);
@@ -77,23 +71,19 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &weight = s[1], &bias = s[2], &residual = s[3], &save_mean = s[4],
                  &save_invstd = s[5];
-    const Mask mask = {needs_grad(ctx, ctx->saved_data["edge_input"].toInt()),
-                       needs_grad(ctx, ctx->saved_data["edge_weight"].toInt()),
-                       needs_grad(ctx, ctx->saved_data["edge_bias"].toInt()),
-                       needs_grad(ctx, ctx->saved_data["edge_residual"].toInt())};
+    // The four differentiable inputs come first; each absent one (saved undefined) has no edge.
+    InputEdges edges;
+    const Mask mask = {needs_grad(ctx, edges.add(input)), needs_grad(ctx, edges.add(weight)),
+                       needs_grad(ctx, edges.add(bias)), needs_grad(ctx, edges.add(residual))};
     variable_list result(kInputs);
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
     const bool training = ctx->saved_data["training"].toBool();
     const auto act = saved_name(ctx, "activation");
-    const auto g = call_backward_op({grad_output, input, weight, bias, residual, save_mean, save_invstd},
-                                    [&]() -> variable_list {
-                                      auto [gi, gw, gb, gr] = backward_op().call(
-                                          grad_output, input, optional_if_defined(weight), optional_if_defined(bias),
-                                          optional_if_defined(residual), save_mean, save_invstd, training,
-                                          name_view(act), mask);
-                                      return {gi, gw, gb, gr};
-                                    },
-                                    kDoubleBackwardError);
+    // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
+    auto [gi, gw, gb, gr] = backward_op().call(grad_output, input, optional_if_defined(weight),
+                                               optional_if_defined(bias), optional_if_defined(residual), save_mean,
+                                               save_invstd, training, name_view(act), mask);
+    const Tensor g[4] = {gi, gw, gb, gr};
     for (size_t i = 0; i < 4; ++i) result[i] = requested(g[i], mask[i]);
     return result;
   }

@@ -53,12 +53,12 @@ inline std::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
 }
 
 // Function::apply gives edges only to defined tensor arguments, and needs_input_grad takes the
-// edge's index: this counts them. Construct it with each tensor argument in order.
+// edge's index: this counts them. Call add with each tensor argument in order (an absent one,
+// None, as an undefined tensor).
 struct InputEdges {
   int next = 0;
-  // The edge index of a tensor argument, or -1 when it is absent (None / undefined).
+  // The edge index of a tensor argument, or -1 when it is absent.
   int add(const at::Tensor& t) { return t.defined() ? next++ : -1; }
-  int add(const std::optional<at::Tensor>& t) { return t && t->defined() ? next++ : -1; }
 };
 inline bool needs_grad(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
 

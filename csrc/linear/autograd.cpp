@@ -13,7 +13,9 @@
 #include <optional>
 #include <string>
 
+#include "common/activation.h"
 #include "common/autograd.h"
+#include "linear/linear.h"
 
 namespace batchops {
 namespace {
@@ -51,9 +53,7 @@ const auto& grouped_backward_op() {
   return op;
 }
 
-bool saves_derivative(const std::optional<std::string>& act) {
-  return act && (*act == "silu" || *act == "gelu" || *act == "gelu_tanh");
-}
+Activation kind(const std::optional<std::string>& act) { return parse_activation(name_view(act), "batchops.linear"); }
 
 // Forward's part shared by both Functions, after the op ran: what backward needs besides the
 // tensors, and which outputs get gradients.
@@ -67,10 +67,10 @@ void save_context(AutogradContext* ctx, const std::optional<std::string>& act, b
   ctx->set_materialize_grads(false);
 }
 
-bool relu(const std::optional<std::string>& act) { return act && *act == "relu"; }  // backward reads the output
+bool relu(const std::optional<std::string>& act) { return kind(act) == Activation::kReLU; }  // backward reads the output
 
 void check_saved(AutogradContext* ctx, const std::optional<std::string>& act) {
-  TORCH_CHECK(ctx->saved_data["save_for_backward"].toBool() || !saves_derivative(act),
+  TORCH_CHECK(ctx->saved_data["save_for_backward"].toBool() || !activation_saves_derivative(kind(act)),
               "batchops linear backward: the forward op ran with save_for_backward=False, so it saved nothing for "
               "the backward of activation '", *act, "'; call it with save_for_backward=True (batchops.functional "
               "does when a gradient is needed)");
@@ -107,13 +107,10 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const auto act = saved_name(ctx, "activation");
     check_saved(ctx, act);
     const Tensor out = output_or_empty(output, input);
-    const auto grads_in = call_backward_op({grad_output, input, weight, bias, out, saved}, [&]() -> variable_list {
-      auto [gi, gw, gb] = backward_op().call(grad_output, input, weight, optional_if_defined(bias), out, saved,
-                                             name_view(act), mask);
-      return {gi, gw, gb};
-    }, kDoubleBackwardError);
-    return {requested(grads_in[0], mask[0]), requested(grads_in[1], mask[1]), requested(grads_in[2], mask[2]),
-            Tensor(), Tensor()};
+    // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
+    auto [gi, gw, gb] = backward_op().call(grad_output, input, weight, optional_if_defined(bias), out, saved,
+                                           name_view(act), mask);
+    return {requested(gi, mask[0]), requested(gw, mask[1]), requested(gb, mask[2]), Tensor(), Tensor()};
   }
 };
 
@@ -142,13 +139,9 @@ struct GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFun
     const auto act = saved_name(ctx, "activation");
     check_saved(ctx, act);
     const Tensor out = output_or_empty(output, input);
-    const auto grads_in = call_backward_op({grad_output, input, weight, bias, out, saved}, [&]() -> variable_list {
-      auto [gi, gw, gb] = grouped_backward_op().call(grad_output, input, weight, optional_if_defined(bias),
-                                                     optional_if_defined(sizes), out, saved, name_view(act), mask);
-      return {gi, gw, gb};
-    }, kDoubleBackwardError);
-    return {requested(grads_in[0], mask[0]), requested(grads_in[1], mask[1]), requested(grads_in[2], mask[2]),
-            Tensor(), Tensor(), Tensor()};
+    auto [gi, gw, gb] = grouped_backward_op().call(grad_output, input, weight, optional_if_defined(bias),
+                                                   optional_if_defined(sizes), out, saved, name_view(act), mask);
+    return {requested(gi, mask[0]), requested(gw, mask[1]), requested(gb, mask[2]), Tensor(), Tensor(), Tensor()};
   }
 };
 

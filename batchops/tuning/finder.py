@@ -480,6 +480,10 @@ def find_batch_size(
             on_trial(record)
 
     snapshot = _Snapshot(model, optimizer, bool(restore_rng))
+    if memory_guard:
+        # Garbage still waiting for the collector (tensors in reference cycles) would otherwise
+        # count in the baseline and, once collected mid-search, hide that much of a trial's peak.
+        _free_memory()
     base_level = int(memory_probe()) if memory_guard else 0
 
     def good(b: int) -> bool:

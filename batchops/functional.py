@@ -41,9 +41,18 @@ def batch_norm(
     torch.compile. `activation` is None, "relu", "silu", "gelu" or "gelu_tanh"; `residual` has
     the input's shape and is added before the activation.
     """
+    check_activation("batchops.batch_norm", activation)
+    if input.dim() == 1 and input.numel() == 0:
+        # torch returns a copy of any empty input before looking at its shape (its OpInfo
+        # samples include a (0,) input with size-0 running statistics); the gradient chain stays.
+        output = input.clone()
+        if weight is not None:
+            output = output * weight[0]
+        if bias is not None:
+            output = output + bias[0]
+        return output
     if input.dim() < 2:
         raise ValueError(f"batchops.batch_norm: expected input with at least 2 dimensions (N, C, *), got {input.dim()}-D")
-    check_activation("batchops.batch_norm", activation)
     if training:
         _verify_batch_size(input.size())
     if isinstance(momentum, Tensor):

@@ -16,6 +16,7 @@ from torch import nn
 
 import batchops
 from batchops import functional as BF
+from batchops.nn._compat import make_norm  # torch 2.11's constructors lack bias=
 from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -667,7 +668,7 @@ def _zero_grad(*modules):
 def test_module_matches_torch(device, kind, config):
     tcls, ocls, shape = MODULE_KINDS[kind]
     kw = MODULE_CONFIGS[config]
-    ref = tcls(5, device=device, dtype=f64, **kw)
+    ref = make_norm(tcls, 5, device=device, dtype=f64, **kw)
     _randomize(ref)
     ours = ocls(5, device=device, dtype=f64, **kw)
     assert list(ours.state_dict()) == list(ref.state_dict())
@@ -697,7 +698,7 @@ def test_module_matches_torch(device, kind, config):
     for k, v in ours.named_buffers():
         assert torch.equal(v, buffers_before[k]), f"{k} changed in eval mode"
     # and back: torch's module loads ours
-    ref2 = tcls(5, device=device, dtype=f64, **kw)
+    ref2 = make_norm(tcls, 5, device=device, dtype=f64, **kw)
     ref2.load_state_dict(ours.state_dict())
     for (k, a), (k2, b) in zip(ours.state_dict().items(), ref2.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
@@ -733,7 +734,7 @@ def test_module_state_dict_round_trip(device, kind):
 def test_module_repr(kind, config):
     tcls, ocls, _ = MODULE_KINDS[kind]
     kw = MODULE_CONFIGS[config]
-    ref, ours = tcls(7, **kw), ocls(7, **kw)
+    ref, ours = make_norm(tcls, 7, **kw), ocls(7, **kw)
     assert repr(ours) == repr(ref)
     assert ours.extra_repr() == ref.extra_repr()
     fused = ocls(7, activation="relu", **kw)
@@ -866,6 +867,24 @@ def test_convert_batchnorm(device):
     bare = nn.BatchNorm3d(4).eval()
     new = batchops.convert_batchnorm(bare)
     assert type(new) is batchops.BatchNorm3d and not new.training and new.weight is bare.weight
+
+
+def test_convert_and_revert_keep_bias_free_modules():
+    """bias=False (weight, no bias) survives both directions, also on torch 2.11 whose
+    constructors have no bias argument (batchops emulates it there)."""
+    torch_bn = make_norm(nn.BatchNorm2d, 4, bias=False)
+    assert torch_bn.bias is None and torch_bn.weight is not None
+    ours = batchops.convert_batchnorm(torch_bn)
+    assert type(ours) is batchops.BatchNorm2d and ours.bias is None and ours.weight is torch_bn.weight
+    assert list(ours.state_dict()) == list(torch_bn.state_dict())
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(ours(x), torch_bn(x))
+    back = batchops.revert_batchnorm(ours)
+    assert type(back) is nn.BatchNorm2d and back.bias is None and back.weight is torch_bn.weight
+    ours_direct = batchops.BatchNorm1d(3, bias=False)
+    assert ours_direct.bias is None and "bias" not in ours_direct.state_dict()
+    ours_direct.reset_parameters()  # torch 2.11's reset_parameters would zero-fill a None bias
+    assert torch.equal(ours_direct.weight, torch.ones(3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1266,3 +1285,30 @@ def test_cpu_isa_levels(monkeypatch, isa, shape, fmt, dtype):
         else:  # bf16 output rounding: compare at its resolution
             for key in ref:
                 torch.testing.assert_close(ours[key].double(), ref[key], atol=5e-2, rtol=2e-2, msg=key)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_functional_empty_1d_input_matches_torch(device, training, affine):
+    """torch's OpInfo sample for F.batch_norm: a (0,) input with size-0 running statistics is
+    returned as an empty tensor (a copy that keeps the gradient chain), not an error."""
+    running = dict(running_mean=torch.zeros(0, device=device), running_var=torch.ones(0, device=device))
+    params = dict(weight=torch.rand(3, device=device, requires_grad=True),
+                  bias=torch.rand(3, device=device, requires_grad=True)) if affine else {}
+    results = []
+    for fn in (BF.batch_norm, F.batch_norm):
+        x = torch.empty(0, device=device, requires_grad=True)
+        y = fn(x, **running, **params, training=training)
+        y.sum().backward()
+        results.append((y, x.grad))
+    (y_ours, gx_ours), (y_ref, gx_ref) = results
+    assert y_ours.shape == y_ref.shape == (0,) and y_ours.dtype == y_ref.dtype
+    assert y_ours.grad_fn is not None and gx_ours.shape == gx_ref.shape == (0,)
+    assert running["running_mean"].numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(3,), (1,)])
+def test_functional_nonempty_1d_input_still_raises(shape):
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        BF.batch_norm(torch.randn(shape), torch.zeros(shape[0]), torch.ones(shape[0]))

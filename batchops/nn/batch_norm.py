@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from batchops import functional as F
+from batchops.nn._compat import NORM_TAKES_BIAS, make_norm
 from batchops.ops.common import check_activation
 
 
@@ -22,8 +23,21 @@ class _BatchNorm(_NormBase):
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation: str | None = None) -> None:
         check_activation(type(self).__name__, activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        if NORM_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        else:  # torch 2.11: emulate bias=False as newer releases implement it (see nn/_compat.py)
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
         self.activation = activation
+
+    def reset_parameters(self) -> None:
+        # torch 2.11's version zero-fills self.bias unconditionally; bias=False makes it None.
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
@@ -89,8 +103,8 @@ _TO_TORCH = {v: k for k, v in _TO_BATCHOPS.items()}
 
 
 def _swap(module: nn.Module, cls: type) -> nn.Module:
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-              bias=module.bias is not None or not module.affine)
+    new = make_norm(cls, module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                    bias=module.bias is not None or not module.affine)
     # Share parameters and buffers (as SyncBatchNorm.convert_sync_batchnorm does): optimizer
     # state and devices carry over untouched.
     if module.affine:

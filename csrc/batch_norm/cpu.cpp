@@ -1,6 +1,6 @@
 // Batch norm on the CPU: the op entry points. The kernels live in cpu_kernels.h, compiled
 // for the baseline here and for AVX2 / AVX-512 in cpu_avx2.cpp / cpu_avx512.cpp.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include "batch_norm/batch_norm.h"
@@ -30,7 +30,7 @@ namespace {
 
 template <typename Plan>
 void run_cpu_kernel(Plan& p, void (*fn_default)(Plan&), void (*fn_avx2)(Plan&), void (*fn_avx512)(Plan&)) {
-  switch (cpu_isa()) {
+  switch (cpu_isa_for(p.input.scalar_type())) {
     case CpuIsa::kAVX512:
       return fn_avx512(p);
     case CpuIsa::kAVX2:

@@ -18,6 +18,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c")
 #define BATCHOPS_CPU_NS cpu_avx512
+#define BATCHOPS_CPU_FLOAT32_ONLY 1  // other dtypes run the baseline build (common/cpu_dtypes.h)
 #include "batch_norm/cpu_kernels.h"
 #pragma GCC pop_options
 #endif

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "batch_norm/batch_norm.h"
+#include "common/cpu_dtypes.h"  // BATCHOPS_CPU_DISPATCH_DTYPES for this build
 
 #ifndef BATCHOPS_CPU_NS
 #error "define BATCHOPS_CPU_NS before including batch_norm/cpu_kernels.h"
@@ -262,6 +263,57 @@ inline void backward_element(const scalar_t* dy, const scalar_t* x, const scalar
   if constexpr (kGradResidual) dz[i] = static_cast<scalar_t>(g);
 }
 
+// grad_input and/or grad_residual over one planar piece [off, off + len) of one channel.
+template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+void backward_apply_span(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
+                         int64_t off, int64_t len, Affine<opmath_t<scalar_t>> a,
+                         BackwardCoeffs<opmath_t<scalar_t>> k) {
+#pragma omp simd
+  for (int64_t i = off; i < off + len; ++i) {
+    backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, i, a, k);
+  }
+}
+
+// The same over rows [begin, end) of the rows view (channel constants per column).
+template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
+                         int64_t begin, int64_t end, int64_t C, const Affine<opmath_t<scalar_t>>* af,
+                         const BackwardCoeffs<opmath_t<scalar_t>>* kc) {
+  for (int64_t r = begin; r < end; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, r * C + c, af[c], kc[c]);
+    }
+  }
+}
+
+// Which of grad_input / grad_residual the apply pass writes is chosen at run time between
+// these small loops (a call per piece or row range), not by instantiating the whole backward
+// per pair: that tripled the backward's compile time and bought no speed.
+template <typename scalar_t, Activation A, bool kResidual>
+struct BackwardApply {
+  decltype(&backward_apply_span<scalar_t, A, kResidual, true, false>) span = nullptr;
+  decltype(&backward_apply_rows<scalar_t, A, kResidual, true, false>) rows = nullptr;
+
+  BackwardApply(bool grad_input, bool grad_residual) {
+    if (grad_input && grad_residual) {
+      set<true, true>();
+    } else if (grad_input) {
+      set<true, false>();
+    } else if (grad_residual) {
+      set<false, true>();
+    }
+  }
+  explicit operator bool() const { return span != nullptr; }
+
+ private:
+  template <bool kGradInput, bool kGradResidual>
+  void set() {
+    span = &backward_apply_span<scalar_t, A, kResidual, kGradInput, kGradResidual>;
+    rows = &backward_apply_rows<scalar_t, A, kResidual, kGradInput, kGradResidual>;
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -351,7 +403,7 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
 // ---------------------------------------------------------------------------------------
 // Backward
 
-template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+template <typename scalar_t, Activation A, bool kResidual>
 void backward_cpu_typed(BatchNormBackwardPlan& p) {
   using acc = opmath_t<scalar_t>;
   using stat_t = acc;
@@ -360,8 +412,8 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   const scalar_t* dy = p.grad_output.const_data_ptr<scalar_t>();
   const scalar_t* z = kResidual ? p.residual.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* dx = kGradInput ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* dz = kGradResidual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = p.mask[0] ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dz = p.mask[3] ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
   const stat_t* mean = p.save_mean.const_data_ptr<stat_t>();
   const stat_t* invstd = p.save_invstd.const_data_ptr<stat_t>();
   const stat_t* w = p.weight.defined() ? p.weight.const_data_ptr<stat_t>() : nullptr;
@@ -371,7 +423,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   // Global coefficients given by batch_norm_backward_elemt (SyncBatchNorm), else null.
   const stat_t* ext_mean_g = p.mean_g.defined() ? p.mean_g.const_data_ptr<stat_t>() : nullptr;
   const stat_t* ext_mean_gxhat = p.mean_gxhat.defined() ? p.mean_gxhat.const_data_ptr<stat_t>() : nullptr;
-  constexpr bool kApply = kGradInput || kGradResidual;
+  const BackwardApply<scalar_t, A, kResidual> apply(p.mask[0], p.mask[3]);
 
   // Per-channel results from the two sums: parameter grads and the grad_input coefficients.
   auto finalize = [&](int64_t c, double sum_g, double sum_gxmu) {
@@ -400,14 +452,9 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
           sgx += gx;
         }
         const auto kc = finalize(c, sg, sgx);
-        if constexpr (kApply) {
-          for (int64_t k = 0; k < pieces.per_channel() && !empty; ++k) {
-            const auto [off, len] = pieces.locate(first + k);
-#pragma omp simd
-            for (int64_t i = off; i < off + len; ++i) {
-              backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, i, a, kc);
-            }
-          }
+        for (int64_t k = 0; k < pieces.per_channel() && !empty && apply; ++k) {
+          const auto [off, len] = pieces.locate(first + k);
+          apply.span(dy, x, z, dx, dz, off, len, a, kc);
         }
       }
     });
@@ -463,34 +510,21 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   }
   std::vector<BackwardCoeffs<acc>> coeffs(C);
   for (int64_t c = 0; c < C; ++c) coeffs[c] = finalize(c, sum_g[c], sum_gxmu[c]);
-  if (empty || !kApply) return;
+  if (empty || !apply) return;
   if (!l.rows) {
     PlanarPieces pieces(l);
     at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const auto [off, len] = pieces.locate(t);
         const int64_t c = t / pieces.per_channel();
-        const auto a = affine[c];
-        const auto kc = coeffs[c];
-#pragma omp simd
-        for (int64_t i = off; i < off + len; ++i) {
-          backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, i, a, kc);
-        }
+        apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]);
       }
     });
   } else {
     const Affine<acc>* af = affine.data();
     const BackwardCoeffs<acc>* kc = coeffs.data();
     at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) {
-#pragma omp simd
-                         for (int64_t c = 0; c < C; ++c) {
-                           backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz,
-                                                                                              r * C + c, af[c], kc[c]);
-                         }
-                       }
-                     });
+                     [&](int64_t begin, int64_t end) { apply.rows(dy, x, z, dx, dz, begin, end, C, af, kc); });
   }
 }
 
@@ -516,12 +550,12 @@ void stats_cpu_typed(BatchNormStatsPlan& p) {
 }  // namespace
 
 void batch_norm_stats_kernel(BatchNormStatsPlan& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_stats_cpu",
-                                  [&] { stats_cpu_typed<scalar_t>(p); });
+  BATCHOPS_CPU_DISPATCH_DTYPES(p.input.scalar_type(), "batchops_batch_norm_stats_cpu",
+                               [&] { stats_cpu_typed<scalar_t>(p); });
 }
 
 void batch_norm_forward_kernel(BatchNormForwardPlan& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_forward_cpu", [&] {
+  BATCHOPS_CPU_DISPATCH_DTYPES(p.input.scalar_type(), "batchops_batch_norm_forward_cpu", [&] {
     BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
       BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] { forward_cpu_typed<scalar_t, kAct, kResidual>(p); });
     });
@@ -529,15 +563,9 @@ void batch_norm_forward_kernel(BatchNormForwardPlan& p) {
 }
 
 void batch_norm_backward_kernel(BatchNormBackwardPlan& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_backward_cpu", [&] {
+  BATCHOPS_CPU_DISPATCH_DTYPES(p.input.scalar_type(), "batchops_batch_norm_backward_cpu", [&] {
     BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
-      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] {
-        BATCHOPS_DISPATCH_BOOL(p.mask[0], kGradInput, [&] {
-          BATCHOPS_DISPATCH_BOOL(p.mask[3], kGradResidual, [&] {
-            backward_cpu_typed<scalar_t, kAct, kResidual, kGradInput, kGradResidual>(p);
-          });
-        });
-      });
+      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] { backward_cpu_typed<scalar_t, kAct, kResidual>(p); });
     });
   });
 }

@@ -274,7 +274,9 @@ __global__ void forward_apply(const scalar_t* x, scalar_t* y, ChannelParams<scal
   }
 }
 
-template <typename scalar_t, typename acc_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+// dx and dz are written when not null: a branch the whole grid takes the same way, cheaper
+// than compiling this kernel once per (grad_input, grad_residual) pair.
+template <typename scalar_t, typename acc_t, Activation A, bool kResidual>
 __global__ void backward_apply(const scalar_t* x, const scalar_t* dy, scalar_t* dx, scalar_t* dz,
                                ChannelParams<scalar_t, acc_t, A, kResidual> p, const acc_t* coeffs, int64_t numel,
                                bool rows, int64_t C, int64_t inner) {
@@ -282,10 +284,10 @@ __global__ void backward_apply(const scalar_t* x, const scalar_t* dy, scalar_t* 
     const int64_t c = channel_of(i, rows, C, inner);
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t g = p.upstream_grad(static_cast<acc_t>(dy[i]), xv, i, c);
-    if constexpr (kGradInput) {
+    if (dx != nullptr) {
       dx[i] = static_cast<scalar_t>((g - coeffs[3 * c] - (xv - p.mean[c]) * coeffs[3 * c + 1]) * coeffs[3 * c + 2]);
     }
-    if constexpr (kGradResidual) dz[i] = static_cast<scalar_t>(g);
+    if (dz != nullptr) dz[i] = static_cast<scalar_t>(g);
   }
 }
 
@@ -383,24 +385,12 @@ void run_backward_cuda(BatchNormBackwardPlan& p) {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const int64_t numel = p.input.numel();
         if (numel == 0 || !(p.mask[0] || p.mask[3])) return;
-        auto launch_apply = [&](auto grad_input, auto grad_residual) {
-          constexpr bool kGradInput = decltype(grad_input)::value;
-          constexpr bool kGradResidual = decltype(grad_residual)::value;
-          backward_apply<scalar_t, acc_t, kAct, kResidual, kGradInput, kGradResidual>
-              <<<elementwise_grid(numel), 256, 0, stream>>>(
-                  p.input.const_data_ptr<scalar_t>(), p.grad_output.const_data_ptr<scalar_t>(),
-                  kGradInput ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
-                  kGradResidual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr, params,
-                  coeffs.const_data_ptr<acc_t>(), numel, l.rows, l.C, l.inner);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        if (p.mask[0] && p.mask[3]) {
-          launch_apply(std::true_type{}, std::true_type{});
-        } else if (p.mask[0]) {
-          launch_apply(std::true_type{}, std::false_type{});
-        } else {
-          launch_apply(std::false_type{}, std::true_type{});
-        }
+        backward_apply<scalar_t, acc_t, kAct, kResidual><<<elementwise_grid(numel), 256, 0, stream>>>(
+            p.input.const_data_ptr<scalar_t>(), p.grad_output.const_data_ptr<scalar_t>(),
+            p.mask[0] ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+            p.mask[3] ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr, params,
+            coeffs.const_data_ptr<acc_t>(), numel, l.rows, l.C, l.inner);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });

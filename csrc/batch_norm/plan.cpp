@@ -2,7 +2,8 @@
 // and CUDA implementations so both reject the same inputs with the same messages.
 #include "batch_norm/batch_norm.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 namespace batchops {
 namespace {

@@ -4,6 +4,8 @@
 // caps the choice (tests use it to cover every level on one machine).
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 namespace batchops {
 
 enum class CpuIsa : int { kDefault = 0, kAVX2 = 1, kAVX512 = 2 };
@@ -11,6 +13,10 @@ enum class CpuIsa : int { kDefault = 0, kAVX2 = 1, kAVX512 = 2 };
 // Read on every call (a getenv, nanoseconds) so a test can switch levels in one process.
 CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
+
+// The level a kernel for `dtype` runs at: cpu_isa() for float32; the baseline for the other
+// dtypes, which only the baseline build carries (common/cpu_dtypes.h).
+inline CpuIsa cpu_isa_for(c10::ScalarType dtype) { return dtype == c10::kFloat ? cpu_isa() : CpuIsa::kDefault; }
 
 }  // namespace batchops
 

@@ -11,7 +11,14 @@
 //
 // The row blocks depend only on the shapes, and the bias gradient is summed block by block
 // in a fixed order, so results do not depend on the thread count.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -45,7 +52,7 @@ namespace {
 void epilogue_forward(at::ScalarType dtype, Activation act, void* z, void* derivative, const void* bias, int64_t rows,
                       int64_t N) {
 #if BATCHOPS_CPU_VARIANTS
-  switch (cpu_isa()) {
+  switch (cpu_isa_for(dtype)) {
     case CpuIsa::kAVX512:
       return cpu_avx512::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
     case CpuIsa::kAVX2:
@@ -60,7 +67,7 @@ void epilogue_forward(at::ScalarType dtype, Activation act, void* z, void* deriv
 void epilogue_backward(at::ScalarType dtype, Activation act, const void* dy, const void* saved, void* dz,
                        void* bias_sum, int64_t rows, int64_t N) {
 #if BATCHOPS_CPU_VARIANTS
-  switch (cpu_isa()) {
+  switch (cpu_isa_for(dtype)) {
     case CpuIsa::kAVX512:
       return cpu_avx512::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
     case CpuIsa::kAVX2:

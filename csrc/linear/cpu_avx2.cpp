@@ -11,6 +11,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c")
 #define BATCHOPS_CPU_NS cpu_avx2
+#define BATCHOPS_CPU_FLOAT32_ONLY 1  // other dtypes run the baseline build (common/cpu_dtypes.h)
 #include "linear/cpu_kernels.h"
 #pragma GCC pop_options
 #endif

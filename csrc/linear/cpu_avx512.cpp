@@ -13,6 +13,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c")
 #define BATCHOPS_CPU_NS cpu_avx512
+#define BATCHOPS_CPU_FLOAT32_ONLY 1  // other dtypes run the baseline build (common/cpu_dtypes.h)
 #define BATCHOPS_CPU_AVX512_INTRINSICS 1  // the float GELU epilogue in intrinsics
 // GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_ps() and then warn
 // about it when they are inlined here.

@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include "linear/linear.h"
+#include "common/cpu_dtypes.h"  // BATCHOPS_CPU_DISPATCH_DTYPES for this build
 
 #ifndef BATCHOPS_CPU_NS
 #error "define BATCHOPS_CPU_NS before including linear/cpu_kernels.h"
@@ -143,7 +144,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* saved, scalar_t* dz, at::
 
 void linear_epilogue_forward(at::ScalarType dtype, Activation act, void* z, void* derivative, const void* bias,
                              int64_t rows, int64_t N) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batchops.linear", [&] {
+  BATCHOPS_CPU_DISPATCH_DTYPES(dtype, "batchops.linear", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BATCHOPS_DISPATCH_ACTIVATION(act, [&] {
       forward_rows<scalar_t, kAct>(static_cast<scalar_t*>(z), static_cast<scalar_t*>(derivative),
@@ -156,7 +157,7 @@ void linear_epilogue_forward(at::ScalarType dtype, Activation act, void* z, void
 // written), bias_sum may be null (no bias gradient); not both.
 void linear_epilogue_backward(at::ScalarType dtype, Activation act, const void* dy, const void* saved, void* dz,
                               void* bias_sum, int64_t rows, int64_t N) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batchops.linear_backward", [&] {
+  BATCHOPS_CPU_DISPATCH_DTYPES(dtype, "batchops.linear_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BATCHOPS_DISPATCH_ACTIVATION(act, [&] {
       const auto* dy_ = static_cast<const scalar_t*>(dy);

@@ -17,7 +17,18 @@
 //
 // Bias gradients are summed over fixed row chunks, and the chunks merged in order: results
 // are bitwise reproducible (no float atomics).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_addmm_activation.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -389,7 +400,7 @@ DeviceGroups device_groups(const LinearPlan& p) {
 
 // Prefix sums of ceil(rows_g / per) over the groups: a tile / chunk schedule.
 at::Tensor tile_prefix(const DeviceGroups& d, int64_t per) {
-  const at::Tensor sizes = d.offsets.narrow(0, 1, d.G) - d.offsets.narrow(0, 0, d.G);
+  const at::Tensor sizes = d.offsets.narrow(0, 1, d.G).sub(d.offsets.narrow(0, 0, d.G));
   return at::cat({at::zeros({1}, d.offsets.options()), sizes.add(per - 1).div(per, "floor").cumsum(0)});
 }
 

@@ -4,7 +4,8 @@
 // bad split sizes, and NotImplementedError for an unsupported dtype.
 #include "linear/linear.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 namespace batchops {
 namespace {

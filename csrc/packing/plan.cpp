@@ -1,6 +1,8 @@
 #include "packing/packing.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 
 namespace batchops {
 

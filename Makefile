@@ -1,30 +1,39 @@
 # The two commands the README starts with:
 #   make bench   set everything up (venv, torch, build) and print the benchmark table
 #   make test    run the test suite (builds first if needed)
+# TORCH selects the torch a new venv gets: the newest supported release the package index
+# serves by default, TORCH=2.11.0 for the oldest supported (use another VENV to keep both).
 PYTHON ?= python3
+TORCH ?= 2.14.1
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEPS := torch==2.14.1 numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn
+DEPS := torch==$(TORCH) numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn
 # CUDA sources build whenever nvcc and torch's CUDA build are present (BATCHOPS_CUDA=auto).
 export MAX_JOBS ?= 2
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
+# One checkout holds one build of batchops._C: the stamp says which venv it was built for, so
+# switching VENV (and with it torch) rebuilds; objects are kept per torch under build/.
+BUILT := build/.built-for-$(subst /,_,$(VENV))
 PYTEST_ARGS ?= -q --timeout 300 --durations 15
 
-.PHONY: setup build bench test gpu-check clean
+.PHONY: setup build bench test test-quick gpu-check clean
 
-setup: $(VENV)/.deps-installed $(VENV)/.built
+setup: $(VENV)/.deps-torch-$(TORCH) $(BUILT)
 
-$(VENV)/.deps-installed:
+$(VENV)/.deps-torch-$(TORCH):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(DEPS)
+	rm -f $(VENV)/.deps-torch-*
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
-	$(BIN)/pip install --no-build-isolation --no-deps -e . -v 2>&1 | grep -E "batchops setup|error|Error" || true
+# Not --no-deps: pip checks batchops' torch range against the installed torch and keeps it.
+$(BUILT): $(VENV)/.deps-torch-$(TORCH) $(SOURCES)
+	@mkdir -p build && rm -f build/.built-for-*
+	$(BIN)/python scripts/build.py $(BIN)/pip install --no-build-isolation -e .
 	$(BIN)/python -c "import batchops, sys; i = batchops.build_info(); print(i); sys.exit(0 if i['extension_loaded'] else 1)"
 	touch $@
 
-build: $(VENV)/.built
+build: setup
 
 bench: setup
 	$(BIN)/batchops bench
@@ -32,10 +41,14 @@ bench: setup
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# Local iteration: everything but the tests marked slow (examples, torchrun, multi-process).
+test-quick: setup
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
 # One call on a GPU machine: build for the visible GPU, run the whole suite (cuda cases
 # included), run the benchmarks on cuda and write benchmarks/results/.
 gpu-check:
 	bash scripts/gpu-check.sh
 
 clean:
-	rm -rf build *.egg-info batchops/_C*.so $(VENV)/.built
+	rm -rf build *.egg-info batchops/_C*.so

@@ -5,7 +5,7 @@ Environment switches (setup.py prints what it decided):
                               build of torch are present, GPU or not; on: fail loudly if they
                               cannot be built; off: CPU only.
   TORCH_CUDA_ARCH_LIST        e.g. "9.0" or "8.0;9.0+PTX". With no GPU visible and no list
-                              given we build 7.5, 8.0, 8.6, 8.9 and 9.0 plus PTX.
+                              given we build 8.0 and 9.0 plus 9.0 PTX (DEFAULT_ARCHS).
   MAX_JOBS                    parallel compile jobs (ninja).
   BATCHOPS_DEBUG=1            -O0 -g instead of -O3.
   BATCHOPS_EXTRA_CXX          extra flags for the C++ compiler (e.g. for experiments).
@@ -22,7 +22,10 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+# Without a visible GPU: A100 (8.0; also runs on 8.6 / 8.9 parts such as A10, L4, L40) and
+# H100/H200 (9.0), plus 9.0 PTX for newer GPUs to JIT-compile. Older GPUs (T4 = 7.5): set
+# TORCH_CUDA_ARCH_LIST yourself.
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def log(msg):
@@ -82,7 +85,22 @@ cuda_home = find_cuda_home() if mode != "off" else None
 if cuda_home and not os.environ.get("CUDA_HOME"):
     os.environ["CUDA_HOME"] = cuda_home  # must precede the cpp_extension import, which reads it once
 
-import torch  # noqa: E402
+MIN_TORCH = (2, 11)
+NO_ISOLATION_HINT = (
+    "batchops compiles its kernels against the torch you run, so it builds with that torch, not "
+    "in pip's isolated build environment. Install torch (2.11 or newer) first, then run:\n"
+    "    pip install setuptools wheel ninja\n"
+    "    pip install --no-build-isolation .        (or -e . for a development install)"
+)
+try:
+    import torch  # noqa: E402
+except ImportError:
+    # What a plain `pip install .` reaches: the isolated build environment has no torch (on
+    # purpose: pyproject.toml does not list it, so no second torch is downloaded to build with).
+    sys.exit(f"[batchops setup] torch cannot be imported here ({sys.executable}).\n{NO_ISOLATION_HINT}")
+if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH:
+    sys.exit(f"[batchops setup] torch {torch.__version__} is older than batchops supports "
+             f"({'.'.join(map(str, MIN_TORCH))} or newer)")
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = False
@@ -156,8 +174,18 @@ else:
     log(f"CUDA sources: OFF ({why})")
 log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, flags={' '.join(cxx_flags)}")
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, compiling in build/temp-torch<version>/ instead of pip's temporary
+    folder, so a rebuild recompiles only what changed (ninja) and builds for two torch
+    versions in one checkout do not mix objects."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp-torch{torch.__version__}")
+
+
 setup(
     packages=find_packages(include=["batchops", "batchops.*"]),
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

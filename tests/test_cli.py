@@ -66,6 +66,7 @@ def test_no_subcommand_prints_help(capsys):
     assert "bench" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_extension
 def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
     out_dir = tmp_path / "results"  # does not exist yet: bench creates it

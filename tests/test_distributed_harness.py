@@ -167,6 +167,7 @@ def test_killed_rank_makes_peers_fail_fast():
     assert_reaped(results)
 
 
+@pytest.mark.slow
 def test_hang_is_stopped_by_timeout(tmp_path):
     """Rank 0 dies abnormally; rank 1 hangs in the rendezvous and is stopped at the timeout,
     together with the process it started."""

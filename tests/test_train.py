@@ -380,6 +380,7 @@ def test_killed_rank_makes_the_other_fail_fast():
     assert time.monotonic() - start < 80
 
 
+@pytest.mark.slow
 def test_stalled_rank_makes_the_other_fail_at_the_collective_timeout():
     results = run_ranks(_rank_stalled, 2, timeout=60, collective_timeout=3, check=False, failure_grace=1)
     survivor, stalled = results

@@ -238,6 +238,7 @@ def _ranks_noise_scale(rank, world_size, steps, local_batch):
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_noise_scale():
     results = run_ranks(_ranks_noise_scale, 2, args=(300, 16), timeout=120)
     values = [r.value for r in results]

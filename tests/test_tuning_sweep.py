@@ -42,6 +42,7 @@ def _check_outputs(files, batch_sizes):
     return report, data
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("kernels")
 def test_default_sweep_end_to_end_writes_its_files(tmp_path):
     result = sw.batch_size_sweep((32, 16), out_dir=tmp_path, **TINY)

@@ -288,8 +288,8 @@ void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* 
 }
 
 // Which of grad_input / grad_residual the apply pass writes is chosen at run time between
-// these small loops (a call per piece or row range), not by instantiating the whole backward
-// per pair: that tripled the backward's compile time and bought no speed.
+// these small loops (a call per piece or row range). Instantiating the whole backward once
+// per pair compiled it four times over and was no faster (benchmarks/results/build-time/).
 template <typename scalar_t, Activation A, bool kResidual>
 struct BackwardApply {
   decltype(&backward_apply_span<scalar_t, A, kResidual, true, false>) span = nullptr;

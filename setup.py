@@ -134,6 +134,10 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 # every CPU kernel runs on one thread. The link flag resolves to the libgomp.so.1 torch loads.
 # -fno-trapping-math: lets GCC turn the activation selects into vector blends.
 cxx_flags = opt + ["-fopenmp", "-fno-trapping-math", "-Wno-unused-parameter"] + os.environ.get("BATCHOPS_EXTRA_CXX", "").split()
+# No --use_fast_math: it turns std::tanh(float) into tanh.approx.f32 (relative error ~2^-11;
+# gelu_tanh's 0.5 x (1 + t) then cancels for x < 0), flushes denormals and approximates
+# division and sqrt. tests/test_build.py checks the PTX of the activations.
+nvcc_flags = opt + ["-lineinfo"]
 # The version string lands in the binary so import can tell a stale build from a torch upgrade.
 macros = [
     ("BATCHOPS_TORCH_VERSION", f'"{torch.__version__}"'),
@@ -152,7 +156,7 @@ if with_cuda:
         sources + cuda_sources,
         include_dirs=include_dirs,
         define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )

@@ -852,6 +852,23 @@ def test_gather_rows_gradcheck(device, with_inverse):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_gather_rows_backward_leaves_fill_rows_out(device, bad):
+    """The scatter-add backward drops the fill rows' gradient: a NaN or inf there (a padding
+    slot's gradient) must not reach input row 0, which index -1 is clamped to."""
+    x = make_data((4, 3), f32, device).requires_grad_(True)
+    idx = torch.tensor([2, -1, 0, 2, -1], device=device)
+    out = torch.ops.batchops.gather_rows(x, idx, None, 0.0)
+    grad = torch.ones_like(out)
+    grad[idx < 0] = bad
+    out.backward(grad)
+    expected = torch.zeros_like(x)
+    expected[0] = 1
+    expected[2] = 2
+    assert_bitwise_equal(x.grad, expected, "gather_rows grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_gather_rows_opcheck(device, name):
     args = dict(gather_rows_samples(device))[name]

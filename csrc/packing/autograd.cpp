@@ -5,7 +5,7 @@
 // map: with inverse_index (input row -> output row or -1, the exact inverse of an injective
 // index) it is one more gather_rows with the two maps swapped, itself differentiable, so double
 // backward works; otherwise (repeats allowed) a scatter-add in which the fill rows contribute
-// nothing.
+// nothing (their gradient is dropped, whatever its value).
 #include <ATen/ops/index_add.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -50,10 +50,13 @@ struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction>
     } else {
       auto sizes = grad.sym_sizes().vec();
       sizes[0] = ctx->saved_data["input_rows"].toSymInt();
-      std::vector<c10::SymInt> valid_shape(grad.dim(), 1);
-      valid_shape[0] = index.sym_size(0);
-      const Tensor valid = index.ge(0).reshape_symint(valid_shape);
-      result[0] = at::zeros_symint(sizes, grad.options()).index_add(0, index.clamp_min(0), grad.mul(valid));
+      std::vector<c10::SymInt> mask_shape(grad.dim(), 1);
+      mask_shape[0] = index.sym_size(0);
+      // Fill rows (index -1) are left out: their gradient is replaced by zeros, not multiplied
+      // by zero, so a NaN or inf in a padding slot's gradient cannot reach input row 0.
+      const Tensor fill_rows = index.lt(0).reshape_symint(mask_shape);
+      result[0] = at::zeros_symint(sizes, grad.options())
+                      .index_add(0, index.clamp_min(0), grad.masked_fill(fill_rows, 0));
     }
     return result;
   }

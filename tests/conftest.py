@@ -47,6 +47,7 @@ def pytest_configure(config):
     # Also declared in pyproject.toml; repeated so the marker is known when pytest runs
     # with another rootdir/inifile.
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: examples, torchrun, multi-process and sweep tests")
     # torch.compile's structured-trace logger emits DEBUG records that pytest would otherwise
     # capture and print, hundreds of lines, in every failing compile test's report.
     logging.getLogger("torch.__trace").propagate = False

@@ -1312,3 +1312,66 @@ def test_functional_empty_1d_input_matches_torch(device, training, affine):
 def test_functional_nonempty_1d_input_still_raises(shape):
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         BF.batch_norm(torch.randn(shape), torch.zeros(shape[0]), torch.ones(shape[0]))
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA statistics schedule, replayed on the CPU (csrc/batch_norm/cuda_replay.cpp)
+
+
+@pytest.mark.parametrize("sms", [132, 16], ids=["h100_h200_132_sms", "16_sms"])
+@pytest.mark.parametrize("layout", ["planar", "channels_last", "rows"])
+def test_cuda_statistics_schedule_accuracy(layout, sms):
+    """What the CUDA kernels compute for the batch statistics (their chunk schedule for a GPU
+    with `sms` SMs, float Welford per thread, the blocks' merge trees and the finalize's merge
+    order, through the same header functions) meets test_mean_offset's float32 tolerance at
+    x = 1e4 + N(0, 1): the normalised output within 1e-3 of float64."""
+    shape = {"planar": (3, 3, 70, 70), "channels_last": (4, 5, 20, 20), "rows": (3000, 5)}[layout]
+    x = (1e4 + torch.randn(shape, dtype=f64)).to(f32)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    dims = [0] + list(range(2, x.dim()))
+    count = x.numel() // shape[1]
+    mean, m2 = torch.ops.batchops_testing.batch_norm_stats_cuda_schedule(x, sms)
+    assert mean.dtype == m2.dtype == f32 and mean.shape == m2.shape == (shape[1],)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    x64 = x.double()
+    ref_mean = (x64 - 1e4).mean(dims) + 1e4  # float64 from the same float inputs
+    ref_var = x64.var(dims, unbiased=False)
+    # as the apply kernel uses them (float arithmetic), against float64
+    y = (x - mean.view(view)) * torch.rsqrt(m2 / count + 1e-5).view(view)
+    y_ref = (x64 - ref_mean.view(view)) * torch.rsqrt(ref_var + 1e-5).view(view)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=1e-3)
+    torch.testing.assert_close((m2.double() / count) / ref_var, torch.ones_like(ref_var), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["planar", "rows"])
+def test_cuda_statistics_schedule_empty_and_tiny(layout):
+    """No values: zeros, as batch_norm_stats; one value per channel: that value, m2 = 0."""
+    shape = (0, 3, 4) if layout == "planar" else (0, 3)
+    mean, m2 = torch.ops.batchops_testing.batch_norm_stats_cuda_schedule(torch.randn(shape), 132)
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(m2, torch.zeros(3))
+    x = torch.randn(1, 3, 1) if layout == "planar" else torch.randn(1, 3)
+    mean, m2 = torch.ops.batchops_testing.batch_norm_stats_cuda_schedule(x, 132)
+    assert torch.equal(mean, x.flatten()) and torch.equal(m2, torch.zeros(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_cuda_more_than_65535_channels(layout):
+    """Channels do not go on a grid dimension capped at 65535 (the planar partial reduction
+    used to refuse C > 65535 on CUDA; the CPU has no limit)."""
+    C = 70_000
+    x = torch.randn(3, C, 2, 2, device="cuda", dtype=f64) * 2 + 1
+    if layout == "channels_last":
+        x = _channels_last(x)
+    w = torch.rand(C, device="cuda", dtype=f64) + 0.5
+    b = torch.randn(C, device="cuda", dtype=f64)
+    gy = torch.randn_like(x)
+    results = []
+    for fn in (BF.batch_norm, F.batch_norm):
+        xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = fn(xi, None, None, wi, bi, training=True)
+        y.backward(gy)
+        results.append((y, xi.grad, wi.grad, bi.grad))
+    for ours, ref, name in zip(*results, ("y", "grad_input", "grad_weight", "grad_bias")):
+        torch.testing.assert_close(ours, ref, **tol(f64, grad=name != "y"), msg=lambda m: f"{name}: {m}")

@@ -1239,3 +1239,44 @@ def test_cpu_isa_levels(monkeypatch, isa, dtype, mode):
             check_vs_float64(*impls, inputs, dtype, activation=activation, **kw)
         else:
             check_half(*impls, inputs, dtype, activation=activation, **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_more_than_65535_groups():
+    """reduce_bias_kernel strides groups over gridDim.y (capped at 65535) instead of one block
+    row per group."""
+    G, K, N = 70_000, 4, 3
+    sizes = torch.zeros(G, dtype=torch.int64)
+    sizes[::7] = 1
+    sizes[-1] = 2  # the last group, past 65535, has rows
+    inputs = grouped_inputs((int(sizes.sum()), K), G, N, "cuda", f64)
+    ours = evaluate(ours_grouped, **inputs, group_sizes=sizes, activation="gelu")
+    group_of_row = torch.repeat_interleave(torch.arange(G), sizes).cuda()
+    x, w, b = inputs["x"], inputs["w"], inputs["b"]
+    pre = torch.einsum("rk,rnk->rn", x, w[group_of_row]) + b[group_of_row]
+    torch.testing.assert_close(ours["y"], F.gelu(pre))
+    pre_leaf = pre.detach().requires_grad_()
+    F.gelu(pre_leaf).backward(inputs["gy"])
+    expected_gb = torch.zeros(G, N, dtype=f64, device="cuda").index_add(0, group_of_row, pre_leaf.grad)
+    torch.testing.assert_close(ours["gb"], expected_gb)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", ["list", "cpu_tensor"])
+def test_cuda_host_group_sizes_do_not_synchronise(form):
+    """Group sizes given on the host reach the GPU through pinned memory without blocking: no
+    host synchronisation in forward or backward (torch's sync debug mode raises on one)."""
+    sizes = [5, 0, 7, 3]
+    inputs = grouped_inputs((sum(sizes), 8), len(sizes), 6, "cuda", f32)
+    gs = sizes if form == "list" else torch.tensor(sizes)
+    x, w, b = (inputs[k].detach().requires_grad_() for k in ("x", "w", "b"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = BF.grouped_linear(x, w, b, gs, activation="silu")
+        y.backward(inputs["gy"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = evaluate(ours_grouped, **inputs, group_sizes=torch.tensor(sizes).cuda(), activation="silu")
+    torch.testing.assert_close(y, expected["y"])
+    torch.testing.assert_close(b.grad, expected["gb"])

@@ -20,9 +20,11 @@
 namespace batchops {
 namespace {
 
-constexpr int kPlanarThreads = 256;
-constexpr int kRowsX = 32;  // channels per block (coalesced along C)
-constexpr int kRowsY = 8;   // rows per block step
+// The schedule (block shapes, chunk counts, merge order) is in batch_norm.h, where the CPU
+// replays it (cuda_replay.cpp).
+constexpr int kPlanarThreads = kCudaPlanarThreads;
+constexpr int kRowsX = kCudaRowsX;
+constexpr int kRowsY = kCudaRowsY;
 
 // ---------------------------------------------------------------------------------------
 // Reducers: what a partial-reduction kernel accumulates per channel.
@@ -91,18 +93,19 @@ struct GradReducer {
 // ---------------------------------------------------------------------------------------
 // Partial reductions. Tree reductions in shared memory run in a fixed order.
 
-// Planar (N, C, inner): grid (chunks, C); block b of channel c reduces its chunk of the
-// channel's N*inner values. partial[c * chunks + b].
+// Planar (N, C, inner): grid (C, chunks), channels on x (up to 2^31 - 1 of them; y and z
+// stop at 65535); block (c, k) reduces chunk k of channel c's N*inner values.
+// partial[c * chunks + k].
 template <typename Reducer>
 __global__ void partial_reduce_planar(Reducer r, int64_t N, int64_t C, int64_t inner,
                                       typename Reducer::State* partial) {
   using State = typename Reducer::State;
   __shared__ __align__(16) unsigned char smem[kPlanarThreads * sizeof(State)];
   State* shared = reinterpret_cast<State*>(smem);
-  const int64_t c = blockIdx.y;
+  const int64_t c = blockIdx.x;
   const int64_t M = N * inner;
-  const int64_t chunk = (M + gridDim.x - 1) / gridDim.x;
-  const int64_t begin = blockIdx.x * chunk;
+  const int64_t chunk = (M + gridDim.y - 1) / gridDim.y;
+  const int64_t begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < M ? begin + chunk : M;
   State s = r.init();
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
@@ -116,7 +119,7 @@ __global__ void partial_reduce_planar(Reducer r, int64_t N, int64_t C, int64_t i
     if (threadIdx.x < stride) shared[threadIdx.x] = Reducer::merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
     __syncthreads();
   }
-  if (threadIdx.x == 0) partial[c * gridDim.x + blockIdx.x] = shared[0];
+  if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = shared[0];
 }
 
 // Rows (M, C): grid (ceil(C / kRowsX), chunks); thread x picks the channel, y strides the
@@ -146,31 +149,8 @@ __global__ void partial_reduce_rows(Reducer r, int64_t M, int64_t C, typename Re
   if (threadIdx.y == 0 && c < C) partial[blockIdx.y * C + c] = shared[threadIdx.x];
 }
 
-// How a layout's partial reduction is launched, and where channel c's k-th partial lives.
-struct PartialGrid {
-  bool rows;
-  int64_t chunks;
-  int64_t C;
-  __host__ __device__ int64_t index(int64_t c, int64_t k) const { return rows ? k * C + c : c * chunks + k; }
-};
-
 PartialGrid partial_grid(const BatchNormLayout& l) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t target_blocks = 4 * int64_t(sms);
-  const int64_t M = l.per_channel();
-  PartialGrid g{l.rows, 1, l.C};
-  if (M == 0) {
-    g.chunks = 0;
-  } else if (l.rows) {
-    const int64_t col_blocks = (l.C + kRowsX - 1) / kRowsX;
-    g.chunks = std::max<int64_t>(1, std::min<int64_t>((M + 4 * kRowsY - 1) / (4 * kRowsY),
-                                                      std::max<int64_t>(1, target_blocks / col_blocks)));
-  } else {
-    g.chunks = std::max<int64_t>(1, std::min<int64_t>((M + 4 * kPlanarThreads - 1) / (4 * kPlanarThreads),
-                                                      std::max<int64_t>(1, target_blocks / l.C)));
-  }
-  g.chunks = std::min<int64_t>(g.chunks, 65535);
-  return g;
+  return cuda_partial_grid(l, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 template <typename Reducer>
@@ -186,8 +166,8 @@ at::Tensor launch_partial_reduce(const Reducer& r, const BatchNormLayout& l, con
     dim3 grid((l.C + kRowsX - 1) / kRowsX, g.chunks);
     partial_reduce_rows<<<grid, dim3(kRowsX, kRowsY), 0, stream>>>(r, l.per_channel(), l.C, partial);
   } else {
-    TORCH_CHECK(l.C <= 65535, "batchops.batch_norm: CUDA kernels support at most 65535 channels for non-channels-last input, got ", l.C);
-    dim3 grid(g.chunks, l.C);
+    TORCH_CHECK(l.C < (int64_t(1) << 31), "batchops.batch_norm: at most 2^31 - 1 channels on CUDA, got ", l.C);
+    dim3 grid(static_cast<unsigned>(l.C), static_cast<unsigned>(g.chunks));
     partial_reduce_planar<<<grid, kPlanarThreads, 0, stream>>>(r, l.N, l.C, l.inner, partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -204,14 +184,19 @@ __global__ void finalize_stats(const WelfordData<acc_t>* partial, PartialGrid g,
                                acc_t* new_running_mean, acc_t* new_running_var) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
-  WelfordData<acc_t> s;
-  for (int64_t k = 0; k < g.chunks; ++k) s = welford_merge(s, partial[g.index(c, k)]);
-  const acc_t m = momentum_tensor ? *momentum_tensor : momentum;
-  acc_t dummy_mean, dummy_var;
-  batch_norm_finalize_channel<acc_t>(s, eps, m, update_running, update_running ? running_mean[c] : acc_t(0),
-                                     update_running ? running_var[c] : acc_t(0), save_mean + c, save_invstd + c,
-                                     update_running ? new_running_mean + c : &dummy_mean,
-                                     update_running ? new_running_var + c : &dummy_var);
+  const WelfordData<double> s = merge_chunk_partials(partial, g, c);
+  const double m = momentum_tensor ? double(*momentum_tensor) : double(momentum);
+  double mean, invstd, new_mean = 0, new_var = 0;  // in double like the CPU's finalize
+  batch_norm_finalize_channel<double>(s, double(eps), m, update_running,
+                                      update_running ? double(running_mean[c]) : 0.0,
+                                      update_running ? double(running_var[c]) : 0.0, &mean, &invstd, &new_mean,
+                                      &new_var);
+  save_mean[c] = acc_t(mean);
+  save_invstd[c] = acc_t(invstd);
+  if (update_running) {
+    new_running_mean[c] = acc_t(new_mean);
+    new_running_var[c] = acc_t(new_var);
+  }
 }
 
 // batch_norm_stats: the merged statistics as mean and m2 (both 0 for an empty channel).
@@ -219,10 +204,9 @@ template <typename acc_t>
 __global__ void finalize_mean_m2(const WelfordData<acc_t>* partial, PartialGrid g, acc_t* mean, acc_t* m2) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
-  WelfordData<acc_t> s;
-  for (int64_t k = 0; k < g.chunks; ++k) s = welford_merge(s, partial[g.index(c, k)]);
-  mean[c] = s.mean;
-  m2[c] = s.m2;
+  const WelfordData<double> s = merge_chunk_partials(partial, g, c);
+  mean[c] = acc_t(s.mean);
+  m2[c] = acc_t(s.m2);
 }
 
 template <typename acc_t>
@@ -241,14 +225,15 @@ __global__ void finalize_grads(const GradSums<acc_t>* partial, PartialGrid g, in
                                const acc_t* ext_mean_gxhat = nullptr) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
-  acc_t sg = 0, sgx = 0;
+  double sg = 0, sgx = 0;  // chunk sums added in double, as the CPU adds its pieces
   for (int64_t k = 0; k < g.chunks; ++k) {
-    sg += partial[g.index(c, k)].g;
-    sgx += partial[g.index(c, k)].gxmu;
+    sg += double(partial[g.index(c, k)].g);
+    sgx += double(partial[g.index(c, k)].gxmu);
   }
-  if (grad_weight) grad_weight[c] = sgx * invstd[c];
-  if (grad_bias) grad_bias[c] = sg;
-  auto k = batch_norm_backward_coeffs<acc_t>(sg, sgx, count, invstd[c], weight ? weight[c] : acc_t(1), training);
+  if (grad_weight) grad_weight[c] = acc_t(sgx * double(invstd[c]));
+  if (grad_bias) grad_bias[c] = acc_t(sg);
+  auto k = batch_norm_backward_coeffs<acc_t>(acc_t(sg), acc_t(sgx), count, invstd[c], weight ? weight[c] : acc_t(1),
+                                             training);
   if (ext_mean_g) {  // batch_norm_backward_elemt: coefficients of the whole distributed batch
     k.mean_g = ext_mean_g[c];
     k.proj = ext_mean_gxhat[c] * invstd[c];

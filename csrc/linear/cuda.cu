@@ -153,14 +153,16 @@ __global__ void backward_epilogue_kernel(const scalar_t* __restrict__ dy, const 
 
 // grad_bias[g, col] = sum of partial[chunk, col] over g's chunks, in chunk order.
 template <typename scalar_t, typename acc_t>
+// Groups stride over gridDim.y (at most 65535), so any number of groups works.
 __global__ void reduce_bias_kernel(const acc_t* __restrict__ partial, const int64_t* __restrict__ chunk_prefix,
-                                   scalar_t* __restrict__ grad_bias, int64_t N) {
-  const int g = blockIdx.y;
+                                   scalar_t* __restrict__ grad_bias, int64_t G, int64_t N) {
   const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= N) return;
-  acc_t total = acc_t(0);
-  for (int64_t c = chunk_prefix[g]; c < chunk_prefix[g + 1]; ++c) total += partial[c * N + col];
-  grad_bias[int64_t(g) * N + col] = scalar_t(total);
+  for (int64_t g = blockIdx.y; g < G; g += gridDim.y) {
+    acc_t total = acc_t(0);
+    for (int64_t c = chunk_prefix[g]; c < chunk_prefix[g + 1]; ++c) total += partial[c * N + col];
+    grad_bias[g * N + col] = scalar_t(total);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -528,9 +530,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
       }
       if (b.mask[2] && p.G > 0 && p.N > 0) {
         reduce_bias_kernel<scalar_t, acc_t>
-            <<<dim3(static_cast<unsigned>((p.N + 255) / 256), static_cast<unsigned>(p.G)), 256, 0, stream>>>(
-                partial.const_data_ptr<acc_t>(), chunks.const_data_ptr<int64_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
-                p.N);
+            <<<dim3(static_cast<unsigned>((p.N + 255) / 256), static_cast<unsigned>(std::min<int64_t>(p.G, 65535))),
+               256, 0, stream>>>(partial.const_data_ptr<acc_t>(), chunks.const_data_ptr<int64_t>(),
+                                 grad_bias.mutable_data_ptr<scalar_t>(), p.G, p.N);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

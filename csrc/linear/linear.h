@@ -49,7 +49,7 @@ struct LinearPlan {
   at::Tensor x;           // (rows, K), contiguous, detached
   at::Tensor weight;      // dense (N, K); grouped (G, N, K); contiguous
   at::Tensor bias;        // dense (N); grouped (G, N); undefined when there is none
-  at::Tensor group_sizes; // ragged: int64 (G), on the input's device
+  at::Tensor group_sizes; // ragged: int64 (G), on the input's device (from host sizes: a non-blocking upload)
   // Row offsets of the groups (G + 1 entries) when known on the host: always on the CPU, and
   // for dense / uniform input on CUDA. Empty for ragged CUDA input whose sizes live on the GPU.
   std::vector<int64_t> offsets;

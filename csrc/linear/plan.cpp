@@ -127,7 +127,15 @@ LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight
     p.rows = p.x.size(0);
     if (sizes.device().is_cpu()) {
       p.offsets = offsets_from_sizes(p.op, sizes, p.rows);
-      p.group_sizes = sizes.to(at::kLong).to(input.device());
+      if (input.is_cuda()) {
+        // Staged in pinned memory and uploaded without blocking: a plain .to() from pageable
+        // memory synchronises the host with the GPU, in forward and again in backward.
+        at::Tensor staged = at::empty({p.G}, sizes.options().dtype(at::kLong).pinned_memory(true));
+        staged.copy_(sizes);
+        p.group_sizes = staged.to(input.device(), at::kLong, /*non_blocking=*/true);
+      } else {
+        p.group_sizes = sizes.to(at::kLong);
+      }
     } else {
       // Sizes on the GPU: checked there without a host sync (see cuda.cu).
       p.group_sizes = sizes.to(at::kLong).contiguous();

@@ -1,0 +1,170 @@
+"""The headline benchmarks in a minute or two, for `make gpu-check`: batch norm, linear and
+packing at their headline shapes, batchops against torch, interleaved in one process, medians
+of CUDA-event timings. Each row is appended to the results file as soon as it is measured
+(flushed), so a time-out loses nothing already measured. The full table is `batchops bench`.
+
+usage: python scripts/gpu_quick_bench.py OUT.md [--device cuda|cpu] [--tiny] [--reps N]
+       (--device cpu --tiny: a dry run of the same code with small shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as TF
+
+import batchops
+from batchops import functional as F
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        """Milliseconds of one fn() call."""
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def compare(timer: Timer, ours, theirs, reps: int) -> tuple[float, float]:
+    """Median ms of each, interleaved (ours, theirs, ours, ...) after warm-up."""
+    for _ in range(3):
+        ours()
+        theirs()
+    if timer.device == "cuda":
+        torch.cuda.synchronize()
+    a, b = [], []
+    for _ in range(reps):
+        a.append(timer(ours))
+        b.append(timer(theirs))
+    return statistics.median(a), statistics.median(b)
+
+
+def fwd_bwd(module_or_fn, x, gy, *extra):
+    def step():
+        xi = x.detach().requires_grad_()
+        y = module_or_fn(xi, *extra)
+        y.backward(gy)
+    return step
+
+
+def cases(device: str, tiny: bool):
+    """(name, shape text, batchops callable, torch callable)."""
+    bn_shape = (2, 8, 6, 6) if tiny else (32, 64, 56, 56)
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("NCHW", "channels_last"):
+            x = torch.randn(bn_shape, device=device, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            gy = torch.randn_like(x)
+            C = bn_shape[1]
+            ours = batchops.BatchNorm2d(C, device=device, dtype=dtype)
+            ref = torch.nn.BatchNorm2d(C, device=device, dtype=dtype)
+            yield (f"BatchNorm2d train fwd+bwd {str(dtype)[6:]} {layout}", "x".join(map(str, bn_shape)),
+                   fwd_bwd(ours, x, gy), fwd_bwd(ref, x, gy))
+            if dtype == torch.float32 and layout == "NCHW":
+                ours_relu = batchops.BatchNorm2d(C, device=device, activation="relu")
+                yield ("BatchNorm2d+ReLU train fwd+bwd float32 NCHW", "x".join(map(str, bn_shape)),
+                       fwd_bwd(ours_relu, x, gy), fwd_bwd(lambda t: TF.relu(ref(t)), x, gy))
+                ours_eval, ref_eval = batchops.BatchNorm2d(C, device=device).eval(), \
+                    torch.nn.BatchNorm2d(C, device=device).eval()
+
+                def eval_ours(m=ours_eval, t=x):
+                    with torch.no_grad():
+                        m(t)
+
+                def eval_ref(m=ref_eval, t=x):
+                    with torch.no_grad():
+                        m(t)
+                yield ("BatchNorm2d eval forward float32 NCHW", "x".join(map(str, bn_shape)), eval_ours, eval_ref)
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    M, K, N = (64, 32, 48) if tiny else (8192, 4096, 4096)
+    x = torch.randn(M, K, device=device, dtype=dt)
+    w = (torch.randn(N, K, device=device, dtype=dt) / K ** 0.5).requires_grad_()
+    b = torch.randn(N, device=device, dtype=dt).requires_grad_()
+    gy = torch.randn(M, N, device=device, dtype=dt)
+    yield (f"Linear+GELU fwd+bwd {str(dt)[6:]}", f"{M}x{K}->{N}", fwd_bwd(lambda t: F.linear(t, w, b, activation="gelu"), x, gy),
+           fwd_bwd(lambda t: TF.gelu(TF.linear(t, w, b)), x, gy))
+    G, max_rows, K, N = (4, 16, 32, 24) if tiny else (64, 512, 1024, 1024)
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(0, max_rows + 1, (G,), generator=gen)
+    xg = torch.randn(int(sizes.sum()), K, device=device, dtype=dt)
+    wg = (torch.randn(G, N, K, device=device, dtype=dt) / K ** 0.5).requires_grad_()
+    bg = torch.randn(G, N, device=device, dtype=dt).requires_grad_()
+    gyg = torch.randn(xg.shape[0], N, device=device, dtype=dt)
+    size_list = sizes.tolist()
+
+    def loop(t):
+        parts = torch.split(t, size_list)
+        return torch.cat([TF.gelu(TF.linear(p, wg[g], bg[g])) for g, p in enumerate(parts)])
+    yield (f"grouped ragged fwd+bwd {str(dt)[6:]} vs per-group loop", f"G={G} rows<={max_rows} {K}->{N}",
+           fwd_bwd(lambda t: F.grouped_linear(t, wg, bg, size_list, activation="gelu"), xg, gyg),
+           fwd_bwd(loop, xg, gyg))
+    B, T, H = (4, 16, 8) if tiny else (256, 512, 128)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    padded = torch.randn(B, T, H, device=device)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
+    tokens, indices, _, _ = batchops.packing.unpad(padded, lengths.tolist())
+
+    def torch_unpad():
+        padded.reshape(B * T, H)[mask.reshape(-1)]
+
+    def torch_pad():
+        out = torch.zeros(B * T, H, device=device)
+        out[indices] = tokens
+    yield ("unpad(lengths)", f"{B}x{T}x{H}", lambda: batchops.packing.unpad(padded, lengths.tolist()), torch_unpad)
+    yield ("pad", f"{B}x{T}x{H}", lambda: batchops.packing.pad(tokens, indices, B, T), torch_pad)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_quick_bench: no CUDA device", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    timer = Timer(args.device)
+    with open(args.out, "a") as f:
+        f.write(f"\n# Quick benchmark: {name}, torch {torch.__version__}, batchops {commit}, "
+                f"{datetime.date.today().isoformat()}\n\n"
+                "Medians of interleaved CUDA-event timings; ratio = batchops / torch (lower is better).\n\n"
+                "| case | shape | batchops ms | torch ms | ratio |\n|---|---|---:|---:|---:|\n")
+        f.flush()
+        for case, shape, ours, theirs in cases(args.device, args.tiny):
+            try:
+                a, b = compare(timer, ours, theirs, args.reps)
+                row = f"| {case} | {shape} | {a:.3f} | {b:.3f} | {a / b:.2f} |"
+            except Exception as exc:  # one failing case must not hide the others
+                row = f"| {case} | {shape} | error: {type(exc).__name__}: {str(exc)[:120]} | | |"
+            f.write(row + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -393,10 +393,14 @@ HALF_FLOOR = {f16: 1e-3, bf16: 1e-2}
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("mixed", [False, True], ids=["half_params", "float32_params"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "silu_residual"])
-def test_half_precision(device, dtype, training, mixed, fused):
-    """Error vs float64 at most twice torch's own error in the same precision (+ a floor)."""
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_half_precision(device, dtype, training, mixed, fused, layout):
+    """Error vs float64 at most twice torch's own error in the same precision (+ a floor), in
+    both views of the kernels (planar and rows, the latter channels-last)."""
     shape = (8, 6, 7, 5)
     inputs = make_inputs(shape, device, dtype, residual=fused, param_dtype=f32 if mixed else dtype)
+    if layout == "channels_last":
+        inputs = {k: _channels_last(v) if v is not None and v.dim() == 4 else v for k, v in inputs.items()}
     kwargs = dict(training=training, activation="silu" if fused else None)
     ours = evaluate(ours_impl, **inputs, **kwargs)
     theirs = evaluate(torch_impl, **inputs, **kwargs)
@@ -1375,3 +1379,62 @@ def test_cuda_more_than_65535_channels(layout):
         results.append((y, xi.grad, wi.grad, bi.grad))
     for ours, ref, name in zip(*results, ("y", "grad_input", "grad_weight", "grad_bias")):
         torch.testing.assert_close(ours, ref, **tol(f64, grad=name != "y"), msg=lambda m: f"{name}: {m}")
+
+
+def _bn_ops_step(x, w, b, rm, rv, gy):
+    """Training forward + backward through the ops (relu fused): what a graph captures."""
+    ops = torch.ops.batchops
+    y, mean, invstd, new_rm, new_rv = ops.batch_norm_forward(x, w, b, None, rm, rv, True, 0.1, None, 1e-5, "relu")
+    gx, gw, gb, _ = ops.batch_norm_backward(gy, x, w, b, None, mean, invstd, True, "relu", [True, True, True, False])
+    return y, new_rm, new_rv, gx, gw, gb
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_cuda_graph_capture_and_replay(layout):
+    """The README says capturable: no host synchronisation and no allocation outside the
+    graph's pool. Replays on new inputs give bitwise the eager results, which match torch."""
+    shape = (8, 16, 9, 9)
+    new_x = lambda: torch.randn(shape, device="cuda") * 2 + 1  # noqa: E731
+    x = new_x()
+    if layout == "channels_last":
+        x = _channels_last(x)
+    gy = torch.randn_like(x)
+    w, b = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
+    rm, rv = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _bn_ops_step(x, w, b, rm, rv, gy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = _bn_ops_step(x, w, b, rm, rv, gy)
+    for _ in range(3):
+        x.copy_(new_x())
+        gy.copy_(torch.randn_like(gy))
+        graph.replay()
+        eager = _bn_ops_step(x, w, b, rm, rv, gy)
+        for name, a, e in zip(("y", "running_mean", "running_var", "gx", "gw", "gb"), static, eager):
+            assert torch.equal(a, e), f"{name}: graph replay differs from the eager call"
+        ref = torch.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True))
+        torch.testing.assert_close(static[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_run_on_the_current_stream():
+    """Work on a side stream: the input is written there after a long spin, so a kernel that
+    ran on another stream would read the old values (and differ from the default-stream run)."""
+    shape = (4, 8, 16, 16)
+    x_old, x_new = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda") + 3
+    expected = BF.batch_norm(x_new, None, None, training=True, activation="silu")
+    x = x_old.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # about 25 ms of spinning on this stream
+        x.copy_(x_new)
+        y = BF.batch_norm(x, None, None, training=True, activation="silu")
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)

@@ -243,6 +243,8 @@ RAGGED_CASES = {
     "rows_1000": ([1000, 1, 0, 130], 13, 7),
     "in_1000": ([3, 0, 4], 1000, 7),
     "out_1000": ([2, 5], 7, 1000),
+    # several M, N and K tiles of the CUDA grouped GEMM at once (64 x 64 x 32 tiles), remainders in each
+    "tiles_m_n_k": ([70, 0, 130], 100, 150),
 }
 
 

@@ -1008,3 +1008,42 @@ def test_device_lengths_sync_exactly_once_cuda(device):
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert_packed_equal(packed, rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_unpad_mask_and_pad():
+    """unpad(mask=..., max_seqlen=..., total=...) and pad need no host synchronisation, so they
+    capture into a CUDA graph; replays on a new batch (same token count) match eager calls."""
+    B, T, H = 6, 11, 5
+    gen = torch.Generator().manual_seed(3)
+
+    def random_mask(total):
+        flat = torch.zeros(B * T, dtype=torch.bool)
+        flat[torch.randperm(B * T, generator=gen)[:total]] = True
+        return flat.view(B, T).cuda()
+
+    total = 29
+    x = torch.randn(B, T, H, device="cuda")
+    mask = random_mask(total)
+
+    def step():
+        tokens, indices, cu_seqlens, _ = batchops.packing.unpad(x, mask=mask, max_seqlen=T, total=total)
+        return tokens, indices, cu_seqlens, batchops.packing.pad(tokens * 2, indices, B, T)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for _ in range(3):
+        x.copy_(torch.randn(B, T, H, device="cuda"))
+        mask.copy_(random_mask(total))
+        graph.replay()
+        eager = step()
+        for name, a, e in zip(("tokens", "indices", "cu_seqlens", "padded"), static, eager):
+            assert torch.equal(a, e), f"{name}: graph replay differs from the eager call"
+        assert torch.equal(static[3], torch.where(mask[..., None], x * 2, torch.zeros_like(x)))

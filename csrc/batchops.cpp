@@ -74,7 +74,12 @@ TORCH_LIBRARY(batchops, m) {
 #endif
 
 static PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(batchops::cpu_isa_name(batchops::cpu_isa()));
+  try {
+    return PyUnicode_FromString(batchops::cpu_isa_name(batchops::cpu_isa()));
+  } catch (const c10::ValueError& e) {  // a bad BATCHOPS_CPU_ISA: no exception may cross the C API
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 static PyMethodDef batchops_methods[] = {

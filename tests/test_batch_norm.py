@@ -1267,6 +1267,18 @@ ISA_LEVELS = ["default", "avx2", "avx512"]
 ISA_ORDER = {name: i for i, name in enumerate(ISA_LEVELS)}
 
 
+@pytest.mark.parametrize("value", ["avx", "AVX2", "sse9"])
+def test_cpu_isa_rejects_unknown_values(monkeypatch, value):
+    """BATCHOPS_CPU_ISA accepts default, avx2 and avx512 only: a typo is an error, not a
+    silent run at the processor's best level."""
+    monkeypatch.setenv("BATCHOPS_CPU_ISA", value)
+    for dtype in (f32, bf16):  # float32 has a kernel per level, bfloat16 only the baseline one
+        with pytest.raises(ValueError, match="BATCHOPS_CPU_ISA must be default, avx2 or avx512"):
+            BF.batch_norm(torch.randn(4, 3, dtype=dtype), None, None, training=True)
+    with pytest.raises(ValueError, match="BATCHOPS_CPU_ISA"):
+        batchops.build_info()
+
+
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 @pytest.mark.parametrize("shape, fmt", [((3, 16, 70, 70), None), ((2, 3, 9, 11), None), ((4, 24, 7, 9), torch.channels_last),
                                         ((50, 13), None)], ids=["planar_channels", "planar_few", "channels_last", "rows"])

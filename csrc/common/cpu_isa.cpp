@@ -1,5 +1,7 @@
 #include "common/cpu_isa.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -27,10 +29,18 @@ CpuIsa supported() {
 
 CpuIsa cpu_isa() {
   CpuIsa isa = supported();
-  if (const char* cap = std::getenv("BATCHOPS_CPU_ISA")) {
+  const char* cap = std::getenv("BATCHOPS_CPU_ISA");
+  if (cap != nullptr && cap[0] != '\0') {  // set and not empty
     CpuIsa wanted = isa;
-    if (std::strcmp(cap, "default") == 0) wanted = CpuIsa::kDefault;
-    if (std::strcmp(cap, "avx2") == 0) wanted = CpuIsa::kAVX2;
+    if (std::strcmp(cap, "default") == 0) {
+      wanted = CpuIsa::kDefault;
+    } else if (std::strcmp(cap, "avx2") == 0) {
+      wanted = CpuIsa::kAVX2;
+    } else if (std::strcmp(cap, "avx512") == 0) {
+      wanted = CpuIsa::kAVX512;
+    } else {  // a typo must not silently run another level than the one asked for
+      TORCH_CHECK_VALUE(false, "BATCHOPS_CPU_ISA must be default, avx2 or avx512 (or unset), got '", cap, "'");
+    }
     if (static_cast<int>(wanted) < static_cast<int>(isa)) isa = wanted;
   }
   return isa;

@@ -16,7 +16,10 @@ const char* cpu_isa_name(CpuIsa isa);
 
 // The level a kernel for `dtype` runs at: cpu_isa() for float32; the baseline for the other
 // dtypes, which only the baseline build carries (common/cpu_dtypes.h).
-inline CpuIsa cpu_isa_for(c10::ScalarType dtype) { return dtype == c10::kFloat ? cpu_isa() : CpuIsa::kDefault; }
+inline CpuIsa cpu_isa_for(c10::ScalarType dtype) {
+  const CpuIsa isa = cpu_isa();  // read (and BATCHOPS_CPU_ISA checked) for every dtype
+  return dtype == c10::kFloat ? isa : CpuIsa::kDefault;
+}
 
 }  // namespace batchops
 

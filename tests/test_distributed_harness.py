@@ -93,6 +93,7 @@ def assert_dead(pid, within=5.0):
 
 
 # ----------------------------------------------------------------------------- tests
+@pytest.mark.slow
 def test_all_reduce_values_env_and_large_result(monkeypatch):
     big = 4_000_000  # 16 MB per rank
     monkeypatch.setenv("BATCHOPS_REMOVED", "1")
@@ -116,6 +117,7 @@ def test_all_reduce_values_env_and_large_result(monkeypatch):
     assert_reaped(results)
 
 
+@pytest.mark.slow
 def test_exception_is_reported_with_traceback():
     results = run_ranks(_raise_on_rank_1, 2, timeout=60, check=False)
     ok, bad = results
@@ -126,6 +128,7 @@ def test_exception_is_reported_with_traceback():
     assert_reaped(results)
 
 
+@pytest.mark.slow
 def test_check_raises_rank_failure_and_failure_grace():
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
@@ -146,6 +149,7 @@ def test_check_raises_rank_failure_and_failure_grace():
     assert_reaped(exc.results)
 
 
+@pytest.mark.slow
 def test_os_exit_code_is_reported():
     results = run_ranks(_exit_3, 2, timeout=60, check=False)
     assert results[0].ok and results[0].value == 0
@@ -154,6 +158,7 @@ def test_os_exit_code_is_reported():
     assert "exited with code 3 without returning a result" in r.error
 
 
+@pytest.mark.slow
 def test_killed_rank_makes_peers_fail_fast():
     """The pattern for fault-tolerance tests: kill one rank mid-run, the others must raise
     (not hang) within a bounded time."""
@@ -177,7 +182,7 @@ def test_hang_is_stopped_by_timeout(tmp_path):
     results = run_ranks(_hang_after_peer_died, 2, args=(str(pid_file),), init=False, timeout=timeout,
                         check=False)
     elapsed = time.monotonic() - start
-    assert timeout <= elapsed < timeout + 6  # stack dump + SIGTERM grace at most
+    assert timeout <= elapsed < timeout + 30  # a hang guard: stack dump + SIGTERM grace, generously
     dead, hung = results
     assert dead.exitcode == 1 and not dead.timed_out and not dead.ok
     assert hung.timed_out and not hung.ok and hung.exitcode is not None and hung.exitcode < 0

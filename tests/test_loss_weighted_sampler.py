@@ -412,6 +412,7 @@ def _two_rank_updates(rank, world_size):
     }
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_share_one_table():
     a, b = (r.value for r in run_ranks(_two_rank_updates, 2, timeout=120))
     # what one process gets from all the updates of both ranks (index 3: mean of 0.5 and 4.0)

@@ -147,6 +147,7 @@ def _reference(case):
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_single_process_batch_norm():
     results = run_ranks(_ranked, 2, timeout=120, failure_grace=10)
     tol = dict(rtol=1e-10, atol=1e-10)

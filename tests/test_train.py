@@ -332,6 +332,7 @@ def test_find_sync_batchnorm():
 
 
 # ----------------------------------------------------------------------------- tests: two ranks
+@pytest.mark.slow
 def test_two_ranks_parity_resume_and_gather(tmp_path):
     results = run_ranks(_rank_parity_resume_gather, 2, args=(str(tmp_path),), timeout=150, collective_timeout=60)
     r0, r1 = (r.value for r in results)
@@ -368,6 +369,7 @@ def test_two_ranks_parity_resume_and_gather(tmp_path):
         assert ev["loss"] == pytest.approx(float(nn.functional.cross_entropy(outputs, ds8.y)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_rank_makes_the_other_fail_fast():
     start = time.monotonic()
     results = run_ranks(_rank_killed, 2, timeout=90, collective_timeout=30, check=False)
@@ -391,6 +393,7 @@ def test_stalled_rank_makes_the_other_fail_at_the_collective_timeout():
     assert stalled.timed_out  # stopped by the harness one second after the survivor failed
 
 
+@pytest.mark.slow
 def test_join_uneven_loaders_and_sync_batchnorm_error():
     r0, r1 = (r.value for r in run_ranks(_rank_join, 2, timeout=120, collective_timeout=30))
     assert (r0["steps"], r1["steps"]) == (10, 6)  # 5 and 3 batches per epoch, two epochs

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -288,7 +290,10 @@ def test_process_memory_probe_reads_rss():
     assert probe() > 1_000_000
     probe.reset_peak()
     peak = probe.peak()
-    assert peak is None or peak >= 1_000_000
+    if sys.platform.startswith("linux"):  # VmHWM, reset through /proc/self/clear_refs
+        assert peak is not None and peak >= 1_000_000
+    else:
+        assert peak is None or peak >= 1_000_000
 
 
 def test_default_budget_is_fraction_of_available():

@@ -68,6 +68,7 @@ def test_default_sweep_end_to_end_writes_its_files(tmp_path):
     assert "| 16 |" in summary and "| 32 |" in summary and "target loss" in summary
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("kernels")
 def test_every_batch_size_starts_from_the_same_weights_and_sample_order():
     result = sw.batch_size_sweep((8, 16), noise_scale=False, **{**TINY, "max_samples": 32})
@@ -116,6 +117,7 @@ def _mlp():
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
 
 
+@pytest.mark.slow
 def test_custom_dataset_and_model_fn(tmp_path):
     rng_state = torch.random.get_rng_state()
     threads = torch.get_num_threads()

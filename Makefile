@@ -7,7 +7,7 @@ PYTHON ?= python3
 TORCH ?= 2.14.1
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEPS := torch==$(TORCH) numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn
+DEPS := torch==$(TORCH) numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn ruff
 # CUDA sources build whenever nvcc and torch's CUDA build are present (BATCHOPS_CUDA=auto).
 export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
@@ -16,7 +16,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.c
 BUILT := build/.built-for-$(subst /,_,$(VENV))
 PYTEST_ARGS ?= -q --timeout 300 --durations 15
 
-.PHONY: setup build bench test test-quick gpu-check clean
+.PHONY: setup build bench test test-quick lint gpu-check clean
 
 setup: $(VENV)/.deps-torch-$(TORCH) $(BUILT)
 
@@ -44,6 +44,12 @@ test: setup
 # Local iteration: everything but the tests marked slow (examples, torchrun, multi-process).
 test-quick: setup
 	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml (CI runs this).
+lint: $(VENV)/.deps-torch-$(TORCH)
+	$(BIN)/python -m ruff --version > /dev/null 2>&1 || $(BIN)/pip install -q ruff
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
 
 # One call on a GPU machine: build for the visible GPU, run the whole suite (cuda cases
 # included), run the benchmarks on cuda and write benchmarks/results/.

@@ -13,6 +13,7 @@ Environment switches (setup.py prints what it decided):
 CPU kernels are compiled for the baseline, AVX2 and AVX-512 (csrc/batch_norm/cpu_*.cpp) and the
 best the processor supports is picked at run time.
 """
+
 import glob
 import os
 import re
@@ -99,8 +100,10 @@ except ImportError:
     # purpose: pyproject.toml does not list it, so no second torch is downloaded to build with).
     sys.exit(f"[batchops setup] torch cannot be imported here ({sys.executable}).\n{NO_ISOLATION_HINT}")
 if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH:
-    sys.exit(f"[batchops setup] torch {torch.__version__} is older than batchops supports "
-             f"({'.'.join(map(str, MIN_TORCH))} or newer)")
+    sys.exit(
+        f"[batchops setup] torch {torch.__version__} is older than batchops supports "
+        f"({'.'.join(map(str, MIN_TORCH))} or newer)"
+    )
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = False
@@ -133,7 +136,9 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers, so without it
 # every CPU kernel runs on one thread. The link flag resolves to the libgomp.so.1 torch loads.
 # -fno-trapping-math: lets GCC turn the activation selects into vector blends.
-cxx_flags = opt + ["-fopenmp", "-fno-trapping-math", "-Wno-unused-parameter"] + os.environ.get("BATCHOPS_EXTRA_CXX", "").split()
+cxx_flags = (
+    opt + ["-fopenmp", "-fno-trapping-math", "-Wno-unused-parameter"] + os.environ.get("BATCHOPS_EXTRA_CXX", "").split()
+)
 # No --use_fast_math: it turns std::tanh(float) into tanh.approx.f32 (relative error ~2^-11;
 # gelu_tanh's 0.5 x (1 + t) then cancels for x < 0), flushes denormals and approximates
 # division and sqrt. tests/test_build.py checks the PTX of the activations.
@@ -177,6 +182,7 @@ if with_cuda:
 else:
     log(f"CUDA sources: OFF ({why})")
 log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, flags={' '.join(cxx_flags)}")
+
 
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
     """torch's BuildExtension, compiling in build/temp-torch<version>/ instead of pip's temporary

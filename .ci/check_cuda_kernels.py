@@ -1,4 +1,5 @@
 """CI gate: the CUDA sources were compiled, and every batchops op has a CPU and a CUDA kernel."""
+
 import sys
 
 import torch
@@ -15,7 +16,9 @@ if not info["cuda_kernels"]:
 ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("batchops::"))
 if not ops:
     sys.exit("no batchops ops are registered")
-missing = [(op, key) for op in ops for key in ("CPU", "CUDA") if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+missing = [
+    (op, key) for op in ops for key in ("CPU", "CUDA") if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+]
 for op in ops:
     print(f"  {op}: CPU and CUDA kernels" if not any(m[0] == op for m in missing) else f"  {op}: MISSING")
 if missing:

@@ -1,10 +1,24 @@
 """batchops: fused batch-processing kernels (CPU and CUDA) for PyTorch training."""
-from batchops._version import __version__
+
+from batchops import (
+    data,
+    functional,
+    ops,  # noqa: F401  (importing registers the fake kernels of every op)
+    train,
+    tuning,
+)
 from batchops._extension import build_info, extension_available
-from batchops import ops  # registers fake kernels and autograd for every op
-from batchops import data, functional, train, tuning
-from batchops.nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupedLinear, Linear, SyncBatchNorm,
-                         convert_batchnorm, revert_batchnorm)
+from batchops._version import __version__
+from batchops.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupedLinear,
+    Linear,
+    SyncBatchNorm,
+    convert_batchnorm,
+    revert_batchnorm,
+)
 from batchops.packing import pack_padded_sequence, pad, pad_packed_sequence, unpad
 
 __all__ = [

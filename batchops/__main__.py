@@ -1,4 +1,5 @@
 """`python -m batchops ...` runs the `batchops` console script."""
+
 import sys
 
 from batchops.cli import main

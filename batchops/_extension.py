@@ -3,6 +3,7 @@
 The pure-Python parts of batchops (data, tuning, ...) import without it; kernel-backed calls
 go through require_extension(), which says how to build it when it is missing or stale.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -10,8 +11,7 @@ import warnings
 import torch
 
 BUILD_HINT = (
-    "build it from the repository root with `pip install --no-build-isolation -e .` "
-    "(see README.md, 'Build options')"
+    "build it from the repository root with `pip install --no-build-isolation -e .` (see README.md, 'Build options')"
 )
 
 _C = None

@@ -1,38 +1,55 @@
 """The `batchops` console script (also `python -m batchops`).
 
-    batchops bench [--device cpu|cuda|auto] [--quick] [--op batch_norm] [--out DIR]
-    batchops info
-    batchops sweep [--batch-sizes 16,32,64,128,256] [--epochs N] [--lr-rule sqrt] [--out DIR] [--quick]
+batchops bench [--device cpu|cuda|auto] [--quick] [--op batch_norm] [--out DIR]
+batchops info
+batchops sweep [--batch-sizes 16,32,64,128,256] [--epochs N] [--lr-rule sqrt] [--out DIR] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
     from batchops.bench import DEFAULT_OUT_DIR, OPS
 
-    parser = argparse.ArgumentParser(prog="batchops", description="batchops: fused batch-processing kernels for PyTorch")
+    parser = argparse.ArgumentParser(
+        prog="batchops", description="batchops: fused batch-processing kernels for PyTorch"
+    )
     sub = parser.add_subparsers(dest="command", metavar="{bench,info,sweep}")
 
-    bench = sub.add_parser("bench", help="benchmark batchops against torch and write a markdown table",
-                           description="Time batchops against torch (interleaved, in one process), print a markdown "
-                                       "table and write it to OUT/<device-tag>-<YYYY-MM-DD>.md.")
-    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="where to run (auto: CUDA when a GPU and CUDA kernels are present, else CPU)")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark batchops against torch and write a markdown table",
+        description="Time batchops against torch (interleaved, in one process), print a markdown "
+        "table and write it to OUT/<device-tag>-<YYYY-MM-DD>.md.",
+    )
+    bench.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where to run (auto: CUDA when a GPU and CUDA kernels are present, else CPU)",
+    )
     bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer samples (CI smoke runs)")
     bench.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, 3 samples: tests
-    bench.add_argument("--op", action="append", choices=sorted(OPS), dest="ops",
-                       help="op to benchmark (repeatable; default: all)")
-    bench.add_argument("--out", default=DEFAULT_OUT_DIR,
-                       help=f"folder for the results file, created if missing (default: {DEFAULT_OUT_DIR})")
+    bench.add_argument(
+        "--op", action="append", choices=sorted(OPS), dest="ops", help="op to benchmark (repeatable; default: all)"
+    )
+    bench.add_argument(
+        "--out",
+        default=DEFAULT_OUT_DIR,
+        help=f"folder for the results file, created if missing (default: {DEFAULT_OUT_DIR})",
+    )
     bench.add_argument("--no-write", action="store_true", help="print the table only")
-    bench.add_argument("--default-malloc", action="store_true",
-                       help="CPU: keep glibc's adaptive malloc thresholds (by default the run fixes them so that freed "
-                            "buffers are reused instead of faulted in again; see the report's 'memory' line)")
+    bench.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU: keep glibc's adaptive malloc thresholds (by default the run fixes them so that freed "
+        "buffers are reused instead of faulted in again; see the report's 'memory' line)",
+    )
 
     sub.add_parser("info", help="print how batchops was built and what torch and devices it sees")
     _add_sweep_parser(sub)
@@ -52,39 +69,73 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def _add_sweep_parser(sub) -> None:
     # batchops.tuning.sweep is imported only when the command runs: `bench` and `info` must not
     # depend on it (nor on scikit-learn).
-    default_out = os.path.join("benchmarks", "sweep")
+    # = batchops.tuning.sweep.DEFAULT_OUT_DIR (a test checks), not imported here: not
+    # benchmarks/sweep, whose committed example a bare run must not overwrite.
+    default_out = "sweep-results"
     sweep = sub.add_parser(
-        "sweep", help="convergence study: train a small CNN at several batch sizes, plot and report",
+        "sweep",
+        help="convergence study: train a small CNN at several batch sizes, plot and report",
         description="Train the same model (batchops.BatchNorm2d CNN on scikit-learn's digits) from the same "
-                    "initial weights at each batch size, with the learning rate scaled by a rule; measure the "
-                    "loss against steps, samples and wall time, the steps and samples to a target loss, the "
-                    "throughput and the gradient noise scale; print a summary table and write PNG plots, "
-                    "report.md and sweep.json to OUT.")
-    sweep.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B1,B2,...",
-                       help="comma-separated batch sizes (default: 16,32,64,128,256; --quick: 16,64)")
-    sweep.add_argument("--epochs", type=float, default=None,
-                       help="epochs of data per batch size (the same samples for each; default: 15)")
+        "initial weights at each batch size, with the learning rate scaled by a rule; measure the "
+        "loss against steps, samples and wall time, the steps and samples to a target loss, the "
+        "throughput and the gradient noise scale; print a summary table and write PNG plots, "
+        "report.md and sweep.json to OUT.",
+    )
+    sweep.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=None,
+        metavar="B1,B2,...",
+        help="comma-separated batch sizes (default: 16,32,64,128,256; --quick: 16,64)",
+    )
+    sweep.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="epochs of data per batch size (the same samples for each; default: 15)",
+    )
     sweep.add_argument("--max-samples", type=int, default=None, help="samples per batch size (overrides --epochs)")
-    sweep.add_argument("--lr-rule", default="sqrt", choices=("sqrt", "linear", "none"),
-                       help="lr = base_lr * (B / base_batch_size) ** {sqrt: 0.5, linear: 1, none: 0} (default: sqrt)")
-    sweep.add_argument("--base-lr", type=float, default=None, help="learning rate at --base-batch-size "
-                       "(default: 0.05 for sgd, 0.001 for adam)")
+    sweep.add_argument(
+        "--lr-rule",
+        default="sqrt",
+        choices=("sqrt", "linear", "none"),
+        help="lr = base_lr * (B / base_batch_size) ** {sqrt: 0.5, linear: 1, none: 0} (default: sqrt)",
+    )
+    sweep.add_argument(
+        "--base-lr",
+        type=float,
+        default=None,
+        help="learning rate at --base-batch-size (default: 0.05 for sgd, 0.001 for adam)",
+    )
     sweep.add_argument("--base-batch-size", type=int, default=32, help="batch size of --base-lr (default: 32)")
     sweep.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="sgd (momentum 0.9) or adam")
-    sweep.add_argument("--target-loss", type=float, default=None,
-                       help="training loss that counts as reached (default: the loosest loss every run "
-                            "reached within half its samples)")
-    sweep.add_argument("--out", default=default_out,
-                       help=f"folder for the plots, report.md and sweep.json, created if missing "
-                            f"(default: {default_out})")
-    sweep.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                       help="where to train (default: cpu; auto: CUDA when a GPU and CUDA kernels are present)")
+    sweep.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="training loss that counts as reached (default: the loosest loss every run "
+        "reached within half its samples)",
+    )
+    sweep.add_argument(
+        "--out",
+        default=default_out,
+        help=f"folder for the plots, report.md and sweep.json, created if missing (default: {default_out})",
+    )
+    sweep.add_argument(
+        "--device",
+        default="cpu",
+        choices=("auto", "cpu", "cuda"),
+        help="where to train (default: cpu; auto: CUDA when a GPU and CUDA kernels are present)",
+    )
     sweep.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the sample order")
-    sweep.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads during the sweep (default: torch's; --quick: 1)")
-    sweep.add_argument("--quick", action="store_true",
-                       help="tiny configuration (batch sizes 16,64, 640 samples each, 1 thread): "
-                            "a smoke run of seconds")
+    sweep.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads during the sweep (default: torch's; --quick: 1)"
+    )
+    sweep.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny configuration (batch sizes 16,64, 640 samples each, 1 thread): a smoke run of seconds",
+    )
     sweep.add_argument("--no-noise-scale", action="store_true", help="skip the gradient noise scale measurement")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -117,9 +168,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     ops = tuple(dict.fromkeys(args.ops)) if args.ops else tuple(bench.OPS)
     try:
-        text, path = bench.run(ops, device=args.device, quick=args.quick, smoke=args.smoke,
-                               out_dir=None if args.no_write else args.out, default_malloc=args.default_malloc,
-                               log=lambda line: print(line, file=sys.stderr, flush=True))
+        text, path = bench.run(
+            ops,
+            device=args.device,
+            quick=args.quick,
+            smoke=args.smoke,
+            out_dir=None if args.no_write else args.out,
+            default_malloc=args.default_malloc,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     except (RuntimeError, ValueError) as exc:
         print(f"batchops bench: error: {exc}", file=sys.stderr)
         return 1
@@ -144,16 +201,30 @@ def _sweep(args: argparse.Namespace) -> int:
         kwargs.update(eval_points=6, noise_points=8, eval_train_samples=512)
     try:
         result = batch_size_sweep(
-            batch_sizes, lr_rule=args.lr_rule, base_lr=args.base_lr, base_batch_size=args.base_batch_size,
-            optimizer=args.optimizer, epochs=args.epochs, max_samples=max_samples, target_loss=args.target_loss,
-            seed=args.seed, out_dir=args.out, device=args.device, num_threads=threads,
-            progress=not args.no_progress, noise_scale=not args.no_noise_scale, **kwargs)
+            batch_sizes,
+            lr_rule=args.lr_rule,
+            base_lr=args.base_lr,
+            base_batch_size=args.base_batch_size,
+            optimizer=args.optimizer,
+            epochs=args.epochs,
+            max_samples=max_samples,
+            target_loss=args.target_loss,
+            seed=args.seed,
+            out_dir=args.out,
+            device=args.device,
+            num_threads=threads,
+            progress=not args.no_progress,
+            noise_scale=not args.no_noise_scale,
+            **kwargs,
+        )
     except (RuntimeError, ValueError) as exc:
         print(f"batchops sweep: error: {exc}", file=sys.stderr)
         return 1
     print(result.summary())
-    print(f"written to {args.out}: " + ", ".join(sorted(os.path.basename(p) for p in result.files.values())),
-          file=sys.stderr)
+    print(
+        f"written to {args.out}: " + ", ".join(sorted(os.path.basename(p) for p in result.files.values())),
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """torch.nn.functional-compatible entry points backed by batchops kernels."""
+
 from __future__ import annotations
 
 import torch
@@ -52,7 +53,9 @@ def batch_norm(
             output = output + bias[0]
         return output
     if input.dim() < 2:
-        raise ValueError(f"batchops.batch_norm: expected input with at least 2 dimensions (N, C, *), got {input.dim()}-D")
+        raise ValueError(
+            f"batchops.batch_norm: expected input with at least 2 dimensions (N, C, *), got {input.dim()}-D"
+        )
     if training:
         _verify_batch_size(input.size())
     if isinstance(momentum, Tensor):
@@ -60,7 +63,16 @@ def batch_norm(
     else:
         momentum_value, momentum_tensor = float(momentum), None
     output, _, _, new_mean, new_var = batch_norm_forward(
-        input, weight, bias, residual, running_mean, running_var, training, momentum_value, momentum_tensor, eps,
+        input,
+        weight,
+        bias,
+        residual,
+        running_mean,
+        running_var,
+        training,
+        momentum_value,
+        momentum_tensor,
+        eps,
         activation,
     )
     if training and running_mean is not None:
@@ -105,8 +117,10 @@ def _group_sizes_tensor(group_sizes, input: Tensor) -> Tensor:
     if isinstance(group_sizes, Tensor):
         return group_sizes
     if not isinstance(group_sizes, (list, tuple)):
-        raise TypeError(f"batchops.grouped_linear: group_sizes must be a list of ints or an integer tensor, "
-                        f"got {type(group_sizes).__name__}")
+        raise TypeError(
+            f"batchops.grouped_linear: group_sizes must be a list of ints or an integer tensor, "
+            f"got {type(group_sizes).__name__}"
+        )
     for i, s in enumerate(group_sizes):
         if isinstance(s, bool) or not isinstance(s, int):
             raise TypeError(f"batchops.grouped_linear: group_sizes[{i}] must be an int, got {type(s).__name__}")
@@ -114,8 +128,9 @@ def _group_sizes_tensor(group_sizes, input: Tensor) -> Tensor:
     return torch.tensor(list(group_sizes), dtype=torch.int64)
 
 
-def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, group_sizes=None, *,
-                   activation: str | None = None) -> Tensor:
+def grouped_linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, group_sizes=None, *, activation: str | None = None
+) -> Tensor:
     """G linear layers in one call: group g computes ``act(x_g @ weight[g].T + bias[g])``.
 
     ``weight`` is (G, out_features, in_features), ``bias`` (G, out_features) or None.
@@ -133,5 +148,6 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, gr
         group_sizes = _group_sizes_tensor(group_sizes, input)
     input, weight, bias = _autocast(input, weight, bias)
     with torch.autocast(input.device.type, enabled=False):
-        return grouped_linear_forward(input, weight, bias, group_sizes, activation,
-                                      _needs_saving(input, weight, bias))[0]
+        return grouped_linear_forward(input, weight, bias, group_sizes, activation, _needs_saving(input, weight, bias))[
+            0
+        ]

@@ -10,6 +10,7 @@ device; lengths on the device cost exactly one device-to-host copy (batch_sizes 
 the CPU). pad_packed_sequence of an unsorted PackedSequence returns its lengths on the CPU in
 the original order, which needs unsorted_indices on the host: one copy, as in torch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,9 +56,19 @@ def _needs_grad(t: Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
 
 
-def _packed_maps(batch_sizes: Tensor, sorted_indices: Tensor | None, unsorted_indices: Tensor | None,
-                 lengths_sorted: Tensor, B: int, T: int, batch_first: bool, device, *, to_padded: bool,
-                 to_packed: bool) -> tuple[Tensor | None, Tensor | None]:
+def _packed_maps(
+    batch_sizes: Tensor,
+    sorted_indices: Tensor | None,
+    unsorted_indices: Tensor | None,
+    lengths_sorted: Tensor,
+    B: int,
+    T: int,
+    batch_first: bool,
+    device,
+    *,
+    to_padded: bool,
+    to_packed: bool,
+) -> tuple[Tensor | None, Tensor | None]:
     """(packed row -> padded row, padded row -> packed row or -1) for a padded grid of T steps;
     each only when asked for (the backward's map is skipped when no gradient is needed).
 
@@ -87,8 +98,9 @@ def _packed_maps(batch_sizes: Tensor, sorted_indices: Tensor | None, unsorted_in
     return padded_map, packed_map
 
 
-def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
-                         enforce_sorted: bool = True) -> PackedSequence:
+def pack_padded_sequence(
+    input: Tensor, lengths, batch_first: bool = False, enforce_sorted: bool = True
+) -> PackedSequence:
     """torch.nn.utils.rnn.pack_padded_sequence, bit for bit, as one gather.
 
     `lengths` may be a list, a CPU tensor or a device tensor. Unlike torch, lengths longer
@@ -97,59 +109,90 @@ def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
     """
     lengths = _host_lengths(lengths)
     if input.dim() < 2:
-        raise ValueError(f"pack_padded_sequence: input must be at least 2-D (T, B, *) or (B, T, *), "
-                         f"got shape {tuple(input.shape)}")
+        raise ValueError(
+            f"pack_padded_sequence: input must be at least 2-D (T, B, *) or (B, T, *), got shape {tuple(input.shape)}"
+        )
     B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
     if B == 0:
         raise RuntimeError("Cannot pack empty tensors.")
     if lengths.numel() != B:
-        raise RuntimeError(f"Expected `len(lengths)` to be equal to batch_size, but got {lengths.numel()} "
-                           f"(batch_size={B})")
+        raise RuntimeError(
+            f"Expected `len(lengths)` to be equal to batch_size, but got {lengths.numel()} (batch_size={B})"
+        )
     if bool((lengths <= 0).any()):
-        raise RuntimeError("Length of all samples has to be greater than 0, but found an element in 'lengths' "
-                           "that is <= 0")
+        raise RuntimeError(
+            "Length of all samples has to be greater than 0, but found an element in 'lengths' that is <= 0"
+        )
     if int(lengths.max()) > T:
-        raise ValueError(f"pack_padded_sequence: lengths must not exceed the padded length {T} "
-                         f"(dimension {1 if batch_first else 0} of input), got a length of {int(lengths.max())}")
+        raise ValueError(
+            f"pack_padded_sequence: lengths must not exceed the padded length {T} "
+            f"(dimension {1 if batch_first else 0} of input), got a length of {int(lengths.max())}"
+        )
     if enforce_sorted:
         if bool((lengths[1:] > lengths[:-1]).any()):
-            raise RuntimeError("`lengths` array must be sorted in decreasing order when `enforce_sorted` is True. "
-                               "You can pass `enforce_sorted=False` to pack_padded_sequence and/or pack_sequence "
-                               "to sidestep this requirement if you do not need ONNX exportability.")
+            raise RuntimeError(
+                "`lengths` array must be sorted in decreasing order when `enforce_sorted` is True. "
+                "You can pass `enforce_sorted=False` to pack_padded_sequence and/or pack_sequence "
+                "to sidestep this requirement if you do not need ONNX exportability."
+            )
         lengths_sorted, sorted_host = lengths, None
         sorted_indices = unsorted_indices = None
     else:
         lengths_sorted, sorted_host = torch.sort(lengths, descending=True)  # the same call as torch's
         sorted_indices = _to_device(sorted_host, input.device)
-        unsorted_indices = _to_device(torch.empty_like(sorted_host).scatter_(
-            0, sorted_host, torch.arange(B, dtype=torch.int64)), input.device)
+        unsorted_indices = _to_device(
+            torch.empty_like(sorted_host).scatter_(0, sorted_host, torch.arange(B, dtype=torch.int64)), input.device
+        )
     # batch_sizes[t] = #{lengths > t}, from a histogram and a reverse prefix sum on the host.
     max_len = int(lengths_sorted[0])
     counts = torch.bincount(lengths_sorted, minlength=max_len + 1)
-    batch_sizes = counts.flip(0).cumsum(0).flip(0)[1:max_len + 1].contiguous()
-    to_padded, to_packed = _packed_maps(batch_sizes, sorted_indices, unsorted_indices, lengths_sorted, B, T,
-                                        batch_first, input.device, to_padded=True, to_packed=_needs_grad(input))
+    batch_sizes = counts.flip(0).cumsum(0).flip(0)[1 : max_len + 1].contiguous()
+    to_padded, to_packed = _packed_maps(
+        batch_sizes,
+        sorted_indices,
+        unsorted_indices,
+        lengths_sorted,
+        B,
+        T,
+        batch_first,
+        input.device,
+        to_padded=True,
+        to_packed=_needs_grad(input),
+    )
     data = gather_rows(_rows(input, 2), to_padded, to_packed, 0)
     return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
 
 
-def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, padding_value: float = 0.0,
-                        total_length: int | None = None) -> tuple[Tensor, Tensor]:
+def pad_packed_sequence(
+    sequence: PackedSequence, batch_first: bool = False, padding_value: float = 0.0, total_length: int | None = None
+) -> tuple[Tensor, Tensor]:
     """torch.nn.utils.rnn.pad_packed_sequence, bit for bit, as one gather."""
     data, batch_sizes = sequence.data, sequence.batch_sizes
     max_seq_length = batch_sizes.size(0)
     if total_length is not None:
         if total_length < max_seq_length:
-            raise ValueError("Expected total_length to be at least the length of the longest sequence in input, "
-                             f"but got total_length={total_length} and max sequence length being {max_seq_length}")
+            raise ValueError(
+                "Expected total_length to be at least the length of the longest sequence in input, "
+                f"but got total_length={total_length} and max sequence length being {max_seq_length}"
+            )
         max_seq_length = total_length
     bs = batch_sizes.to(dtype=torch.int64, device="cpu")
     B = int(bs[0]) if bs.numel() else 0
     T = max_seq_length
     # lengths of the sorted sequences: lengths_sorted[j] = #{t : batch_sizes[t] > j}
     lengths_sorted = (bs[None, :] > torch.arange(B)[:, None]).sum(1)
-    to_padded, to_packed = _packed_maps(bs, sequence.sorted_indices, sequence.unsorted_indices, lengths_sorted,
-                                        B, T, batch_first, data.device, to_padded=_needs_grad(data), to_packed=True)
+    to_padded, to_packed = _packed_maps(
+        bs,
+        sequence.sorted_indices,
+        sequence.unsorted_indices,
+        lengths_sorted,
+        B,
+        T,
+        batch_first,
+        data.device,
+        to_padded=_needs_grad(data),
+        to_packed=True,
+    )
     padded = gather_rows(data, to_packed, to_padded, padding_value)
     padded = padded.reshape(B, T, *data.shape[1:]) if batch_first else padded.reshape(T, B, *data.shape[1:])
     unsorted = sequence.unsorted_indices
@@ -161,8 +204,9 @@ def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, pad
 # The varlen layout (FlashAttention's cu_seqlens)
 
 
-def unpad(x: Tensor, lengths=None, mask: Tensor | None = None, *, max_seqlen: int | None = None,
-          total: int | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+def unpad(
+    x: Tensor, lengths=None, mask: Tensor | None = None, *, max_seqlen: int | None = None, total: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """(B, T, *) -> (tokens (total, *), indices (total,) int64, cu_seqlens (B+1,) int32, max_seqlen).
 
     The order of flash-attn's unpad_input. Give either `lengths` (right padding; a list, CPU
@@ -193,8 +237,11 @@ def unpad(x: Tensor, lengths=None, mask: Tensor | None = None, *, max_seqlen: in
         if _needs_grad(x):
             steps = torch.arange(T, device=device)
             lengths_dev = cu[1:] - cu[:-1]
-            inverse = torch.where(steps[None, :] < lengths_dev[:, None], cu[:-1, None] + steps[None, :],
-                                  torch.full((B, T), -1, dtype=torch.int64, device=device)).reshape(-1)
+            inverse = torch.where(
+                steps[None, :] < lengths_dev[:, None],
+                cu[:-1, None] + steps[None, :],
+                torch.full((B, T), -1, dtype=torch.int64, device=device),
+            ).reshape(-1)
         cu_seqlens = cu.to(torch.int32)
         longest = int(host.max()) if B else 0
         max_seqlen = longest if max_seqlen is None else max_seqlen

@@ -5,6 +5,7 @@
 The harness and the cases live in the package (batchops/bench/), so the installed
 `batchops bench` command runs exactly this.
 """
+
 import os
 import sys
 

@@ -23,6 +23,7 @@ accuracy after every epoch, then one machine-readable line:
 Under torchrun every rank trains on its shard of each global batch (--batch-size is per rank)
 and the test set is evaluated on its shards, the counts and sums all-reduced.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,7 @@ def load_data(seed: int):
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
     mean, std = x_train.mean(), x_train.std()
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    return (torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test),
-            torch.from_numpy(y_test))
+    return (torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test), torch.from_numpy(y_test))
 
 
 class DigitsCNN(nn.Module):
@@ -110,8 +110,13 @@ def main(argv=None) -> dict:
     # which read the rank and world size from the group.
     train_set = TensorDataset(x_train, y_train)
     trainer = batchops.train.Trainer(
-        model, optimizer, amp=amp, device=device, checkpoint_path=args.checkpoint,
-        progress=not args.no_progress, verbose=True,
+        model,
+        optimizer,
+        amp=amp,
+        device=device,
+        checkpoint_path=args.checkpoint,
+        progress=not args.no_progress,
+        verbose=True,
     )
     sampler = ShuffledBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, batch_sampler=sampler)
@@ -123,23 +128,37 @@ def main(argv=None) -> dict:
     test_loader = DataLoader(TensorDataset(x_test[test_idx], y_test[test_idx]), batch_size=256)
     # The schedule needs the steps per epoch, known once the (rank-sharded) sampler exists.
     trainer.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_loader), pct_start=0.25)
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_loader), pct_start=0.25
+    )
 
     if trainer.is_main:
-        print(f"device {trainer.device}, world size {world}, amp {trainer.autocast_dtype}, torch {torch.__version__}, "
-              f"batchops {batchops.__version__}; {len(x_train)} train / {len(x_test)} test images, "
-              f"{len(train_loader)} steps per epoch of {args.batch_size} x {world} images, "
-              f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
+        print(
+            f"device {trainer.device}, world size {world}, amp {trainer.autocast_dtype}, torch {torch.__version__}, "
+            f"batchops {batchops.__version__}; {len(x_train)} train / {len(x_test)} test images, "
+            f"{len(train_loader)} steps per epoch of {args.batch_size} x {world} images, "
+            f"{sum(p.numel() for p in model.parameters())} parameters",
+            flush=True,
+        )
     start = time.perf_counter()
-    result = trainer.fit(train_loader, epochs=args.epochs, eval_loader=test_loader,
-                         resume=True if args.resume else None)
+    result = trainer.fit(
+        train_loader, epochs=args.epochs, eval_loader=test_loader, resume=True if args.resume else None
+    )
     seconds = time.perf_counter() - start
     final = trainer.evaluate(test_loader)
-    out = {"test_acc": final["accuracy"], "test_loss": final["loss"], "epochs": args.epochs,
-           "world_size": world, "seconds": seconds, "history": result.history}
+    out = {
+        "test_acc": final["accuracy"],
+        "test_loss": final["loss"],
+        "epochs": args.epochs,
+        "world_size": world,
+        "seconds": seconds,
+        "history": result.history,
+    }
     if trainer.is_main:
-        print(f"RESULT test_acc={out['test_acc']:.4f} test_loss={out['test_loss']:.4f} epochs={args.epochs} "
-              f"world_size={world} seconds={seconds:.1f}", flush=True)
+        print(
+            f"RESULT test_acc={out['test_acc']:.4f} test_loss={out['test_loss']:.4f} epochs={args.epochs} "
+            f"world_size={world} seconds={seconds:.1f}",
+            flush=True,
+        )
     return out
 
 

@@ -40,6 +40,7 @@ throughput in real tokens per second (training steps only, evaluation excluded),
 efficiency of each loader's batches (real tokens / (rows x longest length), summed over the
 epochs). --quick uses one torch thread: see the comment in main().
 """
+
 from __future__ import annotations
 
 import argparse
@@ -160,8 +161,12 @@ class LSTMClassifier(nn.Module):
     def forward_packed(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) padded, lengths (B,) on the CPU: the LSTM never sees a padding token."""
         packed_ids = batchops.pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
-        packed = PackedSequence(self.embedding(packed_ids.data), packed_ids.batch_sizes,
-                                packed_ids.sorted_indices, packed_ids.unsorted_indices)
+        packed = PackedSequence(
+            self.embedding(packed_ids.data),
+            packed_ids.batch_sizes,
+            packed_ids.sorted_indices,
+            packed_ids.unsorted_indices,
+        )
         out, (h, _c) = self.lstm(packed)  # h: the state after each sentence's last real token
         padded, out_lengths = batchops.pad_packed_sequence(out, batch_first=True)  # zeros past the end
         mean = padded.sum(1) / out_lengths.to(padded.device, padded.dtype)[:, None]
@@ -194,8 +199,9 @@ def evaluate(model, loader, packed: bool, device) -> float:
     return correct / total
 
 
-def train(name: str, model, train_loader, val_loader, packed: bool, epochs: int, lr: float, device,
-          set_epoch=None) -> dict:
+def train(
+    name: str, model, train_loader, val_loader, packed: bool, epochs: int, lr: float, device, set_epoch=None
+) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     train_time = 0.0
@@ -225,28 +231,43 @@ def train(name: str, model, train_loader, val_loader, packed: bool, epochs: int,
         train_time += time.perf_counter() - start
         train_acc = correct / seen
         val_acc = evaluate(model, val_loader, packed, device)
-        print(f"  [{name}] epoch {epoch + 1}/{epochs}: train acc {train_acc:.3f}, val acc {val_acc:.3f}, "
-              f"train time {train_time:.2f} s so far", flush=True)
-    return {"train_acc": train_acc, "val_acc": val_acc, "tokens_per_s": real_tokens / train_time,
-            "padding_efficiency": real_tokens / slots, "train_s": train_time}
+        print(
+            f"  [{name}] epoch {epoch + 1}/{epochs}: train acc {train_acc:.3f}, val acc {val_acc:.3f}, "
+            f"train time {train_time:.2f} s so far",
+            flush=True,
+        )
+    return {
+        "train_acc": train_acc,
+        "val_acc": val_acc,
+        "tokens_per_s": real_tokens / train_time,
+        "padding_efficiency": real_tokens / slots,
+        "train_s": train_time,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small data set and model (< 30 s on 2 CPU cores)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 2 with --quick, else 3)")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="padded-token budget per bucketed batch (default: 2048 with --quick, else 4096)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 with --quick, else torch's default)")
-    parser.add_argument("--no-bucketed-padded", action="store_true",
-                        help="skip (c), the bucketed batches run through the LSTM padded")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="padded-token budget per bucketed batch (default: 2048 with --quick, else 4096)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick, else torch's default)"
+    )
+    parser.add_argument(
+        "--no-bucketed-padded", action="store_true", help="skip (c), the bucketed batches run through the LSTM padded"
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     quick = args.quick
     # A small LSTM on the CPU is thousands of tiny ops (the packed path runs one LSTM cell per time
     # step): one thread avoids OpenMP parallel regions that stall whenever another process holds
@@ -269,12 +290,16 @@ def main(argv=None) -> int:
     train_set, val_set = TextDataset(train_corpus, tokenizer), TextDataset(val_corpus, tokenizer)
     lengths = np.array(train_set.lengths)
     val_unk = sum(int((ids == 1).sum()) for ids in val_set.ids) / sum(val_set.lengths)
-    print(f"device {device}, torch {torch.__version__}, batchops {batchops.__version__}, "
-          f"{torch.get_num_threads()} torch threads")
-    print(f"data: {n_train} train / {n_val} val sentences, vocabulary {len(tokenizer)} words "
-          f"(<unk> rate on val {val_unk:.1%}), lengths median {int(np.median(lengths))}, "
-          f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())}; "
-          f"positive share {np.mean(train_set.labels):.2f} (chance = 0.5)")
+    print(
+        f"device {device}, torch {torch.__version__}, batchops {batchops.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"data: {n_train} train / {n_val} val sentences, vocabulary {len(tokenizer)} words "
+        f"(<unk> rate on val {val_unk:.1%}), lengths median {int(np.median(lengths))}, "
+        f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())}; "
+        f"positive share {np.mean(train_set.labels):.2f} (chance = 0.5)"
+    )
 
     # (a) bucketed by length under a token budget; (b) random batches of a fixed size giving the
     # same number of steps per epoch; (c) the batches of (a) (a second sampler, same seed).
@@ -284,17 +309,26 @@ def main(argv=None) -> int:
 
     sampler, bucket_loader = bucketed()
     batch_size = max(1, round(len(train_set) / len(sampler)))
-    plain_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(args.seed))
+    plain_loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     val_sampler = BucketBatchSampler(val_set.lengths, max_tokens=max_tokens, shuffle=False)
     val_bucket = DataLoader(val_set, batch_sampler=val_sampler, collate_fn=collate)
     val_plain = DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    print(f"(a) bucketed: max_tokens {max_tokens}, {len(sampler)} batches per epoch, sampler padding "
-          f"efficiency {sampler.padding_efficiency():.3f}; (b) plain: batch_size {batch_size}, "
-          f"{len(plain_loader)} batches per epoch")
+    print(
+        f"(a) bucketed: max_tokens {max_tokens}, {len(sampler)} batches per epoch, sampler padding "
+        f"efficiency {sampler.padding_efficiency():.3f}; (b) plain: batch_size {batch_size}, "
+        f"{len(plain_loader)} batches per epoch"
+    )
 
-    runs = [("bucketed+packed", True, bucket_loader, val_bucket, sampler.set_epoch),
-            ("plain padded", False, plain_loader, val_plain, None)]
+    runs = [
+        ("bucketed+packed", True, bucket_loader, val_bucket, sampler.set_epoch),
+        ("plain padded", False, plain_loader, val_plain, None),
+    ]
     if not args.no_bucketed_padded:
         sampler_c, loader_c = bucketed()
         runs.append(("bucketed, padded LSTM", False, loader_c, val_bucket, sampler_c.set_epoch))
@@ -309,24 +343,35 @@ def main(argv=None) -> int:
     print("| loader | train acc | val acc | tokens/s (real tokens) | padding efficiency | train time s |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['train_acc']:.3f} | {r['val_acc']:.3f} | {r['tokens_per_s']:,.0f} "
-              f"| {r['padding_efficiency']:.3f} | {r['train_s']:.2f} |")
+        print(
+            f"| {name} | {r['train_acc']:.3f} | {r['val_acc']:.3f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['padding_efficiency']:.3f} | {r['train_s']:.2f} |"
+        )
     a, b = results["bucketed+packed"], results["plain padded"]
-    print(f"\nbucketed+packed vs plain padded: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x the throughput, "
-          f"padding efficiency {a['padding_efficiency']:.3f} vs {b['padding_efficiency']:.3f}")
+    print(
+        f"\nbucketed+packed vs plain padded: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x the throughput, "
+        f"padding efficiency {a['padding_efficiency']:.3f} vs {b['padding_efficiency']:.3f}"
+    )
     if "bucketed, padded LSTM" in results:
         c = results["bucketed, padded LSTM"]
-        print(f"bucketed, padded LSTM vs plain padded: {c['tokens_per_s'] / b['tokens_per_s']:.2f}x the throughput "
-              f"(the same batches as (a) without packing: the difference between (a) and (c) is nn.LSTM's "
-              f"packed path, {'cuDNN' if device.type == 'cuda' else 'one LSTM cell per time step on the CPU'}, "
-              f"against its padded path{'' if device.type == 'cuda' else ', one fused oneDNN kernel'})")
+        print(
+            f"bucketed, padded LSTM vs plain padded: {c['tokens_per_s'] / b['tokens_per_s']:.2f}x the throughput "
+            f"(the same batches as (a) without packing: the difference between (a) and (c) is nn.LSTM's "
+            f"packed path, {'cuDNN' if device.type == 'cuda' else 'one LSTM cell per time step on the CPU'}, "
+            f"against its padded path{'' if device.type == 'cuda' else ', one fused oneDNN kernel'})"
+        )
     # One machine-readable line per loader (tests/test_examples.py reads them).
-    for key, name in (("bucketed", "bucketed+packed"), ("plain", "plain padded"),
-                      ("bucketed_padded", "bucketed, padded LSTM")):
+    for key, name in (
+        ("bucketed", "bucketed+packed"),
+        ("plain", "plain padded"),
+        ("bucketed_padded", "bucketed, padded LSTM"),
+    ):
         if name in results:
             r = results[name]
-            print(f"RESULT loader={key} train_acc={r['train_acc']:.4f} val_acc={r['val_acc']:.4f} chance=0.5 "
-                  f"tokens_per_s={r['tokens_per_s']:.1f} padding_efficiency={r['padding_efficiency']:.4f}")
+            print(
+                f"RESULT loader={key} train_acc={r['train_acc']:.4f} val_acc={r['val_acc']:.4f} chance=0.5 "
+                f"tokens_per_s={r['tokens_per_s']:.1f} padding_efficiency={r['padding_efficiency']:.4f}"
+            )
     return 0
 
 

@@ -6,6 +6,7 @@ the time since the start, and on failure the end of the log. Exits with the comm
 
 usage: python scripts/build.py COMMAND [ARG ...]
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     print(f"[build] {' '.join(argv)}  (full log: {LOG})", flush=True)
     with open(LOG, "w") as log:
-        proc = subprocess.Popen(argv + ["-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace")
+        proc = subprocess.Popen(
+            argv + ["-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> int:
         # The compiler's errors (with a line of context each), then how pip ended.
         shown = [i for i, text in enumerate(lines) if re.search(r"\berror\b", text, re.IGNORECASE)][:40]
         for i in shown:
-            print("".join(lines[max(0, i - 1):i + 2]), end="")
+            print("".join(lines[max(0, i - 1) : i + 2]), end="")
         print("...\n" + "".join(lines[-10:]), end="")
         print(f"[build] FAILED after {elapsed:.0f} s (exit {status}); the whole output is in {LOG}", flush=True)
         return status

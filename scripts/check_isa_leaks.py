@@ -9,6 +9,7 @@ Usage: python scripts/check_isa_leaks.py PATH   (PATH: the built batchops/_C*.so
 folder holding cpu_avx*.o). In the .so every function with wide instructions must belong to
 the cpu_avx2 / cpu_avx512 kernels; in an object file, every weak or global one.
 """
+
 import re
 import subprocess
 import sys
@@ -21,8 +22,9 @@ def leaks(obj: Path, kinds: str) -> list[str]:
     # Functions defined in obj whose nm type is in `kinds`.
     syms = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
     shared = {line.split()[-1] for line in syms.splitlines() if line.split()[1:2] and line.split()[1] in kinds}
-    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True, text=True,
-                         check=True).stdout
+    dis = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True, text=True, check=True
+    ).stdout
     bad, current, wide = [], None, False
     for line in dis.splitlines() + [""]:
         m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)

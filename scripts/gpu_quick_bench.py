@@ -6,6 +6,7 @@ of CUDA-event timings. Each row is appended to the results file as soon as it is
 usage: python scripts/gpu_quick_bench.py OUT.md [--device cuda|cpu] [--tiny] [--reps N]
        (--device cpu --tiny: a dry run of the same code with small shapes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,7 @@ def fwd_bwd(module_or_fn, x, gy, *extra):
         xi = x.detach().requires_grad_()
         y = module_or_fn(xi, *extra)
         y.backward(gy)
+
     return step
 
 
@@ -75,14 +77,24 @@ def cases(device: str, tiny: bool):
             C = bn_shape[1]
             ours = batchops.BatchNorm2d(C, device=device, dtype=dtype)
             ref = torch.nn.BatchNorm2d(C, device=device, dtype=dtype)
-            yield (f"BatchNorm2d train fwd+bwd {str(dtype)[6:]} {layout}", "x".join(map(str, bn_shape)),
-                   fwd_bwd(ours, x, gy), fwd_bwd(ref, x, gy))
+            yield (
+                f"BatchNorm2d train fwd+bwd {str(dtype)[6:]} {layout}",
+                "x".join(map(str, bn_shape)),
+                fwd_bwd(ours, x, gy),
+                fwd_bwd(ref, x, gy),
+            )
             if dtype == torch.float32 and layout == "NCHW":
                 ours_relu = batchops.BatchNorm2d(C, device=device, activation="relu")
-                yield ("BatchNorm2d+ReLU train fwd+bwd float32 NCHW", "x".join(map(str, bn_shape)),
-                       fwd_bwd(ours_relu, x, gy), fwd_bwd(lambda t: TF.relu(ref(t)), x, gy))
-                ours_eval, ref_eval = batchops.BatchNorm2d(C, device=device).eval(), \
-                    torch.nn.BatchNorm2d(C, device=device).eval()
+                yield (
+                    "BatchNorm2d+ReLU train fwd+bwd float32 NCHW",
+                    "x".join(map(str, bn_shape)),
+                    fwd_bwd(ours_relu, x, gy),
+                    fwd_bwd(lambda t: TF.relu(ref(t)), x, gy),
+                )
+                ours_eval, ref_eval = (
+                    batchops.BatchNorm2d(C, device=device).eval(),
+                    torch.nn.BatchNorm2d(C, device=device).eval(),
+                )
 
                 def eval_ours(m=ours_eval, t=x):
                     with torch.no_grad():
@@ -91,20 +103,25 @@ def cases(device: str, tiny: bool):
                 def eval_ref(m=ref_eval, t=x):
                     with torch.no_grad():
                         m(t)
+
                 yield ("BatchNorm2d eval forward float32 NCHW", "x".join(map(str, bn_shape)), eval_ours, eval_ref)
     dt = torch.float32 if device == "cpu" else torch.bfloat16
     M, K, N = (64, 32, 48) if tiny else (8192, 4096, 4096)
     x = torch.randn(M, K, device=device, dtype=dt)
-    w = (torch.randn(N, K, device=device, dtype=dt) / K ** 0.5).requires_grad_()
+    w = (torch.randn(N, K, device=device, dtype=dt) / K**0.5).requires_grad_()
     b = torch.randn(N, device=device, dtype=dt).requires_grad_()
     gy = torch.randn(M, N, device=device, dtype=dt)
-    yield (f"Linear+GELU fwd+bwd {str(dt)[6:]}", f"{M}x{K}->{N}", fwd_bwd(lambda t: F.linear(t, w, b, activation="gelu"), x, gy),
-           fwd_bwd(lambda t: TF.gelu(TF.linear(t, w, b)), x, gy))
+    yield (
+        f"Linear+GELU fwd+bwd {str(dt)[6:]}",
+        f"{M}x{K}->{N}",
+        fwd_bwd(lambda t: F.linear(t, w, b, activation="gelu"), x, gy),
+        fwd_bwd(lambda t: TF.gelu(TF.linear(t, w, b)), x, gy),
+    )
     G, max_rows, K, N = (4, 16, 32, 24) if tiny else (64, 512, 1024, 1024)
     gen = torch.Generator().manual_seed(0)
     sizes = torch.randint(0, max_rows + 1, (G,), generator=gen)
     xg = torch.randn(int(sizes.sum()), K, device=device, dtype=dt)
-    wg = (torch.randn(G, N, K, device=device, dtype=dt) / K ** 0.5).requires_grad_()
+    wg = (torch.randn(G, N, K, device=device, dtype=dt) / K**0.5).requires_grad_()
     bg = torch.randn(G, N, device=device, dtype=dt).requires_grad_()
     gyg = torch.randn(xg.shape[0], N, device=device, dtype=dt)
     size_list = sizes.tolist()
@@ -112,9 +129,13 @@ def cases(device: str, tiny: bool):
     def loop(t):
         parts = torch.split(t, size_list)
         return torch.cat([TF.gelu(TF.linear(p, wg[g], bg[g])) for g, p in enumerate(parts)])
-    yield (f"grouped ragged fwd+bwd {str(dt)[6:]} vs per-group loop", f"G={G} rows<={max_rows} {K}->{N}",
-           fwd_bwd(lambda t: F.grouped_linear(t, wg, bg, size_list, activation="gelu"), xg, gyg),
-           fwd_bwd(loop, xg, gyg))
+
+    yield (
+        f"grouped ragged fwd+bwd {str(dt)[6:]} vs per-group loop",
+        f"G={G} rows<={max_rows} {K}->{N}",
+        fwd_bwd(lambda t: F.grouped_linear(t, wg, bg, size_list, activation="gelu"), xg, gyg),
+        fwd_bwd(loop, xg, gyg),
+    )
     B, T, H = (4, 16, 8) if tiny else (256, 512, 128)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     padded = torch.randn(B, T, H, device=device)
@@ -127,6 +148,7 @@ def cases(device: str, tiny: bool):
     def torch_pad():
         out = torch.zeros(B * T, H, device=device)
         out[indices] = tokens
+
     yield ("unpad(lengths)", f"{B}x{T}x{H}", lambda: batchops.packing.unpad(padded, lengths.tolist()), torch_unpad)
     yield ("pad", f"{B}x{T}x{H}", lambda: batchops.packing.pad(tokens, indices, B, T), torch_pad)
 
@@ -148,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         commit = "unknown"
     timer = Timer(args.device)
     with open(args.out, "a") as f:
-        f.write(f"\n# Quick benchmark: {name}, torch {torch.__version__}, batchops {commit}, "
-                f"{datetime.date.today().isoformat()}\n\n"
-                "Medians of interleaved CUDA-event timings; ratio = batchops / torch (lower is better).\n\n"
-                "| case | shape | batchops ms | torch ms | ratio |\n|---|---|---:|---:|---:|\n")
+        f.write(
+            f"\n# Quick benchmark: {name}, torch {torch.__version__}, batchops {commit}, "
+            f"{datetime.date.today().isoformat()}\n\n"
+            "Medians of interleaved CUDA-event timings; ratio = batchops / torch (lower is better).\n\n"
+            "| case | shape | batchops ms | torch ms | ratio |\n|---|---|---:|---:|---:|\n"
+        )
         f.flush()
         for case, shape, ours, theirs in cases(args.device, args.tiny):
             try:

@@ -4,6 +4,7 @@ once. Small on purpose: under the sanitizer each launch is slow.
 
 usage: python scripts/gpu_smoke.py [--device cuda|cpu]   (cpu: a dry run of the same calls)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,14 @@ def run(device: str) -> int:
             b = torch.randn(6, device=device)
             rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
             y, mean, invstd, _, _ = ops.batch_norm_forward(x, w, b, z, rm, rv, True, 0.1, None, 1e-5, "gelu_tanh")
-            ops.batch_norm_backward(torch.randn_like(y), x, w, b, z, mean, invstd, True, "gelu_tanh",
-                                    [True, True, True, True])
+            ops.batch_norm_backward(
+                torch.randn_like(y), x, w, b, z, mean, invstd, True, "gelu_tanh", [True, True, True, True]
+            )
             ops.batch_norm_forward(x, w, b, None, rm, rv, False, 0.1, None, 1e-5, None)  # eval
             m, m2 = ops.batch_norm_stats(x)
-            ops.batch_norm_backward_elemt(torch.randn_like(y), x, w, b, z, mean, invstd, mean, invstd, "relu",
-                                          [True, True])
+            ops.batch_norm_backward_elemt(
+                torch.randn_like(y), x, w, b, z, mean, invstd, mean, invstd, "relu", [True, True]
+            )
             calls += 5
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(37, 24, device=device, dtype=dtype)
@@ -48,8 +51,7 @@ def run(device: str) -> int:
         wg = torch.randn(4, 80, 72, device=device, dtype=dtype) / 8
         bg = torch.randn(4, 80, device=device, dtype=dtype)
         out, saved = ops.grouped_linear_forward(xg, wg, bg, sizes, "gelu", True)
-        ops.grouped_linear_backward(torch.randn_like(out), xg, wg, bg, sizes, out, saved, "gelu",
-                                    [True, True, True])
+        ops.grouped_linear_backward(torch.randn_like(out), xg, wg, bg, sizes, out, saved, "gelu", [True, True, True])
         calls += 4
     tokens = torch.randn(3, 7, 5, device=device)
     packed, indices, cu_seqlens, max_seqlen = batchops.packing.unpad(tokens, [7, 2, 4])

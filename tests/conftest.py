@@ -8,6 +8,7 @@ Tests of kernel-backed code request the `kernels` fixture (test modules usually 
 `pytestmark = pytest.mark.usefixtures("kernels")`). When batchops' compiled module is missing
 or stale, those tests FAIL with the load error: CI must not go green by skipping them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ TORCH_ACT = {
 
 
 def dtype_id(dtype: torch.dtype) -> str:
-    """"float32" for torch.float32: readable test ids."""
+    """ "float32" for torch.float32: readable test ids."""
     return str(dtype).replace("torch.", "")
 
 
@@ -93,8 +94,10 @@ def kernels(request):
     callspec = getattr(request.node, "callspec", None)
     device = callspec.params.get("device") if callspec is not None else None
     if device is not None and str(device).startswith("cuda") and not info["cuda_kernels"]:
-        pytest.fail("a CUDA device is available but batchops._C was built without CUDA kernels "
-                    f"(build_info: {info})", pytrace=False)
+        pytest.fail(
+            f"a CUDA device is available but batchops._C was built without CUDA kernels (build_info: {info})",
+            pytrace=False,
+        )
 
 
 class RecordOps(TorchDispatchMode):

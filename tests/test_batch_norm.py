@@ -5,6 +5,7 @@ References: torch.nn.functional.batch_norm (+ torch's activation, residual added
 run in float64 on copies of the inputs, and a pure-PyTorch float64 formula (`manual_reference`)
 where torch's own float64 result is not accurate enough (x = 1e4 + noise).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,12 +18,13 @@ from torch import nn
 import batchops
 from batchops import functional as BF
 from batchops.nn._compat import make_norm  # torch 2.11's constructors lack bias=
-from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, dtype_id as _dtype_id
+
+from conftest import ACTIVATIONS, DEVICES, TORCH_ACT
+from conftest import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
 f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
-
 
 
 def tol(dtype: torch.dtype, grad: bool = False) -> dict:
@@ -83,8 +85,23 @@ def manual_reference(x, rm, rv, w, b, training, momentum, eps, activation=None, 
     return TORCH_ACT[activation](y)
 
 
-def evaluate(impl, x, rm=None, rv=None, w=None, b=None, z=None, gy=None, *, training, momentum=0.1, eps=1e-5,
-             activation=None, cast=None, **kw):
+def evaluate(
+    impl,
+    x,
+    rm=None,
+    rv=None,
+    w=None,
+    b=None,
+    z=None,
+    gy=None,
+    *,
+    training,
+    momentum=0.1,
+    eps=1e-5,
+    activation=None,
+    cast=None,
+    **kw,
+):
     """Run `impl` on fresh copies (cast to `cast` when given; layouts kept otherwise) and
     return its output, the gradients of x / w / b / z w.r.t. <output, gy>, and the updated
     running statistics."""
@@ -127,8 +144,7 @@ def assert_results_close(ours, ref, dtype, keys=None):
         torch.testing.assert_close(o.double(), r.double(), **t, msg=lambda m: f"{key}: {m}")
 
 
-def make_inputs(shape, device, dtype=f64, *, weight=True, bias=True, running=True, residual=False,
-                param_dtype=None):
+def make_inputs(shape, device, dtype=f64, *, weight=True, bias=True, running=True, residual=False, param_dtype=None):
     """Inputs with a non-trivial mean and scale; per-channel tensors in param_dtype (default dtype)."""
     C = shape[1]
     pd = param_dtype or dtype
@@ -275,8 +291,7 @@ LAYOUTS = {
     "channels_last": (_channels_last, (2, 5, 4, 3), torch.channels_last, None),
     "channels_last_3d": (_channels_last_3d, (2, 3, 4, 3, 2), torch.channels_last_3d, None),
     "channels_last_1x1": (_channels_last, (4, 3, 1, 1), torch.contiguous_format, None),
-    "channels_last_contiguous_residual": (_channels_last, (2, 6, 3, 5), torch.channels_last,
-                                          lambda t: t.contiguous()),
+    "channels_last_contiguous_residual": (_channels_last, (2, 6, 3, 5), torch.channels_last, lambda t: t.contiguous()),
     "contiguous_channels_last_residual": (lambda t: t, (2, 6, 3, 5), torch.contiguous_format, _channels_last),
     "transposed_3d": (lambda t: t.transpose(1, 2), (2, 7, 5), torch.contiguous_format, None),
     "transposed_2d": (lambda t: t.t(), (6, 9), torch.contiguous_format, None),
@@ -444,21 +459,40 @@ def test_gradcheck(device, case):
     shape = cfg.pop("shape", (3, 4, 3, 2))
     training = cfg.pop("training")
     activation = cfg.pop("activation", None)
-    inputs = make_inputs(shape, device, f64, weight=cfg.get("affine", True), bias=cfg.get("affine", True),
-                         residual=cfg.get("residual", False))
+    inputs = make_inputs(
+        shape,
+        device,
+        f64,
+        weight=cfg.get("affine", True),
+        bias=cfg.get("affine", True),
+        residual=cfg.get("residual", False),
+    )
     x = inputs["x"]
     if cfg.get("channels_last"):
         x = _channels_last(x)
         inputs["z"] = _channels_last(inputs["z"])
     rm, rv = (None, None) if training else (inputs["rm"], inputs["rv"])
-    tensors = [t.detach().clone().requires_grad_() if t is not x else x.detach().requires_grad_()
-               for t in (x, inputs["w"], inputs["b"], inputs["z"]) if t is not None]
+    tensors = [
+        t.detach().clone().requires_grad_() if t is not x else x.detach().requires_grad_()
+        for t in (x, inputs["w"], inputs["b"], inputs["z"])
+        if t is not None
+    ]
     present = [name for name, t in zip("xwbz", (x, inputs["w"], inputs["b"], inputs["z"])) if t is not None]
 
     def fn(*args):
         named = dict(zip(present, args))
-        return BF.batch_norm(named["x"], rm, rv, named.get("w"), named.get("b"), training, 0.1, 1e-5,
-                             activation=activation, residual=named.get("z"))
+        return BF.batch_norm(
+            named["x"],
+            rm,
+            rv,
+            named.get("w"),
+            named.get("b"),
+            training,
+            0.1,
+            1e-5,
+            activation=activation,
+            residual=named.get("z"),
+        )
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6, rtol=1e-4)
 
@@ -467,11 +501,24 @@ def test_gradcheck(device, case):
 # torch.library.opcheck on the ops
 
 
-def _forward_args(device, *, shape=(4, 3, 5), dtype=f32, param_dtype=None, training=True, activation=None,
-                  residual=False, running=True, affine=True, momentum_tensor=False, memory_format=None,
-                  requires_grad=True):
-    inputs = make_inputs(shape, device, dtype, weight=affine, bias=affine, running=running, residual=residual,
-                         param_dtype=param_dtype)
+def _forward_args(
+    device,
+    *,
+    shape=(4, 3, 5),
+    dtype=f32,
+    param_dtype=None,
+    training=True,
+    activation=None,
+    residual=False,
+    running=True,
+    affine=True,
+    momentum_tensor=False,
+    memory_format=None,
+    requires_grad=True,
+):
+    inputs = make_inputs(
+        shape, device, dtype, weight=affine, bias=affine, running=running, residual=residual, param_dtype=param_dtype
+    )
     x, z = inputs["x"], inputs["z"]
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
@@ -489,12 +536,18 @@ def _forward_args(device, *, shape=(4, 3, 5), dtype=f32, param_dtype=None, train
 FORWARD_OPCHECK = {
     "train": dict(),
     "eval_relu_residual": dict(training=False, activation="relu", residual=True),
-    "train_cl_gelu_tanh_residual_momentum_tensor": dict(shape=(2, 3, 4, 5), memory_format=torch.channels_last,
-                                                        activation="gelu_tanh", residual=True, momentum_tensor=True),
+    "train_cl_gelu_tanh_residual_momentum_tensor": dict(
+        shape=(2, 3, 4, 5),
+        memory_format=torch.channels_last,
+        activation="gelu_tanh",
+        residual=True,
+        momentum_tensor=True,
+    ),
     "train_f64_2d_no_affine_no_stats": dict(shape=(6, 5), dtype=f64, affine=False, running=False),
     "train_f16_f32_params_silu": dict(dtype=f16, param_dtype=f32, activation="silu"),
-    "eval_bf16_cl3d_gelu": dict(shape=(2, 3, 2, 3, 2), dtype=bf16, training=False, activation="gelu",
-                                memory_format=torch.channels_last_3d),
+    "eval_bf16_cl3d_gelu": dict(
+        shape=(2, 3, 2, 3, 2), dtype=bf16, training=False, activation="gelu", memory_format=torch.channels_last_3d
+    ),
 }
 
 
@@ -510,8 +563,10 @@ BACKWARD_OPCHECK = {
     "train_input_only": (dict(), [True, False, False, False]),
     "train_params_and_residual_silu": (dict(activation="silu", residual=True), [False, True, True, True]),
     "eval_all_relu_residual": (dict(training=False, activation="relu", residual=True), [True, True, True, True]),
-    "train_cl_gelu": (dict(shape=(2, 3, 4, 5), memory_format=torch.channels_last, activation="gelu"),
-                      [True, True, True, False]),
+    "train_cl_gelu": (
+        dict(shape=(2, 3, 4, 5), memory_format=torch.channels_last, activation="gelu"),
+        [True, True, True, False],
+    ),
     "train_f16_f32_params": (dict(dtype=f16, param_dtype=f32), [True, True, True, False]),
     "train_bf16_no_affine": (dict(dtype=bf16, affine=False, activation="gelu_tanh"), [True, False, False, False]),
 }
@@ -633,8 +688,9 @@ def _compare_modules(ours, ref, dtype=f64):
         if p.grad is None:
             assert ours_params[name].grad is None, name
         else:
-            torch.testing.assert_close(ours_params[name].grad, p.grad, **tol(dtype, grad=True),
-                                       msg=lambda m: f"{name}.grad: {m}")
+            torch.testing.assert_close(
+                ours_params[name].grad, p.grad, **tol(dtype, grad=True), msg=lambda m: f"{name}.grad: {m}"
+            )
     ours_bufs = dict(ours.named_buffers())
     ref_bufs = dict(ref.named_buffers())
     assert list(ours_bufs) == list(ref_bufs)
@@ -678,7 +734,7 @@ def test_module_matches_torch(device, kind, config):
     assert list(ours.state_dict()) == list(ref.state_dict())
     ours.load_state_dict(ref.state_dict())
     _compare_modules(ours, ref)
-    for step in range(3):
+    for _iteration in range(3):
         x = torch.randn(shape, dtype=f64, device=device) * 2 + 1
         gy = torch.randn(shape, dtype=f64, device=device)
         y_ref, gx_ref = _step(ref, x, gy)
@@ -803,8 +859,9 @@ class _Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.BatchNorm1d(10, momentum=None),
-                                  nn.Linear(10, 4))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.BatchNorm1d(10, momentum=None), nn.Linear(10, 4)
+        )
         self.out_bn = nn.BatchNorm1d(4, affine=False)
 
     def forward(self, x):
@@ -922,11 +979,36 @@ def test_revert_with_activation_raises():
 # Errors: same exception type as torch, and our message names the argument
 
 
-def _e(x_shape, *, rm=3, rv=3, w=None, b=None, z=None, training=True, eps=1e-5, activation=None, dtype=f32,
-       rm_dtype=None, w_dtype=None):
+def _e(
+    x_shape,
+    *,
+    rm=3,
+    rv=3,
+    w=None,
+    b=None,
+    z=None,
+    training=True,
+    eps=1e-5,
+    activation=None,
+    dtype=f32,
+    rm_dtype=None,
+    w_dtype=None,
+):
     """A call description: sizes of the per-channel tensors (None = not given) and dtypes."""
-    return dict(x_shape=x_shape, rm=rm, rv=rv, w=w, b=b, z=z, training=training, eps=eps, activation=activation,
-                dtype=dtype, rm_dtype=rm_dtype, w_dtype=w_dtype)
+    return dict(
+        x_shape=x_shape,
+        rm=rm,
+        rv=rv,
+        w=w,
+        b=b,
+        z=z,
+        training=training,
+        eps=eps,
+        activation=activation,
+        dtype=dtype,
+        rm_dtype=rm_dtype,
+        w_dtype=w_dtype,
+    )
 
 
 ERROR_CASES = {
@@ -940,8 +1022,7 @@ ERROR_CASES = {
     "running_mean_size_eval": (_e((4, 3, 5), rm=5, training=False), RuntimeError, "running_mean", True),
     "weight_size": (_e((4, 3, 5), w=4), RuntimeError, "weight", True),
     "bias_size": (_e((4, 3, 5), b=2), RuntimeError, "bias", True),
-    "eval_without_running_stats": (_e((4, 3, 5), rm=None, rv=None, training=False), RuntimeError, "running_mean",
-                                   True),
+    "eval_without_running_stats": (_e((4, 3, 5), rm=None, rv=None, training=False), RuntimeError, "running_mean", True),
     "integer_input": (_e((4, 3, 5), dtype=torch.int64), NotImplementedError, "input", True),
     "running_mean_dtype": (_e((4, 3, 5), rm_dtype=f64), RuntimeError, "running_mean", True),
     "weight_dtype": (_e((4, 3, 5), w=3, w_dtype=f64), RuntimeError, "weight", True),
@@ -966,11 +1047,15 @@ def _build_error_call(desc, device):
     def per_channel(n, fill, dt=None):
         return None if n is None else torch.full((n,), fill, device=device, dtype=dt or fdt)
 
-    args = (x, per_channel(desc["rm"], 0.0, desc["rm_dtype"]), per_channel(desc["rv"], 1.0),
-            per_channel(desc["w"], 1.0, desc["w_dtype"]), per_channel(desc["b"], 0.0))
+    args = (
+        x,
+        per_channel(desc["rm"], 0.0, desc["rm_dtype"]),
+        per_channel(desc["rv"], 1.0),
+        per_channel(desc["w"], 1.0, desc["w_dtype"]),
+        per_channel(desc["b"], 0.0),
+    )
     z = None if desc["z"] is None else torch.randn(desc["z"], device=device, dtype=fdt)
-    kwargs = dict(training=desc["training"], momentum=0.1, eps=desc["eps"], activation=desc["activation"],
-                  residual=z)
+    kwargs = dict(training=desc["training"], momentum=0.1, eps=desc["eps"], activation=desc["activation"], residual=z)
     return args, kwargs
 
 
@@ -988,7 +1073,8 @@ def test_errors_match_torch(device, case):
             torch_impl(*args, **kwargs)
         assert type(ours.value) is type(theirs.value), (
             f"batchops raised {type(ours.value).__name__} ({ours.value}), "
-            f"torch raises {type(theirs.value).__name__} ({theirs.value})")
+            f"torch raises {type(theirs.value).__name__} ({theirs.value})"
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -998,8 +1084,9 @@ def test_op_errors(device, case):
     desc, exc_type, pattern, _ = ERROR_CASES[case]
     (x, rm, rv, w, b), kw = _build_error_call(desc, device)
     with pytest.raises(exc_type, match=pattern):
-        torch.ops.batchops.batch_norm_forward(x, w, b, kw["residual"], rm, rv, kw["training"], 0.1, None,
-                                              kw["eps"], kw["activation"])
+        torch.ops.batchops.batch_norm_forward(
+            x, w, b, kw["residual"], rm, rv, kw["training"], 0.1, None, kw["eps"], kw["activation"]
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1011,8 +1098,9 @@ def test_residual_dtype_mismatch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind,bad_shape", [("1d_2D", (4, 5, 2, 2)), ("1d_2D", (5,)), ("2d", (4, 5, 3)),
-                                            ("3d", (4, 5, 3, 3))])
+@pytest.mark.parametrize(
+    "kind,bad_shape", [("1d_2D", (4, 5, 2, 2)), ("1d_2D", (5,)), ("2d", (4, 5, 3)), ("3d", (4, 5, 3, 3))]
+)
 def test_module_wrong_rank(device, kind, bad_shape):
     tcls, ocls, _ = MODULE_KINDS[kind]
     x = torch.randn(bad_shape, device=device)
@@ -1280,8 +1368,11 @@ def test_cpu_isa_rejects_unknown_values(monkeypatch, value):
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
-@pytest.mark.parametrize("shape, fmt", [((3, 16, 70, 70), None), ((2, 3, 9, 11), None), ((4, 24, 7, 9), torch.channels_last),
-                                        ((50, 13), None)], ids=["planar_channels", "planar_few", "channels_last", "rows"])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [((3, 16, 70, 70), None), ((2, 3, 9, 11), None), ((4, 24, 7, 9), torch.channels_last), ((50, 13), None)],
+    ids=["planar_channels", "planar_few", "channels_last", "rows"],
+)
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=_dtype_id)
 def test_cpu_isa_levels(monkeypatch, isa, shape, fmt, dtype):
     best = batchops.build_info()["cpu_kernel_isa"]
@@ -1310,8 +1401,14 @@ def test_functional_empty_1d_input_matches_torch(device, training, affine):
     """torch's OpInfo sample for F.batch_norm: a (0,) input with size-0 running statistics is
     returned as an empty tensor (a copy that keeps the gradient chain), not an error."""
     running = dict(running_mean=torch.zeros(0, device=device), running_var=torch.ones(0, device=device))
-    params = dict(weight=torch.rand(3, device=device, requires_grad=True),
-                  bias=torch.rand(3, device=device, requires_grad=True)) if affine else {}
+    params = (
+        dict(
+            weight=torch.rand(3, device=device, requires_grad=True),
+            bias=torch.rand(3, device=device, requires_grad=True),
+        )
+        if affine
+        else {}
+    )
     results = []
     for fn in (BF.batch_norm, F.batch_norm):
         x = torch.empty(0, device=device, requires_grad=True)

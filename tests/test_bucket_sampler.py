@@ -1,4 +1,5 @@
 """BucketBatchSampler and the shared sampler contract (batchops.data); pure Python, no kernels."""
+
 from __future__ import annotations
 
 import collections
@@ -185,8 +186,11 @@ def test_padding_efficiency_per_rank_and_empty_sequences():
 def test_len_matches_iteration_many_configs():
     rng = np.random.default_rng(11)
     for n, mode, num_replicas, drop_last, shuffle in itertools.product(
-        [1, 3, 64, 257], [{"max_tokens": 700}, {"max_tokens": 64}, {"batch_size": 1}, {"batch_size": 10}],
-        [1, 2, 3, 5], [False, True], [False, True],
+        [1, 3, 64, 257],
+        [{"max_tokens": 700}, {"max_tokens": 64}, {"batch_size": 1}, {"batch_size": 10}],
+        [1, 2, 3, 5],
+        [False, True],
+        [False, True],
     ):
         lengths = rng.integers(0, 300, n)
         for rank in range(num_replicas):

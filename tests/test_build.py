@@ -6,6 +6,7 @@ approximations --use_fast_math brings: tanh.approx.f32 (relative error about 2^-
 gelu_tanh's 0.5 x (1 + tanh) turns into large errors for x < 0) and flushed denormals (.ftz
 on ordinary arithmetic).
 """
+
 from __future__ import annotations
 
 import pathlib

@@ -1,4 +1,5 @@
 """The `batchops` command line and the benchmark harness (no timing assertions)."""
+
 import os
 import platform
 import subprocess
@@ -36,8 +37,9 @@ def test_compare_outputs_flags_a_mismatch():
     assert "DIFFER" in compare_outputs(a, a + 0.5, torch.float32)
     good = lambda: (a.double(), a.sum())  # noqa: E731
     assert check_providers({"torch": good, "batchops": good, REFERENCE: good}, torch.float32) == ""
-    note = check_providers({"torch": lambda: (a.double() + 0.5, a.sum()), "batchops": good, REFERENCE: good},
-                           torch.float32)
+    note = check_providers(
+        {"torch": lambda: (a.double() + 0.5, a.sum()), "batchops": good, REFERENCE: good}, torch.float32
+    )
     assert note.startswith("TORCH OFF vs float64"), note
 
 
@@ -55,8 +57,9 @@ def _env():
 
 
 def test_python_dash_m_batchops_info():
-    proc = subprocess.run([sys.executable, "-m", "batchops", "info"], capture_output=True, text=True, env=_env(),
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchops", "info"], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "build_info" in proc.stdout
 
@@ -96,10 +99,17 @@ def test_bench_fixes_glibc_malloc_thresholds_for_cpu_runs(tmp_path):
     """By default a CPU run makes malloc keep freed blocks (see harness.reuse_freed_cpu_memory)
     and says so in the report; run in a subprocess, since the setting is process-wide. A run of
     one op writes a file named after it (it must not overwrite the day's full run)."""
-    code = ("from batchops import cli; import sys; "
-            f"sys.exit(cli.main(['bench', '--device', 'cpu', '--smoke', '--op', 'linear', '--out', {str(tmp_path)!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    code = (
+        "from batchops import cli; import sys; "
+        f"sys.exit(cli.main(['bench', '--device', 'cpu', '--smoke', '--op', 'linear', '--out', {str(tmp_path)!r}]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "- memory: glibc malloc set to reuse freed blocks up to 32 MiB (M_MMAP_THRESHOLD)" in proc.stdout
     assert "| Linear+GELU" in proc.stdout
@@ -111,8 +121,11 @@ def test_bench_without_extension_fails_with_the_build_hint(monkeypatch, tmp_path
     from batchops import _extension
 
     monkeypatch.setattr(_extension, "_C", None)
-    monkeypatch.setattr(_extension, "_load_error", "batchops' compiled kernels (batchops._C) could not be imported: "
-                        "test; " + _extension.BUILD_HINT)
+    monkeypatch.setattr(
+        _extension,
+        "_load_error",
+        "batchops' compiled kernels (batchops._C) could not be imported: test; " + _extension.BUILD_HINT,
+    )
     assert cli.main(["bench", "--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "pip install --no-build-isolation" in err

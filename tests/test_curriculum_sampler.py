@@ -3,6 +3,7 @@
 The generic contract properties (resume, sharding, len, reproducibility) are in
 test_sampler_contract.py; this file checks the curriculum-specific behaviour and bad inputs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -114,7 +115,7 @@ def test_num_samples_per_epoch_cycles_through_eligible():
     assert len(items) == len(s) == 23
     counts = collections.Counter(items)
     assert set(counts) == set(range(5)) and set(counts.values()) == {4, 5}  # passes over 5 samples
-    assert all(len(set(items[i:i + 5])) == 5 for i in range(0, 20, 5))  # each pass a permutation
+    assert all(len(set(items[i : i + 5])) == 5 for i in range(0, 20, 5))  # each pass a permutation
     s.set_epoch(10)
     assert len(s) == 23 and len(set(s)) == 23  # 23 distinct of 50 once all are eligible
     t = CurriculumSampler(d, start_fraction=0.1, total_epochs=5, num_samples_per_epoch=12, shuffle=False)
@@ -196,16 +197,18 @@ def test_step_pacing_total_epochs_converts_to_steps():
     c = CurriculumSampler(d, "exp_step", step_length=13, batch_size=8)  # plateau = 1 epoch
     assert [c.fraction(t) for t in (0, 12, 13, 26)] == pytest.approx([0.1, 0.1, 0.2, 0.4])
     with pytest.raises(ValueError, match="steps_per_epoch is defined only with batch_size"):
-        CurriculumSampler(d, total_epochs=3).steps_per_epoch
+        _ = CurriculumSampler(d, total_epochs=3).steps_per_epoch
 
 
 def test_step_pacing_shuffle_false_cycles():
-    s = CurriculumSampler(np.arange(10.0), "exp_step", start_fraction=0.3, step_length=1, increase=2,
-                          batch_size=2, shuffle=False)
+    s = CurriculumSampler(
+        np.arange(10.0), "exp_step", start_fraction=0.3, step_length=1, increase=2, batch_size=2, shuffle=False
+    )
     # steps 0..4 admit 3, 6, 10, 10, 10 samples; a cursor walks them cyclically
     assert list(s) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-    t = CurriculumSampler(np.arange(10.0), "exp_step", start_fraction=0.2, step_length=2, increase=2,
-                          batch_size=3, shuffle=False)
+    t = CurriculumSampler(
+        np.arange(10.0), "exp_step", start_fraction=0.2, step_length=2, increase=2, batch_size=3, shuffle=False
+    )
     # steps 0, 1 admit 2 samples, steps 2, 3 admit 4; the cursor carries over between steps
     assert list(t) == [0, 1, 0, 1, 0, 1, 0, 1, 2, 3]
 
@@ -270,7 +273,12 @@ def test_difficulty_errors(difficulty, exc, match):
         (("exp_step",), {}, ValueError, "pacing='exp_step' needs step_length"),
         (("exp_step",), {"step_length": 2, "increase": 1.0}, ValueError, "increase must be greater than 1"),
         (("exp_step",), {"step_length": 0}, ValueError, "step_length must be at least 1"),
-        (("linear",), {"total_epochs": 2, "step_length": 2}, ValueError, "step_length applies only to pacing='exp_step'"),
+        (
+            ("linear",),
+            {"total_epochs": 2, "step_length": 2},
+            ValueError,
+            "step_length applies only to pacing='exp_step'",
+        ),
         ((), {"total_epochs": 2, "start_fraction": 0.0}, ValueError, r"start_fraction must be in \(0, 1\]"),
         ((), {"total_epochs": 2, "start_fraction": 1.5}, ValueError, r"start_fraction must be in \(0, 1\]"),
         ((), {"total_epochs": 2, "start_fraction": float("nan")}, ValueError, "start_fraction must be finite"),
@@ -281,7 +289,12 @@ def test_difficulty_errors(difficulty, exc, match):
         ((), {"total_steps": 10, "total_epochs": 2, "batch_size": 2}, ValueError, "exclusive"),
         ((), {"total_epochs": 2, "batch_size": 0}, ValueError, "batch_size must be at least 1"),
         ((), {"total_epochs": 2, "num_samples_per_epoch": 0}, ValueError, "num_samples_per_epoch must be at least 1"),
-        ((), {"total_epochs": 2, "class_labels": [0, 1]}, ValueError, "class_labels has 2 entries but difficulty has 4"),
+        (
+            (),
+            {"total_epochs": 2, "class_labels": [0, 1]},
+            ValueError,
+            "class_labels has 2 entries but difficulty has 4",
+        ),
         ((), {"total_epochs": 2, "class_labels": [[0, 1], [0, 1]]}, ValueError, "class_labels must be 1-D"),
         ((), {"total_epochs": 2, "num_replicas": 2, "rank": 2}, ValueError, "Invalid rank 2"),
         ((), {"total_epochs": 2, "seed": 0.5}, TypeError, "seed must be an int"),

@@ -3,6 +3,7 @@
 Each run starts real processes (about 1-3 s of torch import per rank on a busy machine), so the
 tests keep to two ranks and short timeouts.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,19 @@ from batchops.testing.isolation import run_isolated
 def _all_reduce(rank, world_size, scale, *, big):
     t = torch.tensor([float(rank + 1)]) * scale
     dist.all_reduce(t)
-    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                                          "OMP_NUM_THREADS", "BATCHOPS_TEST_VAR", "BATCHOPS_REMOVED")}
+    env = {
+        k: os.environ.get(k)
+        for k in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "OMP_NUM_THREADS",
+            "BATCHOPS_TEST_VAR",
+            "BATCHOPS_REMOVED",
+        )
+    }
     return {
         "sum": t.item(),
         "dist": (dist.get_rank(), dist.get_world_size(), dist.get_backend()),
@@ -99,7 +111,11 @@ def test_all_reduce_values_env_and_large_result(monkeypatch):
     monkeypatch.setenv("BATCHOPS_REMOVED", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the ranks get 1 unless env says otherwise
     results = run_ranks(
-        _all_reduce, 2, args=(10.0,), kwargs={"big": big}, timeout=60,
+        _all_reduce,
+        2,
+        args=(10.0,),
+        kwargs={"big": big},
+        timeout=60,
         env={"BATCHOPS_TEST_VAR": "x", "BATCHOPS_REMOVED": None},  # None removes a variable
     )
     assert [type(r) for r in results] == [RankResult, RankResult]
@@ -179,8 +195,7 @@ def test_hang_is_stopped_by_timeout(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     timeout = 8.0
     start = time.monotonic()
-    results = run_ranks(_hang_after_peer_died, 2, args=(str(pid_file),), init=False, timeout=timeout,
-                        check=False)
+    results = run_ranks(_hang_after_peer_died, 2, args=(str(pid_file),), init=False, timeout=timeout, check=False)
     elapsed = time.monotonic() - start
     assert timeout <= elapsed < timeout + 30  # a hang guard: stack dump + SIGTERM grace, generously
     dead, hung = results
@@ -211,7 +226,8 @@ def test_string_target_and_argument_errors():
 def test_main_script_without_torch_or_extension(tmp_path):
     """A function defined in a __main__ script works (as with multiprocessing's spawn), and the
     harness needs neither torch nor batchops' compiled module."""
-    out = run_isolated("""
+    out = run_isolated(
+        """
         from batchops.testing import run_ranks
 
         def where(rank, world_size):
@@ -220,7 +236,11 @@ def test_main_script_without_torch_or_extension(tmp_path):
 
         if __name__ == "__main__":
             print(run_ranks(where, 3, init=False, timeout=30)[2].value)
-        """, blocked=("torch", "batchops._C", "batchops.ops"), blocked_prefixes=("torch.",),
-        script=tmp_path / "script.py", timeout=60)
+        """,
+        blocked=("torch", "batchops._C", "batchops.ops"),
+        blocked_prefixes=("torch.",),
+        script=tmp_path / "script.py",
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 3, '2', '__mp_main__')"

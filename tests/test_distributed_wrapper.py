@@ -3,6 +3,7 @@
 Generic contract properties are in test_sampler_contract.py; this file checks agreement with
 DistributedSampler, epoch forwarding and reseeding, batch samplers, and bad inputs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,8 +28,9 @@ from batchops.data.distributed import DistributedSamplerWrapper
 
 
 def wrap_all(make_sampler, num_replicas, **kw):
-    return [DistributedSamplerWrapper(make_sampler(), num_replicas=num_replicas, rank=r, **kw)
-            for r in range(num_replicas)]
+    return [
+        DistributedSamplerWrapper(make_sampler(), num_replicas=num_replicas, rank=r, **kw) for r in range(num_replicas)
+    ]
 
 
 @pytest.mark.parametrize("n", [1, 7, 10, 33])
@@ -40,8 +42,9 @@ def test_matches_distributed_sampler(n, num_replicas, drop_last):
     for rank in range(num_replicas):
         inner = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=5)
         ours = DistributedSamplerWrapper(inner, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
-        theirs = DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=5,
-                                    drop_last=drop_last)
+        theirs = DistributedSampler(
+            range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=5, drop_last=drop_last
+        )
         for epoch in (0, 1, 4):
             ours.set_epoch(epoch)
             theirs.set_epoch(epoch)
@@ -103,8 +106,7 @@ def test_set_epoch_forwarded_through_nested_samplers():
     s.set_epoch(3)
     assert list(s) == [[2, 3], [0, 1]]  # 3 batches padded to 4 by repeating the first
     assert inner.epochs[-1] == 3
-    s2 = DistributedSamplerWrapper(BatchSampler(SubsetRandomSampler([1, 3, 5, 7]), 3, False), num_replicas=2,
-                                   rank=0)
+    s2 = DistributedSamplerWrapper(BatchSampler(SubsetRandomSampler([1, 3, 5, 7]), 3, False), num_replicas=2, rank=0)
     assert s2.sampler.sampler.generator is None  # installed lazily, when an epoch is computed
     list(s2)
     assert isinstance(s2.sampler.sampler.generator, torch.Generator)  # installed for the epoch
@@ -175,8 +177,12 @@ def test_yielded_batches_are_copies():
     [
         (5, {}, TypeError, "sampler must be an iterable sampler, got int"),
         (DistributedSampler(range(10), num_replicas=2, rank=0), {}, ValueError, "already sharded"),
-        (BatchSampler(DistributedSampler(range(10), num_replicas=2, rank=0), 2, False), {}, ValueError,
-         "already sharded"),
+        (
+            BatchSampler(DistributedSampler(range(10), num_replicas=2, rank=0), 2, False),
+            {},
+            ValueError,
+            "already sharded",
+        ),
         (BucketBatchSampler([1, 2, 3], batch_size=1, num_replicas=3, rank=0), {}, ValueError, "already sharded"),
         (range(5), {"num_replicas": 2, "rank": 2}, ValueError, "Invalid rank 2"),
         (range(5), {"num_replicas": 0, "rank": 0}, ValueError, "num_replicas must be at least 1"),

@@ -1,5 +1,6 @@
 """examples/image_classification.py: >= 95% test accuracy on the digits set, in one process and
 under torchrun with two gloo ranks (the env:// path of batchops.train)."""
+
 import os
 import shutil
 import signal
@@ -18,8 +19,11 @@ pytestmark = [pytest.mark.usefixtures("kernels"), pytest.mark.slow]
 
 def _env():
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(batchops.__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _result(stdout: str) -> dict:
@@ -30,8 +34,9 @@ def _result(stdout: str) -> dict:
 
 def _run(cmd, timeout=120):
     """Run in a session of its own, so that on a timeout torchrun's workers go too."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -44,8 +49,9 @@ def _run(cmd, timeout=120):
 
 def test_image_classification_single_process(tmp_path):
     ckpt = tmp_path / "digits.pt"
-    proc = _run([sys.executable, SCRIPT, "--device", "cpu", "--no-progress", "--threads", "1",
-                 "--checkpoint", str(ckpt)])
+    proc = _run(
+        [sys.executable, SCRIPT, "--device", "cpu", "--no-progress", "--threads", "1", "--checkpoint", str(ckpt)]
+    )
     r = _result(proc.stdout)
     assert r["test_acc"] >= 0.95, proc.stdout
     assert r["world_size"] == 1 and r["epochs"] == 8
@@ -58,8 +64,9 @@ def test_image_classification_torchrun_two_ranks():
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed")
-    proc = _run([torchrun, "--standalone", "--nproc_per_node=2", SCRIPT, "--device", "cpu", "--no-progress"],
-                timeout=120)
+    proc = _run(
+        [torchrun, "--standalone", "--nproc_per_node=2", SCRIPT, "--device", "cpu", "--no-progress"], timeout=120
+    )
     r = _result(proc.stdout)
     assert r["world_size"] == 2 and r["test_acc"] >= 0.95, proc.stdout
     assert proc.stdout.count("epoch 8/8") == 1  # per-epoch lines from rank 0 only

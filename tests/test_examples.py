@@ -1,4 +1,5 @@
 """The examples under examples/ run end to end (their --quick mode, in a subprocess)."""
+
 import os
 import re
 import subprocess
@@ -32,8 +33,14 @@ def _results(stdout: str) -> dict[str, dict[str, float]]:
 
 def test_nlp_sequence_classification_quick():
     script = os.path.join(ROOT, "examples", "nlp_sequence_classification.py")
-    proc = subprocess.run([sys.executable, script, "--quick", "--device", "cpu"], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = _results(proc.stdout)
     assert {"bucketed", "plain"} <= set(results), proc.stdout

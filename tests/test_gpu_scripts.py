@@ -1,5 +1,6 @@
 """The GPU machine's scripts (scripts/gpu-check.sh, gpu_smoke.py, gpu_quick_bench.py), run here
 as dry runs on the CPU: a GPU is lent rarely and briefly, so their Python must already work."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def test_gpu_quick_bench_writes_rows_as_it_goes(tmp_path):
 
 def test_gpu_check_without_gpu_skips_gpu_stages_and_summarises(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_STAGES="kernels tests sanitizer bench")
-    done = subprocess.run(["bash", "scripts/gpu-check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=env)
+    done = subprocess.run(
+        ["bash", "scripts/gpu-check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr
     summary = done.stdout.split("===== gpu-check summary")[-1]
     if "gpu: none" in summary:

@@ -6,6 +6,7 @@ loop of F.linear over the groups, concatenated, followed by the activation (grou
 float64 on copies of the inputs. Half precision: the error against that float64 reference may
 be at most twice torch's own error in the same precision, plus a small floor.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,9 @@ from torch import nn
 
 import batchops
 from batchops import functional as BF
-from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, RecordOps, dtype_id as _dtype_id
+
+from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, RecordOps
+from conftest import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -207,9 +210,11 @@ def test_linear_without_activation_is_f_linear(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
-@pytest.mark.parametrize("in_shape, N", [((5, 0), 3), ((2, 3, 0), 4), ((5, 4), 0), ((0, 4), 0), ((0,), 3)],
-                         ids=["in_features_0", "in_features_0_3d", "out_features_0", "rows_0_out_features_0",
-                              "1d_in_features_0"])
+@pytest.mark.parametrize(
+    "in_shape, N",
+    [((5, 0), 3), ((2, 3, 0), 4), ((5, 4), 0), ((0, 4), 0), ((0,), 3)],
+    ids=["in_features_0", "in_features_0_3d", "out_features_0", "rows_0_out_features_0", "1d_in_features_0"],
+)
 def test_linear_degenerate_sizes(device, activation, in_shape, N):
     """in_features 0 (output = act(bias)), out_features 0: as torch (nn.Linear(0, n) is legal)."""
     inputs = dense_inputs(in_shape, N, device, f64)
@@ -349,8 +354,9 @@ def test_linear_half_precision(device, dtype, activation, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=_dtype_id)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
-@pytest.mark.parametrize("case", ["uniform_middle_dims", "uniform_rows_1000", "ragged_mixed", "ragged_rows_1000",
-                                  "ragged_in_1000"])
+@pytest.mark.parametrize(
+    "case", ["uniform_middle_dims", "uniform_rows_1000", "ragged_mixed", "ragged_rows_1000", "ragged_in_1000"]
+)
 def test_grouped_half_precision(device, dtype, activation, case):
     mode, name = case.split("_", 1)
     if mode == "uniform":
@@ -374,8 +380,10 @@ def _noncontiguous_dense(device, dtype):
     w = _randn((K, N), device, dtype, 0.5).t()  # (N, K), transposed
     b = _randn((2 * N,), device, dtype)[::2]  # strided
     x3 = _randn((K, 2, rows), device, dtype).permute(1, 2, 0)  # (2, rows, K)
-    return [dict(x=x, w=w, b=b, gy=_randn((N, rows), device, dtype).t()),
-            dict(x=x3, w=w, b=b, gy=_randn((2, rows, N), device, dtype))]
+    return [
+        dict(x=x, w=w, b=b, gy=_randn((N, rows), device, dtype).t()),
+        dict(x=x3, w=w, b=b, gy=_randn((2, rows, N), device, dtype)),
+    ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -476,8 +484,9 @@ def test_forward_op_saved(device, activation):
     else:
         assert saved.numel() == 0
     gi = grouped_inputs((8, 13), 3, 7, device, f64)
-    out, saved = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"],
-                                                           torch.tensor([3, 0, 5]), activation)
+    out, saved = torch.ops.batchops.grouped_linear_forward(
+        gi["x"], gi["w"], gi["b"], torch.tensor([3, 0, 5]), activation
+    )
     torch.testing.assert_close(out, torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5], activation))
     if activation in ("silu", "gelu", "gelu_tanh"):
         pre = torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5])
@@ -580,9 +589,14 @@ def test_large_preactivations(device, dtype, activation):
     b = torch.linspace(-100, 100, N, dtype=f64).to(device=device, dtype=dtype)
     inputs = dict(x=x, w=w, b=b, gy=_randn((9, N), device, dtype))
     check_vs_float64(ours_linear, torch_linear, inputs, dtype, activation=activation)
-    check_vs_float64(ours_grouped, torch_grouped,
-                     dict(x=x, w=w.unsqueeze(0).expand(2, N, K), b=b.expand(2, N), gy=inputs["gy"]),
-                     dtype, activation=activation, group_sizes=[4, 5])
+    check_vs_float64(
+        ours_grouped,
+        torch_grouped,
+        dict(x=x, w=w.unsqueeze(0).expand(2, N, K), b=b.expand(2, N), gy=inputs["gy"]),
+        dtype,
+        activation=activation,
+        group_sizes=[4, 5],
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -650,8 +664,9 @@ def test_double_backward_raises(device, activation, mode):
     x, w, b = (inputs[n].detach().clone().requires_grad_() for n in "xwb")
     y = impl(x, w, b, activation=activation, **kw)
     gx, gw = torch.autograd.grad(y, (x, w), inputs["gy"], create_graph=True)  # first order works
-    ref = evaluate(torch_grouped if impl is ours_grouped else torch_linear, x, w, b, inputs["gy"],
-                   activation=activation, **kw)
+    ref = evaluate(
+        torch_grouped if impl is ours_grouped else torch_linear, x, w, b, inputs["gy"], activation=activation, **kw
+    )
     torch.testing.assert_close(gx.detach(), ref["gx"])
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad((gx.sum() + gw.sum()), (x, w, b))
@@ -661,8 +676,9 @@ def test_double_backward_raises(device, activation, mode):
 # torch.library.opcheck on the ops
 
 
-def _dense_op_args(device, *, shape=(4, 5), N=3, dtype=f32, bias=True, activation="gelu", transposed_weight=False,
-                   requires_grad=True):
+def _dense_op_args(
+    device, *, shape=(4, 5), N=3, dtype=f32, bias=True, activation="gelu", transposed_weight=False, requires_grad=True
+):
     x = _randn(shape, device, dtype)
     K = shape[-1]
     w = _randn((K, N), device, dtype).t() if transposed_weight else _randn((N, K), device, dtype)
@@ -674,8 +690,22 @@ def _dense_op_args(device, *, shape=(4, 5), N=3, dtype=f32, bias=True, activatio
     return (x, w, b, activation)
 
 
-def _grouped_op_args(device, *, sizes=None, G=3, B=4, K=5, N=3, middle=(), dtype=f32, bias=True, activation="gelu",
-                     sizes_dtype=torch.int64, sizes_on_device=False, requires_grad=True):
+def _grouped_op_args(
+    device,
+    *,
+    sizes=None,
+    G=3,
+    B=4,
+    K=5,
+    N=3,
+    middle=(),
+    dtype=f32,
+    bias=True,
+    activation="gelu",
+    sizes_dtype=torch.int64,
+    sizes_on_device=False,
+    requires_grad=True,
+):
     if sizes is None:
         x = _randn((G, *middle, B, K), device, dtype)
         gs = None
@@ -727,8 +757,13 @@ def test_opcheck_grouped_linear_forward(device, case):
     torch.library.opcheck(torch.ops.batchops.grouped_linear_forward.default, args)
 
 
-MASKS = {"all": [True, True, True], "input": [True, False, False], "params": [False, True, True],
-         "bias": [False, False, True], "weight": [False, True, False]}
+MASKS = {
+    "all": [True, True, True],
+    "input": [True, False, False],
+    "params": [False, True, True],
+    "bias": [False, False, True],
+    "weight": [False, True, False],
+}
 
 
 def _check_backward_outputs(grads, mask, x, w, b):
@@ -740,8 +775,9 @@ def _check_backward_outputs(grads, mask, x, w, b):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["f32_gelu", "f64_relu_no_bias_3d", "f32_none_1d", "bf16_silu_transposed_weight",
-                                  "f32_silu_empty"])
+@pytest.mark.parametrize(
+    "case", ["f32_gelu", "f64_relu_no_bias_3d", "f32_none_1d", "bf16_silu_transposed_weight", "f32_silu_empty"]
+)
 @pytest.mark.parametrize("mask", list(MASKS))
 def test_opcheck_linear_backward(device, case, mask):
     x, w, b, activation = _dense_op_args(device, requires_grad=False, **DENSE_OPCHECK[case])
@@ -753,9 +789,18 @@ def test_opcheck_linear_backward(device, case, mask):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["uniform_f32_gelu_tanh", "uniform_f64_silu_middle_no_bias",
-                                  "ragged_f32_gelu_empty_groups", "ragged_f64_relu_int32", "ragged_bf16_silu",
-                                  "ragged_f32_none_no_bias", "ragged_f32_gelu_device_sizes"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "uniform_f32_gelu_tanh",
+        "uniform_f64_silu_middle_no_bias",
+        "ragged_f32_gelu_empty_groups",
+        "ragged_f64_relu_int32",
+        "ragged_bf16_silu",
+        "ragged_f32_none_no_bias",
+        "ragged_f32_gelu_device_sizes",
+    ],
+)
 @pytest.mark.parametrize("mask", ["all", "input", "params"])
 def test_opcheck_grouped_linear_backward(device, case, mask):
     x, w, b, gs, activation = _grouped_op_args(device, requires_grad=False, **GROUPED_OPCHECK[case])
@@ -837,8 +882,14 @@ def test_grouped_linear_errors(device, activation):
     with pytest.raises(RuntimeError, match="group_sizes"):
         call(gs=torch.tensor([4, -1, 5], dtype=torch.int32))
     # group_sizes of the wrong type
-    for bad in (torch.tensor([3.0, 0.0, 5.0]), torch.tensor([True, False, True]), [3.0, 0, 5], [3, None, 5], 8,
-                "3,0,5"):
+    for bad in (
+        torch.tensor([3.0, 0.0, 5.0]),
+        torch.tensor([True, False, True]),
+        [3.0, 0, 5],
+        [3, None, 5],
+        8,
+        "3,0,5",
+    ):
         with pytest.raises(TypeError, match="group_sizes"):
             call(gs=bad)
     # 2-D input without group_sizes whose rows are not the groups
@@ -935,8 +986,10 @@ def test_linear_module_like_nn_linear(device, bias):
 
 def test_linear_module_repr_and_factory_kwargs():
     assert repr(batchops.Linear(3, 4)) == repr(nn.Linear(3, 4)) == "Linear(in_features=3, out_features=4, bias=True)"
-    assert repr(batchops.Linear(3, 4, bias=False, activation="silu")) == \
-        "Linear(in_features=3, out_features=4, bias=False, activation='silu')"
+    assert (
+        repr(batchops.Linear(3, 4, bias=False, activation="silu"))
+        == "Linear(in_features=3, out_features=4, bias=False, activation='silu')"
+    )
     m = batchops.Linear(3, 4, dtype=f64, activation="relu")
     assert m.weight.dtype == f64 and m.bias.dtype == f64 and m.activation == "relu"
     assert m(torch.randn(2, 3, dtype=f64)).dtype == f64
@@ -982,8 +1035,10 @@ def test_grouped_linear_module_state_dict_repr_and_arguments():
     assert m.weight.shape == (3, 5, 4) and m.bias.shape == (3, 5)
     assert list(batchops.GroupedLinear(3, 4, 5, bias=False).state_dict()) == ["weight"]
     assert m.extra_repr() == "num_groups=3, in_features=4, out_features=5, bias=True"
-    assert repr(batchops.GroupedLinear(2, 4, 5, bias=False, activation="gelu_tanh")) == \
-        "GroupedLinear(num_groups=2, in_features=4, out_features=5, bias=False, activation='gelu_tanh')"
+    assert (
+        repr(batchops.GroupedLinear(2, 4, 5, bias=False, activation="gelu_tanh"))
+        == "GroupedLinear(num_groups=2, in_features=4, out_features=5, bias=False, activation='gelu_tanh')"
+    )
     other = batchops.GroupedLinear(3, 4, 5, activation="relu")
     other.load_state_dict(m.state_dict())
     _state_dict_equal(other.state_dict(), m.state_dict())
@@ -1167,8 +1222,11 @@ def test_deterministic_across_thread_counts(activation, case):
     backward epilogue and its bias-gradient sum, bitwise on the same saved inputs."""
     mode, sizes = THREAD_CASES[case]
     if mode == "ragged":
-        inputs, fn, kw = grouped_inputs((sum(sizes), 16), len(sizes), 24, "cpu", f32), ours_grouped, \
-            dict(group_sizes=sizes)
+        inputs, fn, kw = (
+            grouped_inputs((sum(sizes), 16), len(sizes), 24, "cpu", f32),
+            ours_grouped,
+            dict(group_sizes=sizes),
+        )
     elif mode == "dense":
         inputs, fn, kw = dense_inputs((700, 16), 24, "cpu", f32), ours_linear, {}
     else:
@@ -1189,15 +1247,18 @@ def test_deterministic_across_thread_counts(activation, case):
     if mode == "dense":
         output, saved = torch.ops.batchops.linear_forward(x, w, b, activation, True)
         backward = lambda: torch.ops.batchops.linear_backward(  # noqa: E731
-            gy, x, w, b, output, saved, activation, [False, False, True])[2]
+            gy, x, w, b, output, saved, activation, [False, False, True]
+        )[2]
     else:
         output, saved = torch.ops.batchops.grouped_linear_forward(x, w, b, None, activation, True)
         backward = lambda: torch.ops.batchops.grouped_linear_backward(  # noqa: E731
-            gy, x, w, b, None, output, saved, activation, [False, False, True])[2]
+            gy, x, w, b, None, output, saved, activation, [False, False, True]
+        )[2]
     bias_grads = _at_thread_counts(backward)
     for threads in (2, 3):
-        assert torch.equal(bias_grads[1], bias_grads[threads]), \
+        assert torch.equal(bias_grads[1], bias_grads[threads]), (
             f"bias gradient from the same saved inputs differs between 1 and {threads} threads"
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,5 @@
 """LossWeightedSampler (batchops.data.loss_weighted): hard-example mining on the sampler contract."""
+
 from __future__ import annotations
 
 import io
@@ -61,6 +62,7 @@ def test_probabilities_match_formula(temperature, floor):
 
 def test_temperature_and_floor_limits():
     losses = np.array([0.0, 1.0, 2.0, 10.0, 3.0])
+
     def probs(**kw):
         s = LossWeightedSampler(5, **kw)
         s.update(np.arange(5), losses)
@@ -294,13 +296,21 @@ def test_resume_at_every_position(num_replicas, replacement):
     seed=st.integers(0, 2**32),
     updates=st.lists(st.tuples(st.integers(0, 29), st.floats(-1, 100)), max_size=20),
 )
-def test_resume_property(n, num_draws, num_replicas, rank_seed, position, temperature, floor,
-                         replacement, drop_last, seed, updates):
+def test_resume_property(
+    n, num_draws, num_replicas, rank_seed, position, temperature, floor, replacement, drop_last, seed, updates
+):
     if not replacement:
         num_draws = min(num_draws, n)
-    kw = dict(num_draws=num_draws, num_replicas=num_replicas, rank=rank_seed % num_replicas,
-              temperature=temperature, floor=floor, replacement=replacement, drop_last=drop_last,
-              seed=seed)
+    kw = dict(
+        num_draws=num_draws,
+        num_replicas=num_replicas,
+        rank=rank_seed % num_replicas,
+        temperature=temperature,
+        floor=floor,
+        replacement=replacement,
+        drop_last=drop_last,
+        seed=seed,
+    )
     idx = [i % n for i, _ in updates]
     losses = [v for _, v in updates]
     ref = LossWeightedSampler(n, **kw)

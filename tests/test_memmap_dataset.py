@@ -1,6 +1,7 @@
 """MemmapDataset, MemmapBatch / memmap_collate, MemmapWriter and the write_* helpers
 (batchops.data.memmap): round trips, batched reads, streams, validation, pickling, DataLoader
 workers. No compiled kernels are needed."""
+
 from __future__ import annotations
 
 import gc
@@ -242,8 +243,9 @@ def test_writer_mapping_batches_and_empty(tmp_path):
     ds = MemmapDataset(tmp_path / "a")
     assert ds.names == ("x", "y") and len(ds) == 5
     # Zero samples: needs the row shapes (and dtypes) up front.
-    write_memmap_batches(tmp_path / "b", [], names=("x", "y"), row_shapes={"x": (2,), "y": ()},
-                         dtypes={"x": np.float32, "y": np.int64})
+    write_memmap_batches(
+        tmp_path / "b", [], names=("x", "y"), row_shapes={"x": (2,), "y": ()}, dtypes={"x": np.float32, "y": np.int64}
+    )
     ds = MemmapDataset(tmp_path / "b")
     assert len(ds) == 0 and ds.shapes == {"x": (0, 2), "y": (0,)}
     with pytest.raises(ValueError, match="row_shapes"):
@@ -453,8 +455,9 @@ def test_dataloader_workers(tmp_path, context):
     ds = write_memmap_dataset(tmp_path, x, np.arange(200))
     kw = dict(batch_size=32, shuffle=True)
     ref = _collect(DataLoader(ds, generator=torch.Generator().manual_seed(2), **kw))
-    got = _collect(DataLoader(ds, num_workers=2, multiprocessing_context=context,
-                              generator=torch.Generator().manual_seed(2), **kw))
+    got = _collect(
+        DataLoader(ds, num_workers=2, multiprocessing_context=context, generator=torch.Generator().manual_seed(2), **kw)
+    )
     _assert_same_batches(got, ref)
     assert torch.cat([b[1] for b in got]).sort().values.tolist() == list(range(200))
 

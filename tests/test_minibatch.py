@@ -2,9 +2,8 @@
 
 Generic contract properties of ShuffledBatchSampler are in test_sampler_contract.py.
 """
-from __future__ import annotations
 
-import itertools
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -136,7 +135,12 @@ def test_minibatches_unshuffled_are_views():
         ((), {"batch_size": 2}, ValueError, "arrays must contain at least one"),
         ((np.zeros(3), np.zeros(4)), {"batch_size": 2}, ValueError, r"same first dimension, got \[3, 4\]"),
         ((np.zeros(3), torch.zeros(2, 5)), {"batch_size": 2}, ValueError, "same first dimension"),
-        ((np.zeros(3), [1, 2, 3]), {"batch_size": 2}, TypeError, r"arrays\[1\] must be a numpy.ndarray or torch.Tensor"),
+        (
+            (np.zeros(3), [1, 2, 3]),
+            {"batch_size": 2},
+            TypeError,
+            r"arrays\[1\] must be a numpy.ndarray or torch.Tensor",
+        ),
         ((np.float64(3.0),), {"batch_size": 2}, TypeError, r"arrays\[0\]"),
         ((np.array(3.0),), {"batch_size": 2}, ValueError, r"arrays\[0\] is 0-d"),
         ((np.zeros(3),), {"batch_size": 0}, ValueError, "minibatches: batch_size must be at least 1"),
@@ -197,8 +201,9 @@ def test_minibatch_gd_noisy_with_decaying_lr():
     again = minibatch_gd_linear_regression(X, y, batch_size=16, lr=lambda e: 0.2 / (1 + e), epochs=300, seed=1)
     assert np.array_equal(again[0], w) and again[1] == b  # reproducible from the seed
     other = minibatch_gd_linear_regression(X, y, batch_size=16, lr=lambda e: 0.2 / (1 + e), epochs=3, seed=2)
-    assert not np.array_equal(other[0], minibatch_gd_linear_regression(
-        X, y, batch_size=16, lr=lambda e: 0.2 / (1 + e), epochs=3, seed=1)[0])
+    assert not np.array_equal(
+        other[0], minibatch_gd_linear_regression(X, y, batch_size=16, lr=lambda e: 0.2 / (1 + e), epochs=3, seed=1)[0]
+    )
 
 
 def test_gd_without_intercept_and_multi_output():

@@ -1,4 +1,5 @@
 """Import-time behaviour: the package without its compiled module, a stale build, autocast."""
+
 from __future__ import annotations
 
 import subprocess

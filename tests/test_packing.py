@@ -8,6 +8,7 @@ References:
   indexing, x[mask] and torch.nonzero (the library itself must not use nonzero).
 Every conversion is a copy, so outputs and gradients are compared exactly, not with tolerances.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -20,6 +21,7 @@ from torch.nn.utils import rnn
 from torch.nn.utils.rnn import PackedSequence
 
 import batchops
+
 from conftest import DEVICES, RecordOps
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -201,8 +203,9 @@ def test_pack_lengths_forms(device, form, kind, enforce_sorted):
     B, T, lengths = random_case(kind, 3)
     x = make_data((B, T, 3), f32, device)
     ref = rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=enforce_sorted)
-    ours = batchops.pack_padded_sequence(x, lengths_as(lengths, form, device), batch_first=True,
-                                         enforce_sorted=enforce_sorted)
+    ours = batchops.pack_padded_sequence(
+        x, lengths_as(lengths, form, device), batch_first=True, enforce_sorted=enforce_sorted
+    )
     assert_packed_equal(ours, ref)
 
 
@@ -412,8 +415,9 @@ def test_gradcheck_pad(device, batch_first):
 
 
 def gradcheck_mask(device):
-    return torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]],
-                        dtype=torch.bool, device=device)
+    return torch.tensor(
+        [[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool, device=device
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -527,8 +531,9 @@ def test_pack_unsorted_with_enforce_sorted_raises(device, form):
 def test_pack_empty_batch_raises(device, batch_first, enforce_sorted):
     x = make_data(padded_shape(0, 4, (2,), batch_first), f32, device)
     _raises_like_torch(RuntimeError, x, [], batch_first=batch_first, enforce_sorted=enforce_sorted)
-    _raises_like_torch(RuntimeError, x, torch.empty(0, dtype=torch.int64), batch_first=batch_first,
-                       enforce_sorted=enforce_sorted)
+    _raises_like_torch(
+        RuntimeError, x, torch.empty(0, dtype=torch.int64), batch_first=batch_first, enforce_sorted=enforce_sorted
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -539,11 +544,13 @@ def test_pack_lengths_longer_than_T_raise_value_error(device, batch_first, enfor
     # torch builds a malformed PackedSequence here without complaint; batchops refuses.
     x = make_data(padded_shape(3, 4, (2,), batch_first), f32, device)
     with pytest.raises(ValueError):
-        batchops.pack_padded_sequence(x, lengths_as([5, 3, 1], form, device), batch_first=batch_first,
-                                      enforce_sorted=enforce_sorted)
+        batchops.pack_padded_sequence(
+            x, lengths_as([5, 3, 1], form, device), batch_first=batch_first, enforce_sorted=enforce_sorted
+        )
     with pytest.raises(ValueError):
-        batchops.pack_padded_sequence(x, lengths_as([1, 3, 9], form, device), batch_first=batch_first,
-                                      enforce_sorted=False)
+        batchops.pack_padded_sequence(
+            x, lengths_as([1, 3, 9], form, device), batch_first=batch_first, enforce_sorted=False
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -726,8 +733,12 @@ def test_unpad_errors(device):
         batchops.unpad(x, [1, -1, 3])
     with pytest.raises(ValueError):
         batchops.unpad(x, [1, 2])  # wrong count
-    for bad in (torch.ones(B, T + 1, dtype=torch.bool), torch.ones(B + 1, T, dtype=torch.bool),
-                torch.ones(B * T, dtype=torch.bool), torch.ones(B, T, 1, dtype=torch.bool)):
+    for bad in (
+        torch.ones(B, T + 1, dtype=torch.bool),
+        torch.ones(B + 1, T, dtype=torch.bool),
+        torch.ones(B * T, dtype=torch.bool),
+        torch.ones(B, T, 1, dtype=torch.bool),
+    ):
         with pytest.raises(ValueError):
             batchops.unpad(x, mask=bad.to(device))
 
@@ -738,8 +749,7 @@ def test_unpad_errors(device):
 
 # nonzero / masked_select: data-dependent sizes (a sync on a GPU); index_add / scatter_add: a
 # scatter-add backward instead of one more gather.
-FORBIDDEN_OPS = {"nonzero", "nonzero_static", "masked_select", "index_add", "index_add_", "scatter_add",
-                 "scatter_add_"}
+FORBIDDEN_OPS = {"nonzero", "nonzero_static", "masked_select", "index_add", "index_add_", "scatter_add", "scatter_add_"}
 CONVERSIONS = ["pack_sorted", "pack_unsorted", "pad_packed", "unpad_lengths", "unpad_mask", "pad"]
 
 
@@ -817,17 +827,35 @@ def gather_rows_samples(device):
     # empty index, and an empty input with only fill rows
     empty = torch.empty(0, dtype=torch.int64, device=device)
     samples.append(("empty_index", (make_data((R, 3), f32, device).requires_grad_(True), empty, None, 0)))
-    samples.append(("empty_input", (make_data((0, 3), f32, device).requires_grad_(True),
-                                    torch.full((4,), -1, dtype=torch.int64, device=device),
-                                    torch.empty(0, dtype=torch.int64, device=device), 1.5)))
+    samples.append(
+        (
+            "empty_input",
+            (
+                make_data((0, 3), f32, device).requires_grad_(True),
+                torch.full((4,), -1, dtype=torch.int64, device=device),
+                torch.empty(0, dtype=torch.int64, device=device),
+                1.5,
+            ),
+        )
+    )
     # non-contiguous input
     x = make_data((3, R), f32, device).t().requires_grad_(True)
     samples.append(("noncontiguous", (x, idx, None, 0)))
     return samples
 
 
-SAMPLE_NAMES = ["fill_repeats", "inverse", "inverse_none", "int64", "int32_2d", "bool", "half", "empty_index",
-                "empty_input", "noncontiguous"]
+SAMPLE_NAMES = [
+    "fill_repeats",
+    "inverse",
+    "inverse_none",
+    "int64",
+    "int32_2d",
+    "bool",
+    "half",
+    "empty_index",
+    "empty_input",
+    "noncontiguous",
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)

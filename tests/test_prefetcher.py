@@ -1,4 +1,5 @@
 """DevicePrefetcher (batchops.data.prefetch): pure Python + torch, no compiled kernels needed."""
+
 from __future__ import annotations
 
 import collections
@@ -329,17 +330,20 @@ def test_new_pass_stops_the_previous_one():
 
 
 # ----------------------------------------------------------------------------- arguments
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"depth": 0}, ValueError, "depth"),
-    ({"depth": -3}, ValueError, "depth"),
-    ({"depth": 1.5}, TypeError, "depth"),
-    ({"depth": "2"}, TypeError, "depth"),
-    ({"depth": True}, TypeError, "depth"),
-    ({"pin_memory": "yes"}, TypeError, "pin_memory"),
-    ({"non_blocking": 1}, TypeError, "non_blocking"),
-    ({"join_timeout": -1.0}, ValueError, "join_timeout"),
-    ({"join_timeout": "1"}, TypeError, "join_timeout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"depth": 0}, ValueError, "depth"),
+        ({"depth": -3}, ValueError, "depth"),
+        ({"depth": 1.5}, TypeError, "depth"),
+        ({"depth": "2"}, TypeError, "depth"),
+        ({"depth": True}, TypeError, "depth"),
+        ({"pin_memory": "yes"}, TypeError, "pin_memory"),
+        ({"non_blocking": 1}, TypeError, "non_blocking"),
+        ({"join_timeout": -1.0}, ValueError, "join_timeout"),
+        ({"join_timeout": "1"}, TypeError, "join_timeout"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         DevicePrefetcher([1], "cpu", **kwargs)
@@ -393,8 +397,12 @@ def test_loading_overlaps_compute_on_cpu():
 def cuda_batches(n: int, pinned: bool = False):
     out = []
     for i in range(n):
-        b = {"x": torch.randn(256, 1024), "y": torch.arange(256) + i, "name": f"b{i}",
-             "pair": Pair(torch.full((4,), float(i)), i)}
+        b = {
+            "x": torch.randn(256, 1024),
+            "y": torch.arange(256) + i,
+            "name": f"b{i}",
+            "pair": Pair(torch.full((4,), float(i)), i),
+        }
         if pinned:
             b = apply_to_tensors(lambda t: t.pin_memory(), b)
         out.append(b)
@@ -402,8 +410,9 @@ def cuda_batches(n: int, pinned: bool = False):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("pin_memory, non_blocking, depth", [(True, True, 2), (True, True, 4), (False, False, 1),
-                                                           (False, True, 2)])
+@pytest.mark.parametrize(
+    "pin_memory, non_blocking, depth", [(True, True, 2), (True, True, 4), (False, False, 1), (False, True, 2)]
+)
 def test_cuda_values_and_device(pin_memory, non_blocking, depth):
     batches = cuda_batches(12)
     pf = DevicePrefetcher(batches, "cuda", depth=depth, pin_memory=pin_memory, non_blocking=non_blocking)

@@ -5,6 +5,7 @@ drop_last=)``; the same properties (exact resume, rank sharding, reproducibility
 checked for all of them with hypothesis, under a small, derandomized profile so the file stays
 fast and never flakes. Pure Python: no compiled kernels needed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,15 +54,19 @@ def _curriculum_step_balanced(n, **kw):
     rng = np.random.default_rng(n)
     return CurriculumSampler(
         rng.integers(0, 5, n),  # many ties
-        "exp_step", start_fraction=0.2, step_length=2, class_labels=rng.integers(0, 3, n),
-        batch_size=2, num_samples_per_epoch=n + 3, **kw,
+        "exp_step",
+        start_fraction=0.2,
+        step_length=2,
+        class_labels=rng.integers(0, 3, n),
+        batch_size=2,
+        num_samples_per_epoch=n + 3,
+        **kw,
     )
 
 
 def _curriculum_root_cycled(n, **kw):
     difficulty = np.random.default_rng(n).normal(size=n)
-    return CurriculumSampler(difficulty, "root", start_fraction=0.1, total_epochs=4,
-                             num_samples_per_epoch=2 * n, **kw)
+    return CurriculumSampler(difficulty, "root", start_fraction=0.1, total_epochs=4, num_samples_per_epoch=2 * n, **kw)
 
 
 def _shuffled(n, **kw):

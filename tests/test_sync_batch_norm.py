@@ -5,6 +5,7 @@ norm on the concatenated batch in float64, plus single-process behaviour and the
 Each run_ranks call starts two processes (a few seconds), so the ranked checks are packed into
 one function that runs several cases.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,14 +29,51 @@ TORCH_ACT = {None: lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}
 
 # Ranked cases: per-rank batch sizes, the rest of the shape, and the module's options.
 CASES = [
-    dict(name="4d_uneven_relu_residual", sizes=(3, 5), tail=(4, 3, 3), activation="relu", residual=True,
-         momentum=0.1, affine=True, x_grad=True, steps=1),
-    dict(name="2d_empty_rank0", sizes=(0, 6), tail=(5,), activation=None, residual=False,
-         momentum=0.1, affine=True, x_grad=True, steps=1),
-    dict(name="3d_empty_rank1_cumulative_silu_no_affine", sizes=(4, 0), tail=(3, 5), activation="silu",
-         residual=True, momentum=None, affine=False, x_grad=True, steps=2),
-    dict(name="4d_channels_last_params_only", sizes=(2, 3), tail=(6, 2, 4), activation="gelu", residual=False,
-         momentum=0.3, affine=True, x_grad=False, steps=1, channels_last=True),
+    dict(
+        name="4d_uneven_relu_residual",
+        sizes=(3, 5),
+        tail=(4, 3, 3),
+        activation="relu",
+        residual=True,
+        momentum=0.1,
+        affine=True,
+        x_grad=True,
+        steps=1,
+    ),
+    dict(
+        name="2d_empty_rank0",
+        sizes=(0, 6),
+        tail=(5,),
+        activation=None,
+        residual=False,
+        momentum=0.1,
+        affine=True,
+        x_grad=True,
+        steps=1,
+    ),
+    dict(
+        name="3d_empty_rank1_cumulative_silu_no_affine",
+        sizes=(4, 0),
+        tail=(3, 5),
+        activation="silu",
+        residual=True,
+        momentum=None,
+        affine=False,
+        x_grad=True,
+        steps=2,
+    ),
+    dict(
+        name="4d_channels_last_params_only",
+        sizes=(2, 3),
+        tail=(6, 2, 4),
+        activation="gelu",
+        residual=False,
+        momentum=0.3,
+        affine=True,
+        x_grad=False,
+        steps=1,
+        channels_last=True,
+    ),
 ]
 
 
@@ -96,8 +134,9 @@ def _ranked(rank, world_size):
     for case in CASES:
         counts.clear()
         C = case["tail"][0]
-        bn = SyncBatchNorm(C, momentum=case["momentum"], affine=case["affine"], activation=case["activation"],
-                           dtype=f64)
+        bn = SyncBatchNorm(
+            C, momentum=case["momentum"], affine=case["affine"], activation=case["activation"], dtype=f64
+        )
         if case["affine"]:
             w, b = _params(case)
             with torch.no_grad():
@@ -158,8 +197,9 @@ def test_two_gloo_ranks_match_single_process_batch_norm():
             if ref[key] is None:
                 assert all(r[key] is None for r in ranks), key
                 continue
-            torch.testing.assert_close(torch.cat([r[key] for r in ranks]), ref[key], **tol,
-                                       msg=lambda m: f"{case['name']} {key}: {m}")
+            torch.testing.assert_close(
+                torch.cat([r[key] for r in ranks]), ref[key], **tol, msg=lambda m: f"{case['name']} {key}: {m}"
+            )
         for key in ("rm", "rv", "nbt") + (("gw", "gb") if case["affine"] else ()):
             for r in ranks:
                 torch.testing.assert_close(r[key], ref[key], **tol, msg=lambda m: f"{case['name']} {key}: {m}")
@@ -180,7 +220,7 @@ def test_not_distributed_equals_batchops_batch_norm():
         for m in (sync, plain):
             m.weight.copy_(torch.linspace(0.5, 1.5, 4))
             m.bias.copy_(torch.linspace(-0.2, 0.3, 4))
-    for step in range(2):
+    for _iteration in range(2):
         x = torch.randn(3, 4, 5, 5)
         z = torch.randn(3, 4, 5, 5)
         xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -304,19 +344,22 @@ def test_batch_norm_backward_elemt_matches_formula(device, activation):
     invstd = torch.rand(3, dtype=f64, device=device) + 0.5
     mean_g = torch.randn(3, dtype=f64, device=device)
     mean_gxhat = torch.randn(3, dtype=f64, device=device)
-    gi, gz = torch.ops.batchops.batch_norm_backward_elemt(dy, x, w, b, z, mean, invstd, mean_g, mean_gxhat,
-                                                         activation, [True, True])
+    gi, gz = torch.ops.batchops.batch_norm_backward_elemt(
+        dy, x, w, b, z, mean, invstd, mean_g, mean_gxhat, activation, [True, True]
+    )
     c = (slice(None), None)  # per channel, broadcast over (N, C, L)
     xhat = (x - mean[c]) * invstd[c]
     pre = xhat * w[c] + b[c] + z
     g = dy * (pre > 0) if activation == "relu" else dy
     torch.testing.assert_close(gz, g, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gi, w[c] * invstd[c] * (g - mean_g[c] - xhat * mean_gxhat[c]), rtol=1e-12, atol=1e-12)
-    gi, gz = torch.ops.batchops.batch_norm_backward_elemt(dy, x, None, None, None, mean, invstd, mean_g, mean_gxhat,
-                                                         None, [True, False])
+    gi, gz = torch.ops.batchops.batch_norm_backward_elemt(
+        dy, x, None, None, None, mean, invstd, mean_g, mean_gxhat, None, [True, False]
+    )
     assert gz.numel() == 0
-    torch.testing.assert_close(gi, invstd[c] * (dy - mean_g[c] - (x - mean[c]) * invstd[c] * mean_gxhat[c]),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        gi, invstd[c] * (dy - mean_g[c] - (x - mean[c]) * invstd[c] * mean_gxhat[c]), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,6 +4,7 @@ and bounded failure when a rank dies.
 Multi-rank checks run on two gloo ranks through batchops.testing.run_ranks (a few seconds of
 process start-up each), so several checks share one run.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,15 +101,26 @@ def scramble_rng(seed: int = 12345) -> None:
 
 def make_loader(kind: str, ds: Dataset, *, num_replicas=None, rank=None):
     if kind == "batch":
-        return DataLoader(ds, batch_sampler=ShuffledBatchSampler(len(ds), 4, seed=1, num_replicas=num_replicas,
-                                                                 rank=rank))
+        return DataLoader(
+            ds, batch_sampler=ShuffledBatchSampler(len(ds), 4, seed=1, num_replicas=num_replicas, rank=rank)
+        )
     # an index sampler on the contract, with prefetching workers: the sampler runs ahead
     sampler = DistributedSamplerWrapper(RandomSampler(range(len(ds))), num_replicas=num_replicas, rank=rank, seed=3)
     return DataLoader(ds, sampler=sampler, batch_size=4, num_workers=2, prefetch_factor=2)
 
 
-def run_resumable(kind: str, ckpt: str, *, max_steps=None, resume=None, accumulation=1, epochs=2,
-                  noise=False, num_replicas=None, rank=None):
+def run_resumable(
+    kind: str,
+    ckpt: str,
+    *,
+    max_steps=None,
+    resume=None,
+    accumulation=1,
+    epochs=2,
+    noise=False,
+    num_replicas=None,
+    rank=None,
+):
     """One training run of the resume tests; returns (result, recorder, model)."""
     model = mlp(dropout=0.2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -118,8 +130,16 @@ def run_resumable(kind: str, ckpt: str, *, max_steps=None, resume=None, accumula
     rec = Recorder()
     if accumulation == "controller":
         accumulation = GrowingAccumulation()
-    trainer = bt.Trainer(model, opt, scheduler=sched, accumulation_steps=accumulation, checkpoint_path=ckpt,
-                         callbacks=[rec], batch_fn=lambda b: (b[0], b[1]), **trainer_kwargs())
+    trainer = bt.Trainer(
+        model,
+        opt,
+        scheduler=sched,
+        accumulation_steps=accumulation,
+        checkpoint_path=ckpt,
+        callbacks=[rec],
+        batch_fn=lambda b: (b[0], b[1]),
+        **trainer_kwargs(),
+    )
     result = trainer.fit(loader, epochs=epochs, max_steps=max_steps, resume=resume)
     return result, rec, model
 
@@ -146,9 +166,15 @@ def _rank_parity_resume_gather(rank, world_size, tmpdir):
     b, rec_b, _ = run_resumable("batch", ckpt, max_steps=4)
     scramble_rng(rank + 99)
     c, rec_c, model_c = run_resumable("batch", ckpt, resume=ckpt)
-    out["resume"] = {"a": a.step_losses, "b": b.step_losses, "c": c.step_losses,
-                     "idx_a": rec_a.indices, "idx_bc": rec_b.indices + rec_c.indices,
-                     "b_stopped": b.stopped_early, "c_from": c.resumed_from}
+    out["resume"] = {
+        "a": a.step_losses,
+        "b": b.step_losses,
+        "c": c.step_losses,
+        "idx_a": rec_a.indices,
+        "idx_bc": rec_b.indices + rec_c.indices,
+        "b_stopped": b.stopped_early,
+        "c_from": c.resumed_from,
+    }
     ck = torch.load(ckpt, weights_only=True)
     out["ckpt_rng_ranks"] = len(ck["rng"])
     # (3) evaluation across ranks with unequal shards: rank 0 has 5 samples, rank 1 has 3.
@@ -231,12 +257,15 @@ def _rank_join(rank, world_size):
 
 
 # ----------------------------------------------------------------------------- tests: one process
-@pytest.mark.parametrize("kind,stop,accumulation,noise", [
-    ("batch", 7, 1, True),      # mid-epoch, batch sampler, RNG noise from torch/NumPy/Python in the data
-    ("batch", 12, 1, True),     # exactly at the end of epoch 0
-    ("index", 4, 2, False),     # mid-epoch, index sampler + 2 prefetching workers, accumulation 2
-    ("batch", 5, "controller", True),  # a batch-size controller whose accumulation grows (state resumed)
-])
+@pytest.mark.parametrize(
+    "kind,stop,accumulation,noise",
+    [
+        ("batch", 7, 1, True),  # mid-epoch, batch sampler, RNG noise from torch/NumPy/Python in the data
+        ("batch", 12, 1, True),  # exactly at the end of epoch 0
+        ("index", 4, 2, False),  # mid-epoch, index sampler + 2 prefetching workers, accumulation 2
+        ("batch", 5, "controller", True),  # a batch-size controller whose accumulation grows (state resumed)
+    ],
+)
 def test_resume_reproduces_uninterrupted_run(tmp_path, kind, stop, accumulation, noise):
     scramble_rng(1)
     a, rec_a, model_a = run_resumable(kind, str(tmp_path / "a.pt"), accumulation=accumulation, noise=noise)
@@ -264,8 +293,17 @@ def test_checkpoint_contents_weights_only(tmp_path):
         run_resumable(kind, ckpt, max_steps=stop)
         state = torch.load(ckpt, weights_only=True)  # no pickled objects: tensors and plain values only
         assert state["format"] == bt.CHECKPOINT_FORMAT
-        assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "sampler", "batch_size", "rng",
-                              "progress", "world_size"}
+        assert set(state) >= {
+            "model",
+            "optimizer",
+            "scheduler",
+            "scaler",
+            "sampler",
+            "batch_size",
+            "rng",
+            "progress",
+            "world_size",
+        }
         assert state["progress"] == {**state["progress"], "epoch": 0, "batch_in_epoch": stop, "global_step": stop}
         # the position counts consumed batches (x batch size for an index sampler), not what the
         # DataLoader's workers prefetched
@@ -299,8 +337,9 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     bt.atomic_save({"a": torch.ones(3)}, path)
     monkeypatch.setattr(torch, "save", failing_save)
     model = mlp()
-    trainer = bt.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_path=str(path),
-                         **trainer_kwargs())
+    trainer = bt.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_path=str(path), **trainer_kwargs()
+    )
     with pytest.raises(OSError, match="simulated"):
         trainer.save_checkpoint()
     monkeypatch.setattr(torch, "save", real_save)
@@ -340,8 +379,9 @@ def test_two_ranks_parity_resume_and_gather(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     ds = Indexed()
-    bt.fit(model, opt, DataLoader(ds, batch_sampler=ShuffledBatchSampler(len(ds), 8, seed=7)), epochs=2,
-           **trainer_kwargs())
+    bt.fit(
+        model, opt, DataLoader(ds, batch_sampler=ShuffledBatchSampler(len(ds), 8, seed=7)), epochs=2, **trainer_kwargs()
+    )
     single = flat_params(model)
     assert not torch.equal(single, flat_params(mlp()))  # it trained
     for r in (r0, r1):
@@ -408,7 +448,8 @@ def test_join_uneven_loaders_and_sync_batchnorm_error():
 
 def test_imports_without_compiled_extension(tmp_path):
     """batchops.train is pure Python: it imports (and trains) with batchops._C blocked."""
-    out = run_isolated("""
+    out = run_isolated(
+        """
         import sys
         import torch
         import batchops.train as bt
@@ -417,6 +458,9 @@ def test_imports_without_compiled_extension(tmp_path):
         res = bt.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), data, epochs=2, device="cpu",
                      progress=False, verbose=False)
         print(res.global_step, "batchops._C" in sys.modules)
-        """, blocked=("batchops._C", "batchops.ops", "batchops.nn"), script=tmp_path / "script.py")
+        """,
+        blocked=("batchops._C", "batchops.ops", "batchops.nn"),
+        script=tmp_path / "script.py",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "6 False"

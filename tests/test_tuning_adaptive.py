@@ -1,5 +1,6 @@
 """batchops.tuning.AdaptiveBatchSize: growth toward the noise scale, learning-rate rules, the loop
 helpers, and exact (bitwise) resumption of an adaptive training run from a mid-run checkpoint."""
+
 from __future__ import annotations
 
 import io
@@ -54,8 +55,9 @@ def test_growth_limits_world_size_and_shrink():
     tracker = fake(noise_scale=100.0)
     a = AdaptiveBatchSize(4, base_batch_size=8, world_size=2, noise_scale=tracker, max_accumulation=None)
     assert a.accumulation_steps == 1 and a.update() == 13  # round(100 / 8) = 12.5 -> 13
-    a = AdaptiveBatchSize(4, base_batch_size=8, world_size=2, noise_scale=tracker, max_batch_size=48,
-                          max_accumulation=None)
+    a = AdaptiveBatchSize(
+        4, base_batch_size=8, world_size=2, noise_scale=tracker, max_batch_size=48, max_accumulation=None
+    )
     assert a.update() == 6 and a.effective_batch_size == 48  # 48 // (4 * 2)
     a = AdaptiveBatchSize(4, base_batch_size=4, world_size=1, noise_scale=tracker, max_growth=2.0)
     assert [a.update() for _ in range(6)] == [2, 4, 8, 16, 25, 25]
@@ -75,8 +77,7 @@ def test_growth_limits_world_size_and_shrink():
 
 
 def test_callable_growth_schedule():
-    a = AdaptiveBatchSize(8, base_batch_size=8, world_size=1, growth=lambda ad: 8 * 2 ** ad.steps,
-                          max_accumulation=8)
+    a = AdaptiveBatchSize(8, base_batch_size=8, world_size=1, growth=lambda ad: 8 * 2**ad.steps, max_accumulation=8)
     assert [a.update() for _ in range(5)] == [2, 4, 8, 8, 8]
 
 
@@ -111,13 +112,15 @@ def test_apply_lr_and_update_set_param_groups():
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 1.0}], lr=1.0)
     tracker = fake(noise_scale=64.0)
-    a = AdaptiveBatchSize(4, base_batch_size=8, base_lr=[0.1, 0.01], world_size=1, noise_scale=tracker,
-                          lr_rule="linear", optimizer=opt)
+    a = AdaptiveBatchSize(
+        4, base_batch_size=8, base_lr=[0.1, 0.01], world_size=1, noise_scale=tracker, lr_rule="linear", optimizer=opt
+    )
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.01])  # set at construction
     a.update()  # accumulation 16: S = 8
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.8, 0.08])
-    b = AdaptiveBatchSize(4, base_batch_size=8, base_lr=0.1, world_size=1, growth="fixed", lr_rule="sqrt",
-                          initial_accumulation=4)
+    b = AdaptiveBatchSize(
+        4, base_batch_size=8, base_lr=0.1, world_size=1, growth="fixed", lr_rule="sqrt", initial_accumulation=4
+    )
     assert b.apply_lr(opt) == pytest.approx([0.1 * math.sqrt(2)] * 2)
     with pytest.raises(ValueError, match="3 base learning rates"):
         AdaptiveBatchSize(4, base_batch_size=8, base_lr=[0.1] * 3, growth="fixed", optimizer=opt)
@@ -127,8 +130,16 @@ def test_apply_lr_and_update_set_param_groups():
 
 def test_adascale_scale_invariant_steps():
     tracker = fake(noise_scale=64.0, grad_sq=1.0, trace_sigma=64.0)
-    a = AdaptiveBatchSize(4, base_batch_size=4, base_lr=0.1, world_size=1, noise_scale=tracker,
-                          lr_rule="adascale", growth="fixed", initial_accumulation=4)
+    a = AdaptiveBatchSize(
+        4,
+        base_batch_size=4,
+        base_lr=0.1,
+        world_size=1,
+        noise_scale=tracker,
+        lr_rule="adascale",
+        growth="fixed",
+        initial_accumulation=4,
+    )
     a.update()
     a.update()
     assert a.scale_invariant_steps == pytest.approx(2 * 65 / 17)
@@ -140,8 +151,8 @@ def test_should_step_and_accumulate_across_epochs():
     a = AdaptiveBatchSize(1, base_batch_size=3, world_size=1, noise_scale=tracker)
     assert [a.should_step(i) for i in range(4)] == [False, False, True, True]
     flags = []
-    for epoch in range(3):  # 4 items per "epoch": cycles of 3 run across epochs
-        for item, step_now in a.accumulate(range(4)):
+    for _epoch in range(3):  # 4 items per "epoch": cycles of 3 run across epochs
+        for _item, step_now in a.accumulate(range(4)):
             flags.append(step_now)
             if step_now:
                 tracker.noise_scale = 5.0  # grow to 5 after the first step
@@ -167,23 +178,26 @@ def test_state_dict_round_trip_and_config_check():
         AdaptiveBatchSize(4, base_batch_size=8, world_size=2, noise_scale=tracker).load_state_dict(state)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(micro_batch_size=0), ValueError),
-    (dict(micro_batch_size=2.0), TypeError),
-    (dict(base_batch_size=0), ValueError),
-    (dict(lr_rule="cubic"), ValueError),
-    (dict(growth="doubling"), ValueError),
-    (dict(noise_scale=None), ValueError),  # growth="noise_scale" needs a tracker
-    (dict(noise_scale=None, growth="fixed", lr_rule="adascale"), ValueError),
-    (dict(noise_scale=42), TypeError),
-    (dict(min_accumulation=0), ValueError),
-    (dict(min_accumulation=4, max_accumulation=2), ValueError),
-    (dict(max_batch_size=4, world_size=2), ValueError),  # below one micro-step of 4 x 2
-    (dict(max_growth=0.5), ValueError),
-    (dict(update_every=0), ValueError),
-    (dict(base_lr="fast"), TypeError),
-    (dict(world_size=0), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(micro_batch_size=0), ValueError),
+        (dict(micro_batch_size=2.0), TypeError),
+        (dict(base_batch_size=0), ValueError),
+        (dict(lr_rule="cubic"), ValueError),
+        (dict(growth="doubling"), ValueError),
+        (dict(noise_scale=None), ValueError),  # growth="noise_scale" needs a tracker
+        (dict(noise_scale=None, growth="fixed", lr_rule="adascale"), ValueError),
+        (dict(noise_scale=42), TypeError),
+        (dict(min_accumulation=0), ValueError),
+        (dict(min_accumulation=4, max_accumulation=2), ValueError),
+        (dict(max_batch_size=4, world_size=2), ValueError),  # below one micro-step of 4 x 2
+        (dict(max_growth=0.5), ValueError),
+        (dict(update_every=0), ValueError),
+        (dict(base_lr="fast"), TypeError),
+        (dict(world_size=0), ValueError),
+    ],
+)
 def test_bad_arguments(kwargs, error):
     args = dict(micro_batch_size=4, base_batch_size=8, noise_scale=fake(10.0), world_size=1)
     args.update(kwargs)
@@ -204,9 +218,18 @@ def _build(seed):
     model = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.0)
     tracker = GradientNoiseScale(model, beta=0.9)
-    adaptive = AdaptiveBatchSize(MICRO, base_batch_size=8, base_lr=0.01, lr_rule="adascale", noise_scale=tracker,
-                                 min_accumulation=2, max_accumulation=8, max_growth=2.0, world_size=1,
-                                 optimizer=opt)
+    adaptive = AdaptiveBatchSize(
+        MICRO,
+        base_batch_size=8,
+        base_lr=0.01,
+        lr_rule="adascale",
+        noise_scale=tracker,
+        min_accumulation=2,
+        max_accumulation=8,
+        max_growth=2.0,
+        world_size=1,
+        optimizer=opt,
+    )
     sampler = ShuffledBatchSampler(N, MICRO, seed=3, num_replicas=1, rank=0, drop_last=True)
     return SimpleNamespace(model=model, opt=opt, tracker=tracker, adaptive=adaptive, sampler=sampler)
 
@@ -232,10 +255,17 @@ def _train(run, until_step, losses):
 
 def _checkpoint(run):
     buffer = io.BytesIO()
-    torch.save({
-        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "tracker": run.tracker.state_dict(),
-        "adaptive": run.adaptive.state_dict(), "sampler": run.sampler.state_dict(), "rng": torch.get_rng_state(),
-    }, buffer)
+    torch.save(
+        {
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "tracker": run.tracker.state_dict(),
+            "adaptive": run.adaptive.state_dict(),
+            "sampler": run.sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 

@@ -4,10 +4,10 @@ No test runs out of memory for real: a simulated allocator raises torch.OutOfMem
 known limit and reports fake memory use through the probe protocol (``__call__`` / ``reset_peak``
 / ``peak``), so every search is deterministic.
 """
+
 from __future__ import annotations
 
 import math
-
 import sys
 
 import pytest
@@ -39,8 +39,11 @@ class SimulatedAllocator:
         self.in_use = base
         self._peak = base
         self.attempted = []
-        self.error = error or (lambda b: torch.OutOfMemoryError(
-            f"CUDA out of memory. Tried to allocate {b * per_sample} bytes (simulated)"))
+        self.error = error or (
+            lambda b: torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {b * per_sample} bytes (simulated)"
+            )
+        )
 
     def step(self, b):
         self.attempted.append(b)
@@ -65,11 +68,12 @@ class SimulatedAllocator:
 # ----------------------------------------------------------------------------- catching OOM (GPU path)
 def test_binsearch_finds_exact_limit(count_frees):
     alloc = SimulatedAllocator(limit=300)
-    result = find_batch_size(alloc.step, mode="binsearch", margin=0.0, memory_guard=False, device="cpu",
-                             return_details=True)
+    result = find_batch_size(
+        alloc.step, mode="binsearch", margin=0.0, memory_guard=False, device="cpu", return_details=True
+    )
     assert isinstance(result, FindBatchSizeResult)
     assert result.batch_size == 300 and result.largest_ok == 300 and result.smallest_failed == 301
-    assert alloc.attempted[:10] == [2 ** k for k in range(10)]  # doubling up to the first failure (512)
+    assert alloc.attempted[:10] == [2**k for k in range(10)]  # doubling up to the first failure (512)
     assert len(alloc.attempted) == len(set(alloc.attempted))  # no size is tried twice
     assert result.budget is None and all(t.peak_bytes is None for t in result.trials)
     assert len(count_frees) == sum(t.outcome == "oom" for t in result.trials) == 6  # after every OOM
@@ -78,7 +82,7 @@ def test_binsearch_finds_exact_limit(count_frees):
 def test_power_returns_last_power_of_two():
     alloc = SimulatedAllocator(limit=300)
     assert find_batch_size(alloc.step, mode="power", margin=0.0, memory_guard=False, device="cpu") == 256
-    assert alloc.attempted == [2 ** k for k in range(10)]
+    assert alloc.attempted == [2**k for k in range(10)]
     alloc = SimulatedAllocator(limit=300)
     assert find_batch_size(alloc.step, start=3, mode="power", margin=0.0, memory_guard=False, device="cpu") == 192
 
@@ -102,8 +106,10 @@ def test_margin_is_floor_of_fraction():
 def test_max_batch_size_caps_the_search():
     for mode in ("binsearch", "power"):
         alloc = SimulatedAllocator(limit=None)
-        assert find_batch_size(alloc.step, mode=mode, margin=0.0, max_batch_size=100, memory_guard=False,
-                               device="cpu") == 100
+        assert (
+            find_batch_size(alloc.step, mode=mode, margin=0.0, max_batch_size=100, memory_guard=False, device="cpu")
+            == 100
+        )
         assert max(alloc.attempted) == 100
 
 
@@ -128,13 +134,16 @@ def test_trials_steps_per_size_and_callback():
     assert [t.outcome for t in seen] == ["ok"] * 4 + ["oom", "oom", "ok", "oom"]
 
 
-@pytest.mark.parametrize("message", [
-    "CUDA out of memory. Tried to allocate 2.00 GiB",
-    "CUDA error: out of memory",
-    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
-    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "CUDA error: out of memory",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1",
+    ],
+)
 def test_allocator_runtime_errors_count_as_oom(message):
     alloc = SimulatedAllocator(limit=40, error=lambda b: RuntimeError(message))
     assert find_batch_size(alloc.step, margin=0.0, memory_guard=False, device="cpu") == 40
@@ -161,8 +170,12 @@ def test_non_oom_errors_propagate():
     with pytest.raises(RuntimeError, match="INTERNAL_ERROR"):
         find_batch_size(alloc.step, memory_guard=False, device="cpu")
     alloc = SimulatedAllocator(limit=40, error=lambda b: RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"))
-    assert find_batch_size(alloc.step, memory_guard=False, device="cpu", margin=0.0,
-                           oom_messages=["CUDNN_STATUS_INTERNAL_ERROR"]) == 40
+    assert (
+        find_batch_size(
+            alloc.step, memory_guard=False, device="cpu", margin=0.0, oom_messages=["CUDNN_STATUS_INTERNAL_ERROR"]
+        )
+        == 40
+    )
 
 
 # ----------------------------------------------------------------------------- model / optimizer restore
@@ -213,8 +226,9 @@ def test_optimizer_state_restored_exactly():
     model, optimizer, step = _tiny_training(limit=8)
     step(4)  # some Adam state exists before the search
     saved = optimizer.state_dict()
-    state_before = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                    for k, s in saved["state"].items()}
+    state_before = {
+        k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in saved["state"].items()
+    }
     weights = [p.detach().clone() for p in model.parameters()]
     find_batch_size(step, model=model, optimizer=optimizer, memory_guard=False)
     state_after = optimizer.state_dict()["state"]
@@ -230,8 +244,9 @@ def test_cpu_guard_never_runs_a_trial_over_budget(overhead):
     # memory = base + overhead + 1000 * b; budget admits b <= 300 exactly
     budget = overhead + 300 * 1000 + 500
     alloc = SimulatedAllocator(limit=None, overhead=overhead)
-    result = find_batch_size(alloc.step, margin=0.0, memory_budget=budget, memory_probe=alloc, device="cpu",
-                             return_details=True)
+    result = find_batch_size(
+        alloc.step, margin=0.0, memory_budget=budget, memory_probe=alloc, device="cpu", return_details=True
+    )
     assert result.batch_size == 300 and result.budget == budget
     assert max(alloc.attempted) == 300 == result.max_attempted
     ran = [t for t in result.trials if t.ran]
@@ -241,8 +256,10 @@ def test_cpu_guard_never_runs_a_trial_over_budget(overhead):
     assert not set(alloc.attempted) & {t.batch_size for t in refused}
 
     alloc = SimulatedAllocator(limit=None, overhead=overhead)
-    assert find_batch_size(alloc.step, mode="power", margin=0.0, memory_budget=budget, memory_probe=alloc,
-                           device="cpu") == 256
+    assert (
+        find_batch_size(alloc.step, mode="power", margin=0.0, memory_budget=budget, memory_probe=alloc, device="cpu")
+        == 256
+    )
     assert max(alloc.attempted) == 256
 
 
@@ -255,8 +272,7 @@ def test_cpu_guard_counts_a_measured_overrun_as_failure():
             super().step(b)
 
     alloc = Jumpy()
-    result = find_batch_size(alloc.step, margin=0.0, memory_budget=1_000_000, memory_probe=alloc,
-                             return_details=True)
+    result = find_batch_size(alloc.step, margin=0.0, memory_budget=1_000_000, memory_probe=alloc, return_details=True)
     outcomes = {t.batch_size: t.outcome for t in result.trials}
     assert outcomes[32] == "over_budget"
     assert result.largest_ok < 32 and all(b <= 32 for b in alloc.attempted)
@@ -265,7 +281,7 @@ def test_cpu_guard_counts_a_measured_overrun_as_failure():
 
 def test_cpu_guard_also_catches_cpu_oom_errors():
     alloc = SimulatedAllocator(limit=100, error=lambda b: RuntimeError("DefaultCPUAllocator: can't allocate memory"))
-    assert find_batch_size(alloc.step, margin=0.0, memory_budget=10 ** 9, memory_probe=alloc) == 100
+    assert find_batch_size(alloc.step, margin=0.0, memory_budget=10**9, memory_probe=alloc) == 100
 
 
 def test_cpu_guard_real_process_memory():
@@ -278,8 +294,9 @@ def test_cpu_guard_real_process_memory():
         assert float(t[-1]) == 1.0
         del t
 
-    result = find_batch_size(step, margin=0.0, memory_budget=32 * 2 ** 20, device="cpu", max_batch_size=4096,
-                             return_details=True)
+    result = find_batch_size(
+        step, margin=0.0, memory_budget=32 * 2**20, device="cpu", max_batch_size=4096, return_details=True
+    )
     assert 96 <= result.batch_size <= 256, result.trials
     assert result.max_attempted <= 300
     assert all(t.peak_bytes is not None for t in result.trials if t.ran)
@@ -307,26 +324,29 @@ def test_default_budget_is_fraction_of_available():
 
 
 # ----------------------------------------------------------------------------- arguments
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(start=0), ValueError),
-    (dict(start=1.5), TypeError),
-    (dict(start=True), TypeError),
-    (dict(max_batch_size=0), ValueError),
-    (dict(start=8, max_batch_size=4), ValueError),
-    (dict(mode="linear"), ValueError),
-    (dict(margin=1.0), ValueError),
-    (dict(margin=-0.1), ValueError),
-    (dict(margin="0.1"), TypeError),
-    (dict(trials=0), ValueError),
-    (dict(memory_budget=0), ValueError),
-    (dict(budget_fraction=0.0), ValueError),
-    (dict(budget_fraction=1.5), ValueError),
-    (dict(sample_interval=0), ValueError),
-    (dict(model="model"), TypeError),
-    (dict(optimizer=object()), TypeError),
-    (dict(memory_probe=5), TypeError),
-    (dict(device="nonsense"), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(start=0), ValueError),
+        (dict(start=1.5), TypeError),
+        (dict(start=True), TypeError),
+        (dict(max_batch_size=0), ValueError),
+        (dict(start=8, max_batch_size=4), ValueError),
+        (dict(mode="linear"), ValueError),
+        (dict(margin=1.0), ValueError),
+        (dict(margin=-0.1), ValueError),
+        (dict(margin="0.1"), TypeError),
+        (dict(trials=0), ValueError),
+        (dict(memory_budget=0), ValueError),
+        (dict(budget_fraction=0.0), ValueError),
+        (dict(budget_fraction=1.5), ValueError),
+        (dict(sample_interval=0), ValueError),
+        (dict(model="model"), TypeError),
+        (dict(optimizer=object()), TypeError),
+        (dict(memory_probe=5), TypeError),
+        (dict(device="nonsense"), ValueError),
+    ],
+)
 def test_bad_arguments(kwargs, error):
     alloc = SimulatedAllocator(limit=10)
     with pytest.raises(error):
@@ -343,7 +363,7 @@ def test_step_fn_must_be_callable():
 @pytest.mark.cuda
 def test_cuda_real_out_of_memory():
     free, _ = torch.cuda.mem_get_info()
-    chunk = max(2 ** 26, free // 200)  # bytes per "sample": the limit lands around 150-200
+    chunk = max(2**26, free // 200)  # bytes per "sample": the limit lands around 150-200
 
     def step(b):
         t = torch.empty(b * chunk, dtype=torch.uint8, device="cuda")

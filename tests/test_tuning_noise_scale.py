@@ -5,6 +5,7 @@ the per-sample gradient w - x_i has mean G = w - mu and covariance Sigma, so at 
 simple noise scale is exactly tr(Sigma) / |w - mu|^2 -- in one process (gradient accumulation)
 and on two gloo ranks (no-DDP all-reduce route and the DDP comm-hook route).
 """
+
 from __future__ import annotations
 
 import gc
@@ -70,10 +71,18 @@ def test_estimator_on_floats_exact_expectations():
     assert grad_sq == pytest.approx(G2) and trace == pytest.approx(tr)
 
 
-@pytest.mark.parametrize("b_small, b_big, error", [
-    (8, 8, ValueError), (16, 8, ValueError), (0, 8, ValueError), (-1, 8, ValueError),
-    (1, float("inf"), ValueError), (True, 8, TypeError), ("4", 8, TypeError),
-])
+@pytest.mark.parametrize(
+    "b_small, b_big, error",
+    [
+        (8, 8, ValueError),
+        (16, 8, ValueError),
+        (0, 8, ValueError),
+        (-1, 8, ValueError),
+        (1, float("inf"), ValueError),
+        (True, 8, TypeError),
+        ("4", 8, TypeError),
+    ],
+)
 def test_estimator_rejects_bad_sizes(b_small, b_big, error):
     with pytest.raises(error):
         estimate_noise_scale(1.0, 0.5, b_small, b_big)

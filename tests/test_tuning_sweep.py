@@ -1,6 +1,8 @@
 """batchops.tuning.sweep: the batch size convergence study and `batchops sweep` (tiny configurations)."""
+
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -57,8 +59,9 @@ def test_default_sweep_end_to_end_writes_its_files(tmp_path):
         assert run.throughput > 0
         assert run.evals[0]["step"] == 0 and run.evals[-1]["step"] == run.num_steps
         assert 0.0 <= run.final_test_accuracy <= 1.0
-        assert run.noise and all(n["b_big"] == run.batch_size and n["b_small"] == run.batch_size // 2
-                                 for n in run.noise)
+        assert run.noise and all(
+            n["b_big"] == run.batch_size and n["b_small"] == run.batch_size // 2 for n in run.noise
+        )
     # sqrt rule around base batch 32.
     assert result.run(16).lr == pytest.approx(sw.DEFAULT_BASE_LR["sgd"] / math.sqrt(2))
     assert result.run(32).lr == pytest.approx(sw.DEFAULT_BASE_LR["sgd"])
@@ -121,8 +124,16 @@ def _mlp():
 def test_custom_dataset_and_model_fn(tmp_path):
     rng_state = torch.random.get_rng_state()
     threads = torch.get_num_threads()
-    result = sw.batch_size_sweep((4, 16), dataset=_Blobs(), model_fn=_mlp, optimizer="adam", lr_rule="linear",
-                                 base_batch_size=4, out_dir=tmp_path, **{**TINY, "max_samples": 160})
+    result = sw.batch_size_sweep(
+        (4, 16),
+        dataset=_Blobs(),
+        model_fn=_mlp,
+        optimizer="adam",
+        lr_rule="linear",
+        base_batch_size=4,
+        out_dir=tmp_path,
+        **{**TINY, "max_samples": 160},
+    )
     assert result.config["train_size"] == 160 and result.config["test_size"] == 40
     assert result.run(4).lr == pytest.approx(1e-3) and result.run(16).lr == pytest.approx(4e-3)
     for run in result.runs:
@@ -133,8 +144,9 @@ def test_custom_dataset_and_model_fn(tmp_path):
     assert torch.equal(rng_state, torch.random.get_rng_state()) and torch.get_num_threads() == threads
     # A (train, test) pair is used as given; nothing is written without out_dir.
     blobs = _Blobs(100)
-    pair = sw.batch_size_sweep((8,), dataset=(blobs, _Blobs(30)), model_fn=_mlp, noise_scale=False,
-                               **{**TINY, "max_samples": 40})
+    pair = sw.batch_size_sweep(
+        (8,), dataset=(blobs, _Blobs(30)), model_fn=_mlp, noise_scale=False, **{**TINY, "max_samples": 40}
+    )
     assert (pair.config["train_size"], pair.config["test_size"]) == (100, 30)
     assert pair.files == {} and pair.runs[0].noise == []
 
@@ -197,10 +209,19 @@ def test_two_half_batch_measurement_matches_the_exact_noise_scale():
 
 
 def _run(b, points):
-    run = sw.RunResult(batch_size=b, lr=0.1, num_steps=points[-1][0], samples=points[-1][0] * b, train_time_s=1.0,
-                       throughput=1.0, diverged=False)
-    run.evals = [{"step": s, "samples": s * b, "time_s": s * 0.1, "train_loss": loss, "test_loss": loss,
-                  "test_accuracy": None} for s, loss in points]
+    run = sw.RunResult(
+        batch_size=b,
+        lr=0.1,
+        num_steps=points[-1][0],
+        samples=points[-1][0] * b,
+        train_time_s=1.0,
+        throughput=1.0,
+        diverged=False,
+    )
+    run.evals = [
+        {"step": s, "samples": s * b, "time_s": s * 0.1, "train_loss": loss, "test_loss": loss, "test_accuracy": None}
+        for s, loss in points
+    ]
     run.noise = [{"step": s, "samples": s * b, "noise_scale": 10.0 + s} for s, _ in points]
     return run
 
@@ -243,6 +264,8 @@ def test_cli_sweep_arguments():
     args = parser.parse_args(["sweep", "--batch-sizes", "8,32", "--lr-rule", "linear", "--epochs", "2"])
     assert args.batch_sizes == (8, 32) and args.lr_rule == "linear" and args.epochs == 2.0
     assert args.out == sw.DEFAULT_OUT_DIR and args.device == "cpu" and not args.quick
+    # a bare run never overwrites the committed example results
+    assert os.path.abspath(args.out) != os.path.abspath(os.path.join("benchmarks", "sweep"))
     with pytest.raises(SystemExit):
         parser.parse_args(["sweep", "--batch-sizes", "8,x"])
     with pytest.raises(SystemExit):

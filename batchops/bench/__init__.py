@@ -5,17 +5,28 @@ Each op lives in a module batchops.bench.<op> that provides `cases(device, quick
 list of harness.Case) and `NOTES` (how its bytes are counted). To add an op, write that module
 and add it to OPS.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from batchops.bench import harness
 from batchops.bench.harness import Case, Row, Stats, TimingSettings, quantile, time_interleaved
 
-__all__ = ["OPS", "run", "settings_for", "harness", "Case", "Row", "Stats", "TimingSettings", "quantile",
-           "time_interleaved"]
+__all__ = [
+    "OPS",
+    "run",
+    "settings_for",
+    "harness",
+    "Case",
+    "Row",
+    "Stats",
+    "TimingSettings",
+    "quantile",
+    "time_interleaved",
+]
 
 OPS = {
     "batch_norm": "batchops.bench.batch_norm",
@@ -30,11 +41,13 @@ DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 
 def settings_for(quick: bool = False, smoke: bool = False) -> TimingSettings:
     if smoke:  # tests: tiny shapes, three samples, a small copy
-        return TimingSettings(warmup_s=0.0, min_warmup=1, budget_s=0.0, min_reps=3, max_reps=3,
-                              copy_bytes=4 * 2**20, copy_reps=3)
+        return TimingSettings(
+            warmup_s=0.0, min_warmup=1, budget_s=0.0, min_reps=3, max_reps=3, copy_bytes=4 * 2**20, copy_reps=3
+        )
     if quick:  # CI smoke runs
-        return TimingSettings(warmup_s=0.05, min_warmup=2, budget_s=0.5, min_reps=5, max_reps=25,
-                              copy_bytes=64 * 2**20, copy_reps=5)
+        return TimingSettings(
+            warmup_s=0.05, min_warmup=2, budget_s=0.5, min_reps=5, max_reps=25, copy_bytes=64 * 2**20, copy_reps=5
+        )
     # The full run: about 5 s per case, so the 12 CPU batch norm cases take ~1.5 minutes.
     return TimingSettings(warmup_s=0.3, min_warmup=3, budget_s=5.0, min_reps=20, max_reps=400)
 
@@ -116,9 +129,12 @@ def run(
         sections.append(
             f"- other processes kept {others:.2f} of {os.cpu_count()} CPUs busy on average during the run "
             "(/proc/stat minus this process)"
-            + (": the machine was shared, so the timings are noisy (a parallel region stalls when one of its "
-               "threads loses its core), and ratios reflect how each provider copes with that too"
-               if others > 0.2 else "")
+            + (
+                ": the machine was shared, so the timings are noisy (a parallel region stalls when one of its "
+                "threads loses its core), and ratios reflect how each provider copes with that too"
+                if others > 0.2
+                else ""
+            )
         )
     sections += [
         f"- timing: providers interleaved in one process, alternating order each round; "
@@ -126,7 +142,7 @@ def run(
         f"warm-up {settings.warmup_s:g} s, {settings.min_warmup} calls or more; samples per provider (n) sized to "
         f"about {settings.budget_s:g} s per case, within [{settings.min_reps}, {settings.max_reps}]",
         "- ratio = batchops median / torch median (lower is better); GB/s = batchops bytes / batchops median; "
-        "\"of copy BW\" = that as a fraction of the copy bandwidth above (it can pass 100% when a case's tensors fit in "
+        '"of copy BW" = that as a fraction of the copy bandwidth above (it can pass 100% when a case\'s tensors fit in '
         "the last-level cache, as they are reused from call to call); peak memory = "
         + ("torch.cuda.max_memory_allocated increase during one call" if dev.type == "cuda" else "n/a on CPU"),
         "- absolute times compare only within one run on one machine",
@@ -144,6 +160,7 @@ def run(
 def _progress(row: Row) -> str:
     c = row.case
     t = {k: f"{v.median:.3f}" for k, v in row.times.items()}
-    return (f"  {c.op} {'x'.join(map(str, c.shape))} {c.layout} {harness.dtype_name(c.dtype)} {c.mode}: "
-            f"torch {t.get('torch', '-')} ms, batchops {t.get('batchops', '-')} ms {row.note}").rstrip()
-
+    return (
+        f"  {c.op} {'x'.join(map(str, c.shape))} {c.layout} {harness.dtype_name(c.dtype)} {c.mode}: "
+        f"torch {t.get('torch', '-')} ms, batchops {t.get('batchops', '-')} ms {row.note}"
+    ).rstrip()

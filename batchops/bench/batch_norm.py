@@ -17,11 +17,12 @@ not stay on chip between the statistics pass and the apply pass):
 The minimum for a persistent kernel would be 2S forward and 3S backward. Per-channel vectors
 (weight, statistics) are negligible and not counted.
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -80,9 +81,11 @@ def _callable(f: Callable, m: torch.nn.Module, x, z, dy, mode: str, training: bo
     """One provider's call for a mode: the output (forward) or the gradients w.r.t. x, weight,
     bias and z (backward: through a graph built once and retained; full: forward + backward)."""
     if not training:  # inference: no autograd
+
         def infer():
             with torch.no_grad():
                 return f(x, z)
+
         return infer
     ins = tuple(t for t in (x, m.weight, m.bias, z) if t is not None)
     if mode == "forward":
@@ -143,9 +146,16 @@ def _case(shape, layout, dtype, mode, variant, training=True) -> Case:
         units = 2 + (1 if variant == "residual_relu" else 0)
     itemsize = torch.empty((), dtype=dtype).element_size()
     S = math.prod(shape) * itemsize
-    return Case(op=op, shape=tuple(shape), layout=layout, dtype=dtype, mode=mode,
-                build=_build(shape, layout, dtype, mode, variant, training),
-                bytes_moved=units * S, bytes_rule=f"{units}S")
+    return Case(
+        op=op,
+        shape=tuple(shape),
+        layout=layout,
+        dtype=dtype,
+        mode=mode,
+        build=_build(shape, layout, dtype, mode, variant, training),
+        bytes_moved=units * S,
+        bytes_rule=f"{units}S",
+    )
 
 
 def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> list[Case]:

@@ -17,9 +17,11 @@ The shape follows Liger-Kernel's benchmarks and triton.testing.do_bench:
 
 Nothing here knows about a particular op: batchops.bench.<op> modules build `Case`s.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import math
 import os
@@ -27,8 +29,8 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -66,7 +68,7 @@ class Stats:
     n: int
 
     @classmethod
-    def of(cls, samples: Sequence[float]) -> "Stats":
+    def of(cls, samples: Sequence[float]) -> Stats:
         return cls(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8), len(samples))
 
 
@@ -75,7 +77,7 @@ class Stats:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"cpu", "cuda" (or "cuda:N"), or "auto": CUDA when a GPU is present and batchops was
+    """ "cpu", "cuda" (or "cuda:N"), or "auto": CUDA when a GPU is present and batchops was
     built with CUDA kernels, else the CPU."""
     if name == "auto":
         from batchops._extension import build_info
@@ -225,14 +227,18 @@ def reuse_freed_cpu_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) and libc.mallopt(
+            _M_TRIM_THRESHOLD, int(trim_threshold)
+        )
     except (OSError, AttributeError):
         return None
     if not ok:
         return None
-    return (f"glibc malloc set to reuse freed blocks up to {mmap_threshold / 2**20:g} MiB (M_MMAP_THRESHOLD), "
-            f"trimming only above {trim_threshold / 2**20:g} MiB (M_TRIM_THRESHOLD), for both providers: "
-            "see harness.reuse_freed_cpu_memory; `batchops bench --default-malloc` leaves glibc's defaults")
+    return (
+        f"glibc malloc set to reuse freed blocks up to {mmap_threshold / 2**20:g} MiB (M_MMAP_THRESHOLD), "
+        f"trimming only above {trim_threshold / 2**20:g} MiB (M_TRIM_THRESHOLD), for both providers: "
+        "see harness.reuse_freed_cpu_memory; `batchops bench --default-malloc` leaves glibc's defaults"
+    )
 
 
 def _call_cpu(fn: Callable[[], object]) -> float:
@@ -336,15 +342,18 @@ class CopyBandwidth:
         cache = f"; last-level cache {fmt_bytes(self.cache_bytes)}" if self.cache_bytes else ""
         each = ""
         if len(self.measurements) > 1:
-            each = (" (best of " + " / ".join(f"{m / 1e9:.1f}" for m in self.measurements)
-                    + " GB/s, measured before / after the cases)")
+            each = (
+                " (best of "
+                + " / ".join(f"{m / 1e9:.1f}" for m in self.measurements)
+                + " GB/s, measured before / after the cases)"
+            )
         return (
             f"{self.bytes_per_s / 1e9:.1f} GB/s{each}: median of {self.reps} `dst.copy_(src)` of "
             f"{fmt_bytes(self.tensor_bytes)} float32 tensors, counted as read + write = "
             f"{fmt_bytes(2 * self.tensor_bytes)} per copy{cache}"
         )
 
-    def combined(self, other: "CopyBandwidth") -> "CopyBandwidth":
+    def combined(self, other: CopyBandwidth) -> CopyBandwidth:
         ms = (self.measurements or (self.bytes_per_s,)) + (other.measurements or (other.bytes_per_s,))
         return CopyBandwidth(max(ms), self.tensor_bytes, self.reps, self.cache_bytes, ms)
 
@@ -362,9 +371,18 @@ def copy_bandwidth(device: torch.device, settings: TimingSettings | None = None)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch / page faults out of the way
-    stats = time_interleaved({"copy": lambda: dst.copy_(src)}, device,
-                             TimingSettings(warmup_s=0.0, min_warmup=2, budget_s=0.0, min_reps=settings.copy_reps,
-                                            max_reps=settings.copy_reps, flush_l2=False))["copy"]
+    stats = time_interleaved(
+        {"copy": functools.partial(dst.copy_, src)},
+        device,
+        TimingSettings(
+            warmup_s=0.0,
+            min_warmup=2,
+            budget_s=0.0,
+            min_reps=settings.copy_reps,
+            max_reps=settings.copy_reps,
+            flush_l2=False,
+        ),
+    )["copy"]
     del src, dst
     return CopyBandwidth(2 * numel * 4 / (stats.median * 1e-3), numel * 4, stats.n, cache)
 
@@ -453,7 +471,7 @@ def max_relative_error(out, ref) -> float:
 
 
 def compare_outputs(a, b, dtype: torch.dtype) -> str:
-    """"" when the outputs agree within a tolerance for `dtype` (see max_relative_error),
+    """ "" when the outputs agree within a tolerance for `dtype` (see max_relative_error),
     else a short description of the mismatch."""
     try:
         err = max_relative_error(a, b)
@@ -486,7 +504,9 @@ def check_providers(fns: dict[str, Callable[[], object]], dtype: torch.dtype) ->
     if not off:
         return ""
     detail = ", ".join(f"{n} {e:.1e}" for n, e in errs.items())
-    return f"{' and '.join(off).upper()} OFF vs float64 (max error / max(1, max abs ref): {detail}; tolerance {tol:.0e})"
+    return (
+        f"{' and '.join(off).upper()} OFF vs float64 (max error / max(1, max abs ref): {detail}; tolerance {tol:.0e})"
+    )
 
 
 def run_case(case: Case, device: torch.device, settings: TimingSettings, check: bool = True) -> Row:
@@ -534,7 +554,12 @@ def fmt_ms(s: Stats | None) -> str:
     return f"{f(s.median)} [{f(s.p20)}, {f(s.p80)}]"
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -544,12 +569,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _git_revision() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -565,8 +595,11 @@ def environment_lines(device: torch.device, copy_bw: CopyBandwidth | None, when:
     kernels = "CUDA kernels for " + ", ".join(info["cuda_archs"]) if info["cuda_kernels"] else "CPU kernels only"
     lines = [
         f"- device: {device.type}, {device_name(device)}"
-        + (f" (torch threads: {torch.get_num_threads()}, os.cpu_count: {os.cpu_count()})" if device.type == "cpu"
-           else f" (CUDA {torch.version.cuda}, torch threads: {torch.get_num_threads()})"),
+        + (
+            f" (torch threads: {torch.get_num_threads()}, os.cpu_count: {os.cpu_count()})"
+            if device.type == "cpu"
+            else f" (CUDA {torch.version.cuda}, torch threads: {torch.get_num_threads()})"
+        ),
         f"- torch {torch.__version__}; {version}, extension built with torch {info['built_with_torch']}, {kernels}",
         f"- date: {when.strftime('%Y-%m-%d %H:%M')} UTC; python {platform.python_version()}",
     ]
@@ -576,9 +609,11 @@ def environment_lines(device: torch.device, copy_bw: CopyBandwidth | None, when:
 
 
 def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
-    header = ("| op | shape | layout | dtype | mode | torch ms, median [p20, p80] | batchops ms, median [p20, p80] "
-              "| ratio | batchops bytes | batchops GB/s | of copy BW | GFLOP/s torch / batchops | peak mem torch / batchops "
-              "| n | note |")
+    header = (
+        "| op | shape | layout | dtype | mode | torch ms, median [p20, p80] | batchops ms, median [p20, p80] "
+        "| ratio | batchops bytes | batchops GB/s | of copy BW | GFLOP/s torch / batchops | peak mem torch / batchops "
+        "| n | note |"
+    )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
         c = row.case
@@ -589,8 +624,11 @@ def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
         peak = "n/a" if all(p is None for p in peaks) else " / ".join(fmt_bytes(p) for p in peaks)
         n = "/".join(sorted({str(s.n) for s in row.times.values()})) or "-"
         rates = [row.flop_rate(p) for p in PROVIDERS]
-        gflops = "-" if all(r is None for r in rates) else " / ".join(
-            f"{r / 1e9:.0f}" if r is not None else "-" for r in rates)
+        gflops = (
+            "-"
+            if all(r is None for r in rates)
+            else " / ".join(f"{r / 1e9:.0f}" if r is not None else "-" for r in rates)
+        )
         lines.append(
             f"| {c.op} | {'x'.join(map(str, c.shape))} | {c.layout} | {dtype_name(c.dtype)} | {c.mode} "
             f"| {fmt_ms(row.times.get('torch'))} | {fmt_ms(row.times.get('batchops'))} "
@@ -606,8 +644,9 @@ def results_path(out_dir: str | os.PathLike, device: torch.device, when: _dt.dat
     return os.path.join(os.fspath(out_dir), f"{device_tag(device)}-{when.strftime('%Y-%m-%d')}{suffix}.md")
 
 
-def write_results(text: str, out_dir: str | os.PathLike, device: torch.device, when: _dt.datetime,
-                  suffix: str = "") -> str:
+def write_results(
+    text: str, out_dir: str | os.PathLike, device: torch.device, when: _dt.datetime, suffix: str = ""
+) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = results_path(out_dir, device, when, suffix)
     with open(path, "w", encoding="utf-8") as f:

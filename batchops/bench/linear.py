@@ -38,11 +38,12 @@ Counting: these cases are compute-bound, so no byte counts; the layout column gi
 of one call, 2*M*K*N per product (M = rows): forward 1 product, backward 2 (grad_input,
 grad_weight), full 3. GFLOP/s = that / median time. Bias, activation and gathers not counted.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +121,9 @@ def _as_double(ts):
     return [t.detach().double() for t in ts]
 
 
-def _timed(f: Callable[[], torch.Tensor], ins: Sequence[torch.Tensor], dy, mode: str,
-           post: Callable = lambda gs: gs) -> Callable[[], object]:
+def _timed(
+    f: Callable[[], torch.Tensor], ins: Sequence[torch.Tensor], dy, mode: str, post: Callable = lambda gs: gs
+) -> Callable[[], object]:
     """One provider's call for a mode: f() (forward), or post(gradients of f() w.r.t. ins) for
     backward (one graph, retained) and full (forward + backward)."""
     if mode == "forward":
@@ -209,8 +211,10 @@ def _build_ragged(G, max_rows, K, N, dtype, mode: str, act: str, against: str):
             return bF.grouped_linear(x, W, b, sizes_t, activation=act)
 
         def per_group_leaves(W, b):
-            return ([w.detach().requires_grad_(True) for w in W.unbind(0)],
-                    [v.detach().requires_grad_(True) for v in b.unbind(0)])
+            return (
+                [w.detach().requires_grad_(True) for w in W.unbind(0)],
+                [v.detach().requires_grad_(True) for v in b.unbind(0)],
+            )
 
         if against in ("loop", "dense_vs_loop"):
             Ws, bs = per_group_leaves(W, b)
@@ -317,8 +321,15 @@ def _case(op: str, shape, layout: str, dtype, mode: str, build, rows: int, K: in
     kw = {}
     if "flops" in {f.name for f in dataclasses.fields(Case)}:  # a harness that reports FLOP/s
         kw["flops"] = flops
-    return Case(op=op, shape=tuple(shape), layout=f"{layout}; {_fmt_flops(flops)}/call", dtype=dtype,
-                mode=mode, build=build, **kw)
+    return Case(
+        op=op,
+        shape=tuple(shape),
+        layout=f"{layout}; {_fmt_flops(flops)}/call",
+        dtype=dtype,
+        mode=mode,
+        build=build,
+        **kw,
+    )
 
 
 def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> list[Case]:
@@ -332,35 +343,92 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
             for mode in ("forward", "backward", "full"):
                 if smoke and mode == "backward":
                     continue
-                out.append(_case("Linear+GELU", (M, K, N), layout, dt, mode, _build_dense(M, K, N, dt, mode, "gelu"),
-                                 M, K, N))
+                out.append(
+                    _case("Linear+GELU", (M, K, N), layout, dt, mode, _build_dense(M, K, N, dt, mode, "gelu"), M, K, N)
+                )
             for mode in ("forward", "full"):
                 if smoke and mode == "forward":
                     continue
-                out.append(_case("Linear+ReLU", (M, K, N), layout, dt, mode, _build_dense(M, K, N, dt, mode, "relu"),
-                                 M, K, N))
+                out.append(
+                    _case("Linear+ReLU", (M, K, N), layout, dt, mode, _build_dense(M, K, N, dt, mode, "relu"), M, K, N)
+                )
         for G, max_rows, K, N in s.ragged:
             R = sum(ragged_sizes(G, max_rows))
             layout = f"ragged: {G} groups of 1-{max_rows} rows ({R} rows), {K}->{N}"
             shape = (R, K, N)
             modes = ("forward", "full") if smoke else ("forward", "backward", "full")
             for mode in modes:
-                out.append(_case("grouped_linear+ReLU vs loop", shape, layout, dt, mode,
-                                 _build_ragged(G, max_rows, K, N, dt, mode, "relu", "loop"), R, K, N))
+                out.append(
+                    _case(
+                        "grouped_linear+ReLU vs loop",
+                        shape,
+                        layout,
+                        dt,
+                        mode,
+                        _build_ragged(G, max_rows, K, N, dt, mode, "relu", "loop"),
+                        R,
+                        K,
+                        N,
+                    )
+                )
                 if mode == "backward":
                     continue
-                out.append(_case("grouped_linear+ReLU vs ONE dense GEMM (floor)", shape, layout, dt, mode,
-                                 _build_ragged(G, max_rows, K, N, dt, mode, "relu", "dense"), R, K, N))
-                out.append(_case("(reference: loop vs ONE dense GEMM+ReLU, no batchops kernel)", shape, layout, dt,
-                                 mode, _build_ragged(G, max_rows, K, N, dt, mode, "relu", "dense_vs_loop"), R, K, N))
+                out.append(
+                    _case(
+                        "grouped_linear+ReLU vs ONE dense GEMM (floor)",
+                        shape,
+                        layout,
+                        dt,
+                        mode,
+                        _build_ragged(G, max_rows, K, N, dt, mode, "relu", "dense"),
+                        R,
+                        K,
+                        N,
+                    )
+                )
+                out.append(
+                    _case(
+                        "(reference: loop vs ONE dense GEMM+ReLU, no batchops kernel)",
+                        shape,
+                        layout,
+                        dt,
+                        mode,
+                        _build_ragged(G, max_rows, K, N, dt, mode, "relu", "dense_vs_loop"),
+                        R,
+                        K,
+                        N,
+                    )
+                )
                 if has_grouped_mm and dt == torch.bfloat16:
-                    out.append(_case("grouped_linear+ReLU vs torch._grouped_mm", shape, layout, dt, mode,
-                                     _build_ragged(G, max_rows, K, N, dt, mode, "relu", "grouped_mm"), R, K, N))
+                    out.append(
+                        _case(
+                            "grouped_linear+ReLU vs torch._grouped_mm",
+                            shape,
+                            layout,
+                            dt,
+                            mode,
+                            _build_ragged(G, max_rows, K, N, dt, mode, "relu", "grouped_mm"),
+                            R,
+                            K,
+                            N,
+                        )
+                    )
         for G, B, K, N in s.uniform:
             layout = f"uniform: {G} groups x {B} rows, {K}->{N}"
             for mode in ("forward",) if smoke else ("forward", "full"):
-                out.append(_case("grouped_linear+GELU vs baddbmm", (G, B, K, N), layout, dt, mode,
-                                 _build_uniform(G, B, K, N, dt, mode, "gelu"), G * B, K, N))
+                out.append(
+                    _case(
+                        "grouped_linear+GELU vs baddbmm",
+                        (G, B, K, N),
+                        layout,
+                        dt,
+                        mode,
+                        _build_uniform(G, B, K, N, dt, mode, "gelu"),
+                        G * B,
+                        K,
+                        N,
+                    )
+                )
     return out
 
 

@@ -20,13 +20,14 @@ are in the page cache: this measures the loader's CPU cost, not the disk.
 Counting rule for "batchops bytes": the feature and label bytes read, N x (4F + 8), written
 "N(4F+8)"; the index arrays and the copy that restores the sampler's order are not counted.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -120,11 +121,21 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
     for n, f in shapes_for(device, quick, smoke):
         files = _Files(n, f)  # shared by the shape's cases; removed when they are dropped
         for shuffle in (True, False):
-            layout = (f"{'shuffled' if shuffle else 'sequential'}, batch_size={BATCH_SIZE}, num_workers=0, "
-                      "default collate")
-            out.append(Case(op="DataLoader pass over .npy memmaps", shape=(n, f), layout=layout,
-                            dtype=torch.float32, mode="forward", build=_build(files, shuffle),
-                            bytes_moved=n * (4 * f + 8), bytes_rule="N(4F+8)"))
+            layout = (
+                f"{'shuffled' if shuffle else 'sequential'}, batch_size={BATCH_SIZE}, num_workers=0, default collate"
+            )
+            out.append(
+                Case(
+                    op="DataLoader pass over .npy memmaps",
+                    shape=(n, f),
+                    layout=layout,
+                    dtype=torch.float32,
+                    mode="forward",
+                    build=_build(files, shuffle),
+                    bytes_moved=n * (4 * f + 8),
+                    bytes_rule="N(4F+8)",
+                )
+            )
     return out
 
 

@@ -30,9 +30,10 @@ searchsorted over N or R int64 entries) is not counted, so it shows up as lost b
 The minimum for any implementation is 2P (pack) and P+S (pad): the index bytes are small next
 to them for H = 128 (8 bytes against 512 a row).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn.utils import rnn
@@ -177,10 +178,19 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
     dtype = torch.float32
     out = []
     for shape in shapes_for(device, quick, smoke):
+
         def case(op, layout, mode, build, kind, sorted_lengths=False):
             nbytes, rule = _bytes(kind, shape, dtype, sorted_lengths)
-            return Case(op=op, shape=tuple(shape), layout=layout, dtype=dtype, mode=mode, build=build,
-                        bytes_moved=nbytes, bytes_rule=rule)
+            return Case(
+                op=op,
+                shape=tuple(shape),
+                layout=layout,
+                dtype=dtype,
+                mode=mode,
+                build=build,
+                bytes_moved=nbytes,
+                bytes_rule=rule,
+            )
 
         lengths_modes = [False, True] if device.type == "cuda" else [False]
         for sorted_lengths in (False, True):
@@ -189,18 +199,48 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
                 where = "device lengths (torch: .cpu() in the call)" if device_lengths else "host lengths"
                 layout = f"batch_first, {where}"
                 for mode in ("forward", "full"):
-                    out.append(case(f"pack_padded_sequence ({order})", layout, mode,
-                                    _build_pack(shape, dtype, mode, sorted_lengths, device_lengths),
-                                    "pack" if mode == "forward" else "pack_full", sorted_lengths))
-            out.append(case(f"pad_packed_sequence ({'sorted' if sorted_lengths else 'unsorted'})", "batch_first",
-                            "forward", _build_pad_packed(shape, dtype, sorted_lengths), "pad", sorted_lengths))
-        out.append(case("unpad(mask) vs x[mask]", "batch_first, random lengths", "forward",
-                        _build_unpad(shape, dtype, False), "pack"))
+                    out.append(
+                        case(
+                            f"pack_padded_sequence ({order})",
+                            layout,
+                            mode,
+                            _build_pack(shape, dtype, mode, sorted_lengths, device_lengths),
+                            "pack" if mode == "forward" else "pack_full",
+                            sorted_lengths,
+                        )
+                    )
+            out.append(
+                case(
+                    f"pad_packed_sequence ({'sorted' if sorted_lengths else 'unsorted'})",
+                    "batch_first",
+                    "forward",
+                    _build_pad_packed(shape, dtype, sorted_lengths),
+                    "pad",
+                    sorted_lengths,
+                )
+            )
+        out.append(
+            case(
+                "unpad(mask) vs x[mask]",
+                "batch_first, random lengths",
+                "forward",
+                _build_unpad(shape, dtype, False),
+                "pack",
+            )
+        )
         if device.type == "cuda":
-            out.append(case("unpad(mask, max_seqlen, total) vs x[mask]", "batch_first, random lengths", "forward",
-                            _build_unpad(shape, dtype, True), "pack"))
-        out.append(case("pad vs out[mask] = tokens", "batch_first, random lengths", "forward",
-                        _build_pad(shape, dtype), "pad"))
+            out.append(
+                case(
+                    "unpad(mask, max_seqlen, total) vs x[mask]",
+                    "batch_first, random lengths",
+                    "forward",
+                    _build_unpad(shape, dtype, True),
+                    "pack",
+                )
+            )
+        out.append(
+            case("pad vs out[mask] = tokens", "batch_first, random lengths", "forward", _build_pad(shape, dtype), "pad")
+        )
     return out
 
 

@@ -33,10 +33,11 @@ the same losses.
 
 No byte counts: the figure of merit is wall time per epoch against max(load, compute).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ def _cpu_step(reps: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
     would do too, but on a shared machine an OpenMP region stalls whenever one of its threads
     loses its core (a 256 x 256 matmul measured 0.2 ms on one thread, 13-24 ms on two), which
     would drown the overlap this benchmark measures."""
+
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         h = x.numpy()
         for _ in range(reps):
@@ -129,8 +131,13 @@ def _build_cuda(n: int, B: int, H: int, variant: str):
         host = [(torch.randn(B, H, generator=g), torch.randint(0, 16, (B,), generator=g)) for _ in range(n)]
         torch.manual_seed(3)
         model = torch.nn.Sequential(
-            torch.nn.Linear(H, H), torch.nn.ReLU(), torch.nn.Linear(H, H), torch.nn.ReLU(),
-            torch.nn.Linear(H, H), torch.nn.ReLU(), torch.nn.Linear(H, 16),
+            torch.nn.Linear(H, H),
+            torch.nn.ReLU(),
+            torch.nn.Linear(H, H),
+            torch.nn.ReLU(),
+            torch.nn.Linear(H, H),
+            torch.nn.ReLU(),
+            torch.nn.Linear(H, 16),
         ).to(device)
         snapshot = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -180,10 +187,20 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
             ("h2d", "prefetch: H2D loop", "x.to(device) per batch"),
             ("resident", "prefetch: vs compute only", "batches already on the GPU"),
         ):
-            layout = (f"{n} batches of {mib:.0f} MiB pageable host memory; torch: {torch_side}; "
-                      "batchops: DevicePrefetcher(depth=2)")
-            out.append(Case(op=op, shape=(n, B, H), layout=layout, dtype=torch.float32, mode="full",
-                            build=_build_cuda(n, B, H, variant)))
+            layout = (
+                f"{n} batches of {mib:.0f} MiB pageable host memory; torch: {torch_side}; "
+                "batchops: DevicePrefetcher(depth=2)"
+            )
+            out.append(
+                Case(
+                    op=op,
+                    shape=(n, B, H),
+                    layout=layout,
+                    dtype=torch.float32,
+                    mode="full",
+                    build=_build_cuda(n, B, H, variant),
+                )
+            )
         return out
 
     n, B, H, plan = _cpu_plan(quick, smoke)
@@ -191,10 +208,20 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
         reps, measured = calibrate_reps(B, H, compute_ms)
         serial = n * (load_ms + measured)
         ideal = load_ms + (n - 1) * max(load_ms, measured) + measured
-        layout = (f"load {load_ms:g} ms (sleep) + compute {measured:.1f} ms (calibrated) per batch: "
-                  f"serial {serial:.0f} ms, ideal {ideal:.0f} ms (ratio {ideal / serial:.2f})")
-        out.append(Case(op="prefetch: epoch", shape=(n, B, H), layout=layout, dtype=torch.float32, mode="forward",
-                        build=_build_cpu(n, B, H, load_ms, reps)))
+        layout = (
+            f"load {load_ms:g} ms (sleep) + compute {measured:.1f} ms (calibrated) per batch: "
+            f"serial {serial:.0f} ms, ideal {ideal:.0f} ms (ratio {ideal / serial:.2f})"
+        )
+        out.append(
+            Case(
+                op="prefetch: epoch",
+                shape=(n, B, H),
+                layout=layout,
+                dtype=torch.float32,
+                mode="forward",
+                build=_build_cpu(n, B, H, load_ms, reps),
+            )
+        )
     return out
 
 

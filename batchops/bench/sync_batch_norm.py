@@ -15,6 +15,7 @@ normalises with local statistics and is not compared.
 This does not fit the in-process timing harness (batchops.bench.harness times callables in one
 process), so `cases()` returns no rows; the numbers come from `run()` / the command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ class TorchAllGatherSyncBN(torch.nn.Module):
         n = x.numel() // C
         local = torch.cat([x.new_full((1,), float(n)), mean, var * n])
         rows = torch.stack(dnn.all_gather(local))
-        counts, means, m2s = rows[:, :1], rows[:, 1:C + 1], rows[:, C + 1:]
+        counts, means, m2s = rows[:, :1], rows[:, 1 : C + 1], rows[:, C + 1 :]
         total = counts.sum(0)
         gmean = (counts * means).sum(0) / total
         gvar = (m2s.sum(0) + (counts * (means - gmean) ** 2).sum(0)) / total
@@ -106,8 +107,11 @@ def _rank_bench(rank, world_size, shape, iters, warmup):
             if i >= warmup:
                 times[p].append(t1 - t0)
     dist.barrier()
-    return {"err": err, "median_ms": {p: 1e3 * statistics.median(v) for p, v in times.items()},
-            "min_ms": {p: 1e3 * min(v) for p, v in times.items()}}
+    return {
+        "err": err,
+        "median_ms": {p: 1e3 * statistics.median(v) for p, v in times.items()},
+        "min_ms": {p: 1e3 * min(v) for p, v in times.items()},
+    }
 
 
 def run(quick: bool = False, smoke: bool = False, iters: int | None = None) -> list[dict]:
@@ -118,7 +122,13 @@ def run(quick: bool = False, smoke: bool = False, iters: int | None = None) -> l
     warmup = 1 if smoke else 3
     rows = []
     for shape in shapes_for(quick, smoke):
-        results = run_ranks(f"{__name__ if __name__ != '__main__' else 'batchops.bench.sync_batch_norm'}:_rank_bench", 2, args=(shape, iters, warmup), timeout=600, failure_grace=10)
+        results = run_ranks(
+            f"{__name__ if __name__ != '__main__' else 'batchops.bench.sync_batch_norm'}:_rank_bench",
+            2,
+            args=(shape, iters, warmup),
+            timeout=600,
+            failure_grace=10,
+        )
         rows.append({"shape": shape, "dtype": "float32", **results[0].value})
     return rows
 
@@ -152,8 +162,10 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args(argv)
-    print("Step = forward + backward of relu(bn(x) + z) on each of 2 gloo CPU ranks, 1 thread each; "
-          "median over iterations, rank 0.\n")
+    print(
+        "Step = forward + backward of relu(bn(x) + z) on each of 2 gloo CPU ranks, 1 thread each; "
+        "median over iterations, rank 0.\n"
+    )
     print(markdown(run(args.quick, args.smoke, args.iters)))
 
 

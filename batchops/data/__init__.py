@@ -12,12 +12,19 @@ Samplers (all on one contract: seed + ``set_epoch``, rank sharding as Distribute
 
 Datasets and loading: :class:`MemmapDataset` (+ writers) and :class:`DevicePrefetcher`.
 """
+
 from batchops.data.bucket import BucketBatchSampler
 from batchops.data.curriculum import PACING_FUNCTIONS, CurriculumSampler
 from batchops.data.distributed import DistributedSamplerWrapper
 from batchops.data.loss_weighted import LossWeightedSampler
-from batchops.data.memmap import (MemmapBatch, MemmapDataset, MemmapWriter, memmap_collate, write_memmap_batches,
-                                  write_memmap_dataset)
+from batchops.data.memmap import (
+    MemmapBatch,
+    MemmapDataset,
+    MemmapWriter,
+    memmap_collate,
+    write_memmap_batches,
+    write_memmap_dataset,
+)
 from batchops.data.minibatch import ShuffledBatchSampler, minibatch_gd_linear_regression, minibatches
 from batchops.data.prefetch import DevicePrefetcher, apply_to_tensors
 from batchops.data.sampler_contract import ResumableDistributedSampler, resolve_replicas

@@ -1,8 +1,10 @@
 """Length-bucketed batching: batches of similar lengths, so little of each batch is padding."""
+
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +23,13 @@ def _as_lengths(lengths: Any) -> np.ndarray:
     if arr.size == 0:
         raise ValueError("BucketBatchSampler: lengths is empty")
     if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer)
-        or (np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0))
+        np.issubdtype(arr.dtype, np.integer) or (np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0))
     ):
         raise TypeError(f"BucketBatchSampler: lengths must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if arr.min() < 0:
         raise ValueError(
-            f"BucketBatchSampler: lengths must be non-negative, got {int(arr.min())} "
-            f"at index {int(arr.argmin())}"
+            f"BucketBatchSampler: lengths must be non-negative, got {int(arr.min())} at index {int(arr.argmin())}"
         )
     return arr
 
@@ -42,7 +42,7 @@ def _positive(name: str, value: Any) -> int:
     return int(value)
 
 
-class BucketBatchSampler(ResumableDistributedSampler[List[int]]):
+class BucketBatchSampler(ResumableDistributedSampler[list[int]]):
     """Batch sampler that groups sequences of similar length (for ``DataLoader(batch_sampler=)``).
 
     Each epoch (``rng = default_rng((seed, epoch))``):
@@ -75,12 +75,12 @@ class BucketBatchSampler(ResumableDistributedSampler[List[int]]):
         self,
         lengths: Any,
         *,
-        max_tokens: Optional[int] = None,
-        batch_size: Optional[int] = None,
+        max_tokens: int | None = None,
+        batch_size: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
         batches_per_bucket: int = 64,
     ) -> None:
@@ -93,12 +93,10 @@ class BucketBatchSampler(ResumableDistributedSampler[List[int]]):
         self.batch_size = None if batch_size is None else _positive("batch_size", batch_size)
         self.batches_per_bucket = _positive("batches_per_bucket", batches_per_bucket)
         self.lengths = _as_lengths(lengths)
-        super().__init__(
-            shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
-        )
+        super().__init__(shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
     # ------------------------------------------------------------------ the plan
-    def _split(self, order: np.ndarray) -> List[np.ndarray]:
+    def _split(self, order: np.ndarray) -> list[np.ndarray]:
         """Cut ``order`` (indices sorted by length) into consecutive batches."""
         if self.batch_size is not None:
             return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -114,7 +112,7 @@ class BucketBatchSampler(ResumableDistributedSampler[List[int]]):
             s = e
         return out
 
-    def _buckets(self, perm: np.ndarray) -> List[np.ndarray]:
+    def _buckets(self, perm: np.ndarray) -> list[np.ndarray]:
         """Cut the shuffled indices into mega-buckets; a remainder under half a bucket joins
         the bucket before it."""
         if self.batch_size is not None:
@@ -131,21 +129,21 @@ class BucketBatchSampler(ResumableDistributedSampler[List[int]]):
         cuts = np.searchsorted(csum, bounds, side="right")
         return [b for b in np.split(perm, cuts) if len(b)]
 
-    def global_items(self, epoch: int) -> List[List[int]]:
+    def global_items(self, epoch: int) -> list[list[int]]:
         """Every batch of ``epoch`` in global order (identical on all ranks)."""
         if not self.shuffle:
             order = np.argsort(self.lengths, kind="stable")
             return [b.tolist() for b in self._split(order)]
         rng = self.rng(epoch)
-        batches: List[np.ndarray] = []
+        batches: list[np.ndarray] = []
         for bucket in self._buckets(rng.permutation(len(self.lengths))):
             batches += self._split(bucket[np.argsort(self.lengths[bucket], kind="stable")])
         return [batches[i].tolist() for i in rng.permutation(len(batches))]
 
-    def _output(self, item: List[int]) -> List[int]:
+    def _output(self, item: list[int]) -> list[int]:
         return list(item)  # a copy, so a consumer cannot alter the cached plan
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         return {
             **super()._config(),
             "max_tokens": self.max_tokens,
@@ -155,13 +153,13 @@ class BucketBatchSampler(ResumableDistributedSampler[List[int]]):
         }
 
     # ------------------------------------------------------------------ reporting
-    def padding_stats(self, all_ranks: bool = False) -> Dict[str, int]:
+    def padding_stats(self, all_ranks: bool = False) -> dict[str, int]:
         """``{"tokens", "padded", "batches"}`` summed over the current epoch's batches.
 
         ``tokens = sum(lengths)``, ``padded = sum(rows * max length)`` per batch. By default over
         this rank's batches (repeats included); ``all_ranks=True``: every global batch once.
         """
-        items: Sequence[List[int]] = self.global_items(self.epoch) if all_ranks else self.rank_items()
+        items: Sequence[list[int]] = self.global_items(self.epoch) if all_ranks else self.rank_items()
         if not items:
             return {"tokens": 0, "padded": 0, "batches": 0}
         sizes = np.fromiter((len(b) for b in items), dtype=np.int64, count=len(items))

@@ -15,12 +15,14 @@ with ``s0 = start_fraction`` and ``T`` the pace length (``total_epochs`` / ``tot
 Progress ``t`` is the epoch number (the default) or the optimizer step (when ``batch_size`` is
 given); see :class:`CurriculumSampler`.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,9 +73,7 @@ def _as_difficulty(difficulty: Any) -> np.ndarray:
     arr = _to_numpy("difficulty", difficulty)
     if arr.size == 0:
         raise ValueError(f"{_name('difficulty')} is empty")
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise TypeError(f"{_name('difficulty')} must hold real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     bad = ~np.isfinite(arr)
@@ -148,27 +148,27 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
     def __init__(
         self,
         difficulty: Any,
-        pacing: Union[str, Callable[[int], float]] = "linear",
+        pacing: str | Callable[[int], float] = "linear",
         *,
         start_fraction: float = 0.1,
-        total_epochs: Optional[int] = None,
-        total_steps: Optional[int] = None,
+        total_epochs: int | None = None,
+        total_steps: int | None = None,
         increase: float = 2.0,
-        step_length: Optional[int] = None,
+        step_length: int | None = None,
         class_labels: Any = None,
-        num_samples_per_epoch: Optional[int] = None,
-        batch_size: Optional[int] = None,
+        num_samples_per_epoch: int | None = None,
+        batch_size: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
         self.difficulty = _as_difficulty(difficulty)
         n = len(self.difficulty)
 
         if callable(pacing):
-            self.pacing: Union[str, Callable[[int], float]] = pacing
+            self.pacing: str | Callable[[int], float] = pacing
         elif isinstance(pacing, str):
             if pacing not in PACING_FUNCTIONS:
                 raise ValueError(
@@ -190,20 +190,17 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
         self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
         self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
         self.num_samples_per_epoch = (
-            None if num_samples_per_epoch is None
-            else _check_int("num_samples_per_epoch", num_samples_per_epoch, 1)
+            None if num_samples_per_epoch is None else _check_int("num_samples_per_epoch", num_samples_per_epoch, 1)
         )
         if self.total_epochs is not None and self.total_steps is not None:
             raise ValueError(f"{_name('total_epochs')} and total_steps are exclusive; give one")
         if self.total_steps is not None and self.batch_size is None:
             raise ValueError(
-                f"{_name('total_steps')} needs batch_size (per-step pacing); "
-                "use total_epochs for per-epoch pacing"
+                f"{_name('total_steps')} needs batch_size (per-step pacing); use total_epochs for per-epoch pacing"
             )
         if self.pacing in ("linear", "root") and self.total_epochs is None and self.total_steps is None:
             raise ValueError(
-                f"{_name('pacing')}={self.pacing!r} needs a pace length: total_epochs "
-                "(or total_steps with batch_size)"
+                f"{_name('pacing')}={self.pacing!r} needs a pace length: total_epochs (or total_steps with batch_size)"
             )
         if self.pacing == "exp_step" and self.step_length is None:
             raise ValueError(f"{_name('pacing')}='exp_step' needs step_length")
@@ -215,15 +212,13 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
         by_difficulty = np.argsort(self.difficulty, kind="stable")
         rank_of[by_difficulty] = np.arange(n)
         if class_labels is None:
-            self.class_labels: Optional[np.ndarray] = None
+            self.class_labels: np.ndarray | None = None
             self.num_classes = 1
             quantile = rank_of / n
         else:
             labels = _to_numpy("class_labels", class_labels)
             if len(labels) != n:
-                raise ValueError(
-                    f"{_name('class_labels')} has {len(labels)} entries but difficulty has {n}"
-                )
+                raise ValueError(f"{_name('class_labels')} has {len(labels)} entries but difficulty has {n}")
             try:
                 classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
             except TypeError as exc:  # unorderable mixed labels
@@ -245,9 +240,7 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
             digest.update(inverse.astype(np.int64).tobytes())
         self._digest = digest.hexdigest()[:16]
 
-        super().__init__(
-            shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
-        )
+        super().__init__(shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
     # ------------------------------------------------------------------ pacing
     @property
@@ -267,7 +260,7 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
             raise ValueError(f"{_name('steps_per_epoch')} is defined only with batch_size (per-step pacing)")
         return math.ceil(self.epoch_size / (self.num_replicas * self.batch_size))
 
-    def _pace_length(self) -> Optional[int]:
+    def _pace_length(self) -> int | None:
         if self.total_steps is not None:
             return self.total_steps
         if self.total_epochs is not None and self.batch_size is not None:
@@ -299,13 +292,13 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
         f = self.fraction(progress)
         return max(int(np.searchsorted(self._quantile, f - min(_TOL, f / 2), side="left")), 1)
 
-    def eligible_indices(self, progress: int) -> List[int]:
+    def eligible_indices(self, progress: int) -> list[int]:
         """The eligible samples at ``progress``, in curriculum order (easiest first)."""
         return self._order[: self.num_eligible(progress)].tolist()
 
     # ------------------------------------------------------------------ the plan
     @staticmethod
-    def _passes(rng: Optional[np.random.Generator], n: int, count: int) -> np.ndarray:
+    def _passes(rng: np.random.Generator | None, n: int, count: int) -> np.ndarray:
         """``count`` positions in ``[0, n)``: fresh permutations (identity without rng), cut."""
         parts, need = [], count
         while need > 0:
@@ -319,7 +312,7 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
             need -= take
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def global_items(self, epoch: int) -> List[int]:
+    def global_items(self, epoch: int) -> list[int]:
         """Sample indices of ``epoch`` in global order (identical on all ranks)."""
         rng = self.rng(epoch) if self.shuffle else None
         if self.batch_size is None:
@@ -339,9 +332,11 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
             out.append(self._order[positions])
         return np.concatenate(out).tolist()
 
-    def _config(self) -> Dict[str, Any]:
-        pacing = self.pacing if isinstance(self.pacing, str) else getattr(
-            self.pacing, "__qualname__", type(self.pacing).__name__
+    def _config(self) -> dict[str, Any]:
+        pacing = (
+            self.pacing
+            if isinstance(self.pacing, str)
+            else getattr(self.pacing, "__qualname__", type(self.pacing).__name__)
         )
         return {
             **super()._config(),

@@ -1,8 +1,10 @@
 """Shard any sampler across ranks the way :class:`~torch.utils.data.distributed.DistributedSampler`
 shards a data set, with per-epoch seeding and exact mid-epoch resumption."""
+
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
@@ -17,7 +19,7 @@ T = TypeVar("T")
 _MAX_DEPTH = 8
 
 
-def _chain(sampler: Any) -> List[Any]:
+def _chain(sampler: Any) -> list[Any]:
     """``sampler``, ``sampler.sampler``, ``sampler.sampler.sampler``, ... (each object once)."""
     out, seen = [], set()
     while sampler is not None and id(sampler) not in seen and len(out) < _MAX_DEPTH:
@@ -75,16 +77,15 @@ class DistributedSamplerWrapper(ResumableDistributedSampler[T]):
         self,
         sampler: Iterable[T],
         *,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
         seed: int = 0,
         reseed: bool = True,
     ) -> None:
         if not hasattr(sampler, "__iter__"):
             raise TypeError(
-                f"DistributedSamplerWrapper: sampler must be an iterable sampler, "
-                f"got {type(sampler).__name__}"
+                f"DistributedSamplerWrapper: sampler must be an iterable sampler, got {type(sampler).__name__}"
             )
         for level in _chain(sampler):
             sharded = isinstance(level, (DistributedSampler, ResumableDistributedSampler))
@@ -96,9 +97,7 @@ class DistributedSamplerWrapper(ResumableDistributedSampler[T]):
                 )
         self.sampler = sampler
         self.reseed = bool(reseed)
-        super().__init__(
-            shuffle=False, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
-        )
+        super().__init__(shuffle=False, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
     def _prepare(self, epoch: int) -> None:
         """Forward the epoch and, with ``reseed``, install ``(seed, epoch)`` generators."""
@@ -109,13 +108,13 @@ class DistributedSamplerWrapper(ResumableDistributedSampler[T]):
             if callable(set_epoch):
                 set_epoch(epoch)
             if self.reseed and hasattr(level, "generator"):
-                current = getattr(level, "generator")
+                current = level.generator
                 if current is None or isinstance(current, torch.Generator):
                     g = torch.Generator()
                     g.manual_seed(torch_seed)
                     level.generator = g
 
-    def global_items(self, epoch: int) -> List[T]:
+    def global_items(self, epoch: int) -> list[T]:
         """Everything the wrapped sampler yields for ``epoch`` (identical on all ranks)."""
         self._prepare(epoch)
         return list(iter(self.sampler))
@@ -124,5 +123,5 @@ class DistributedSamplerWrapper(ResumableDistributedSampler[T]):
         # batch samplers yield lists: hand out copies so a consumer cannot alter the cached plan
         return list(item) if isinstance(item, list) else item  # type: ignore[return-value]
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         return {**super()._config(), "sampler": type(self.sampler).__name__}

@@ -1,9 +1,10 @@
 """Hard-example mining: draw samples with probability that grows with their recent loss."""
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,17 +111,17 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
     def __init__(
         self,
         num_samples: Any,
-        num_draws: Optional[int] = None,
+        num_draws: int | None = None,
         *,
         temperature: float = 1.0,
         floor: float = 0.1,
         replacement: bool = True,
-        initial_loss: Optional[float] = None,
+        initial_loss: float | None = None,
         smoothing: float = 0.0,
         eps: float = 1e-8,
         seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
         if not isinstance(num_samples, numbers.Integral) and hasattr(num_samples, "__len__"):
@@ -158,9 +159,9 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
         self._losses = np.full(n, np.nan, dtype=np.float32)
         # The frozen table of the planned epoch (the same array as _losses until the first update
         # after planning copies _losses: copy-on-write) and its probabilities, computed lazily.
-        self._plan_epoch: Optional[int] = None
-        self._plan_losses: Optional[np.ndarray] = None
-        self._plan_probs: Optional[np.ndarray] = None
+        self._plan_epoch: int | None = None
+        self._plan_losses: np.ndarray | None = None
+        self._plan_probs: np.ndarray | None = None
         super().__init__(seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
     # ------------------------------------------------------------------ probabilities
@@ -173,14 +174,11 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
         table = _as_numpy("losses", losses)
         if table.shape != (self.num_samples,):
             raise ValueError(
-                f"LossWeightedSampler: losses must have num_samples={self.num_samples} entries, "
-                f"got {table.size}"
+                f"LossWeightedSampler: losses must have num_samples={self.num_samples} entries, got {table.size}"
             )
         n = self.num_samples
         unseen = np.isnan(table)
-        if math.isinf(self.temperature) or self.floor == 1.0 or (
-            self.initial_loss is None and unseen.all()
-        ):
+        if math.isinf(self.temperature) or self.floor == 1.0 or (self.initial_loss is None and unseen.all()):
             return np.full(n, 1.0 / n)
         x = table.astype(np.float64)  # a copy: the arithmetic below is in place
         if unseen.any():
@@ -267,12 +265,10 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
         finite = np.isfinite(values)
         if not finite.all():
             pos = int(np.argmin(finite))
-            raise ValueError(
-                f"LossWeightedSampler: losses must be finite, got {values[pos]} at position {pos}"
-            )
+            raise ValueError(f"LossWeightedSampler: losses must be finite, got {values[pos]} at position {pos}")
         return values
 
-    def _sync(self, idx: np.ndarray, values: np.ndarray, group: Any) -> Tuple[np.ndarray, np.ndarray]:
+    def _sync(self, idx: np.ndarray, values: np.ndarray, group: Any) -> tuple[np.ndarray, np.ndarray]:
         """All-gather every rank's (indices, losses) in rank order (unequal lengths allowed)."""
         import torch.distributed as dist
 
@@ -301,9 +297,7 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
         both = torch.cat([g[:, :size] for g, size in zip(gathered, sizes)], dim=1).cpu().numpy()
         return both[0].astype(np.int64), both[1]
 
-    def update(
-        self, indices: Any, losses: Any, *, sync: Optional[bool] = None, group: Any = None
-    ) -> None:
+    def update(self, indices: Any, losses: Any, *, sync: bool | None = None, group: Any = None) -> None:
         """Record the losses of the samples ``indices`` (tensors, arrays or lists, any device).
 
         The arguments are flattened and must have the same number of elements. A sample that
@@ -376,7 +370,7 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
             picks = top[np.argsort(-keys[top], kind="stable")]
         return picks.tolist()
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         return {
             **super()._config(),
             "num_samples": self.num_samples,
@@ -389,7 +383,7 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
             "eps": self.eps,
         }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The contract's state plus the loss tables (``torch.save(weights_only=True)``-safe).
 
         ``"losses"``: the live table; ``"plan_losses"``/``"plan_epoch"``: the table frozen for
@@ -400,12 +394,10 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
         live = torch.from_numpy(self._losses.copy())
         state["losses"] = live
         state["plan_epoch"] = self._plan_epoch
-        state["plan_losses"] = live if self._plan_losses is self._losses else torch.from_numpy(
-            self._plan_losses.copy()
-        )
+        state["plan_losses"] = live if self._plan_losses is self._losses else torch.from_numpy(self._plan_losses.copy())
         return state
 
-    def _table(self, state: Dict[str, Any], key: str) -> np.ndarray:
+    def _table(self, state: dict[str, Any], key: str) -> np.ndarray:
         value = state[key]
         table = _as_numpy(key, value).astype(np.float32)
         if table.size != self.num_samples:
@@ -415,7 +407,7 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
             )
         return table
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the loss tables, epoch, seed and position (see the contract).
 
         Raises ``ValueError`` when the saved configuration or table size differs.

@@ -16,6 +16,7 @@ each batch, reads the whole batch with one indexed read per array and returns a
 :class:`MemmapBatch`, which ``default_collate`` turns into the batch without stacking samples
 one by one (see :func:`memmap_collate`).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,16 +62,18 @@ _ARRAY_ALIGN = 64  # numpy pads .npy headers to a multiple of 64 bytes; so do we
 def _torch_dtype(dtype: np.dtype, where: str) -> torch.dtype:
     """The torch dtype that arrays of `dtype` (any byte order) become; TypeError if none."""
     if dtype.hasobject:
-        raise ValueError(f"{where}: object arrays (pickled Python objects) are not supported; "
-                         "store numeric arrays")
+        raise ValueError(f"{where}: object arrays (pickled Python objects) are not supported; store numeric arrays")
     if dtype.fields is not None or dtype.subdtype is not None:
-        raise TypeError(f"{where}: structured or sub-array dtype {dtype} is not supported; "
-                        "store each field as its own array")
+        raise TypeError(
+            f"{where}: structured or sub-array dtype {dtype} is not supported; store each field as its own array"
+        )
     try:
         return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
     except TypeError:
-        raise TypeError(f"{where}: dtype {dtype} has no torch equivalent (torch supports bool, "
-                        "(u)int8-64, float16/32/64, complex64/128)") from None
+        raise TypeError(
+            f"{where}: dtype {dtype} has no torch equivalent (torch supports bool, "
+            "(u)int8-64, float16/32/64, complex64/128)"
+        ) from None
 
 
 def _read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -124,8 +127,9 @@ def _open_memmap(path: str) -> np.ndarray:
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...], total_len: int) -> bytes:
     """A version 1.0 .npy header of exactly `total_len` bytes (magic to newline), padded with
     spaces, so that a header reserved for a guessed length can be rewritten in place."""
-    body = ("{'descr': %r, 'fortran_order': False, 'shape': %r, }"
-            % (np.lib.format.dtype_to_descr(dtype), tuple(shape))).encode("latin1")
+    body = f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}".encode(
+        "latin1"
+    )
     header_len = total_len - 10  # magic string (6) + version (2) + little-endian uint16 length (2)
     if len(body) + 1 > header_len or header_len > 0xFFFF:
         raise RuntimeError(f"internal error: .npy header of {len(body) + 1} bytes does not fit {header_len}")
@@ -135,8 +139,7 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...], total_len: int) -> byte
 
 def _reserved_header_len(dtype: np.dtype, row_shape: tuple[int, ...]) -> int:
     """Header bytes that fit any final length: sized for a 20-digit first dimension."""
-    longest = ("{'descr': %r, 'fortran_order': False, 'shape': %r, }"
-               % (np.lib.format.dtype_to_descr(dtype), (10**20 - 1, *row_shape)))
+    longest = f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, 'fortran_order': False, 'shape': {(10**20 - 1, *row_shape)!r}, }}"
     need = 10 + len(longest.encode("latin1")) + 1
     return -(-need // _ARRAY_ALIGN) * _ARRAY_ALIGN
 
@@ -293,12 +296,13 @@ class MemmapDataset(Dataset):
         if isinstance(source, (str, os.PathLike)):
             root = os.path.abspath(os.fspath(source))
             if not os.path.isdir(root):
-                raise NotADirectoryError(f"MemmapDataset: source {root} is not a directory (pass a "
-                                         "directory, a {name: path} mapping or a list of .npy paths)")
+                raise NotADirectoryError(
+                    f"MemmapDataset: source {root} is not a directory (pass a "
+                    "directory, a {name: path} mapping or a list of .npy paths)"
+                )
             meta = _load_meta(root)
             if meta is not None:
-                available = {a["name"]: os.path.join(root, a.get("file", a["name"] + ".npy"))
-                             for a in meta["arrays"]}
+                available = {a["name"]: os.path.join(root, a.get("file", a["name"] + ".npy")) for a in meta["arrays"]}
             else:
                 wanted = DEFAULT_NAMES if names is None else names
                 available = {_check_name(n, "MemmapDataset"): os.path.join(root, n + ".npy") for n in wanted}
@@ -308,12 +312,16 @@ class MemmapDataset(Dataset):
             paths = [os.path.abspath(os.fspath(p)) for p in source]
             stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
             if len(set(stems)) != len(stems):
-                raise ValueError(f"MemmapDataset: source has several files with the same name stem: {stems}; "
-                                 "pass a {name: path} mapping")
+                raise ValueError(
+                    f"MemmapDataset: source has several files with the same name stem: {stems}; "
+                    "pass a {name: path} mapping"
+                )
             available = dict(zip(stems, paths))
         else:
-            raise TypeError(f"MemmapDataset: source must be a directory, a mapping or a sequence of paths, "
-                            f"got {type(source).__name__}")
+            raise TypeError(
+                f"MemmapDataset: source must be a directory, a mapping or a sequence of paths, "
+                f"got {type(source).__name__}"
+            )
 
         if names is None:
             names = list(available)
@@ -332,8 +340,11 @@ class MemmapDataset(Dataset):
         self._paths = {n: available[n] for n in names}
         for n, p in self._paths.items():
             if not os.path.isfile(p):
-                hint = (" (a directory without meta.json holds features.npy and labels.npy; pass names=... "
-                        "for others)" if meta is None and isinstance(source, (str, os.PathLike)) else "")
+                hint = (
+                    " (a directory without meta.json holds features.npy and labels.npy; pass names=... for others)"
+                    if meta is None and isinstance(source, (str, os.PathLike))
+                    else ""
+                )
                 raise FileNotFoundError(f"MemmapDataset: array {n!r}: no file {p}{hint}")
         self.sort_reads = bool(sort_reads)
 
@@ -427,8 +438,9 @@ class MemmapDataset(Dataset):
         try:
             i = operator.index(index)
         except TypeError:
-            raise TypeError(f"MemmapDataset indices must be integers, got {type(index).__name__} "
-                            "(use __getitems__ for a batch)") from None
+            raise TypeError(
+                f"MemmapDataset indices must be integers, got {type(index).__name__} (use __getitems__ for a batch)"
+            ) from None
         n = self._len
         if i < 0:
             i += n
@@ -493,8 +505,10 @@ class MemmapDataset(Dataset):
         bad = (idx < 0) | (idx >= n)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            raise IndexError(f"MemmapDataset.__getitems__: index {np.asarray(indices)[first]} (position {first}) "
-                             f"out of range for {n} samples")
+            raise IndexError(
+                f"MemmapDataset.__getitems__: index {np.asarray(indices)[first]} (position {first}) "
+                f"out of range for {n} samples"
+            )
         return idx
 
 
@@ -507,8 +521,9 @@ def _numpy_dtype_of(x: Any) -> np.dtype:
         try:
             return torch.empty(0, dtype=x.dtype).numpy().dtype
         except TypeError:
-            raise TypeError(f"tensors of dtype {x.dtype} cannot be stored in .npy files; convert them "
-                            "(e.g. bfloat16 to float32)") from None
+            raise TypeError(
+                f"tensors of dtype {x.dtype} cannot be stored in .npy files; convert them (e.g. bfloat16 to float32)"
+            ) from None
     return x.dtype
 
 
@@ -608,8 +623,9 @@ class MemmapWriter:
         for arg, mapping in (("dtypes", dtypes), ("row_shapes", row_shapes)):
             unknown = set(mapping or ()) - set(self.names)
             if unknown:
-                raise ValueError(f"MemmapWriter: {arg} names unknown arrays {sorted(unknown)} "
-                                 f"(names: {list(self.names)})")
+                raise ValueError(
+                    f"MemmapWriter: {arg} names unknown arrays {sorted(unknown)} (names: {list(self.names)})"
+                )
         self.root = os.path.abspath(os.fspath(root))
         self._dtypes = {n: np.dtype(d) for n, d in (dtypes or {}).items()}
         for n, d in self._dtypes.items():
@@ -619,11 +635,14 @@ class MemmapWriter:
         self.overwrite = overwrite
         os.makedirs(self.root, exist_ok=True)
         if not overwrite:
-            existing = [p for p in [os.path.join(self.root, n + ".npy") for n in self.names]
-                        + [os.path.join(self.root, META_FILE)] if os.path.exists(p)]
+            existing = [
+                p
+                for p in [os.path.join(self.root, n + ".npy") for n in self.names]
+                + [os.path.join(self.root, META_FILE)]
+                if os.path.exists(p)
+            ]
             if existing:
-                raise FileExistsError(f"MemmapWriter: {existing[0]} exists; pass overwrite=True to replace "
-                                      "the dataset")
+                raise FileExistsError(f"MemmapWriter: {existing[0]} exists; pass overwrite=True to replace the dataset")
         self._files: dict[str, _ArrayFile] = {}
         self._tmp_paths: list[str] = []  # what the finalizer removes if the writer is dropped unclosed
         self._finalizer = weakref.finalize(self, _remove_quietly, self._tmp_paths)
@@ -641,8 +660,9 @@ class MemmapWriter:
             row_shape = tuple(int(s) for s in x.shape[1:])
             expected = self._row_shapes.get(name)
             if expected is not None and expected != row_shape:
-                raise ValueError(f"MemmapWriter: array {name!r}: samples of shape {row_shape}, but "
-                                 f"row_shapes[{name!r}] = {expected}")
+                raise ValueError(
+                    f"MemmapWriter: array {name!r}: samples of shape {row_shape}, but row_shapes[{name!r}] = {expected}"
+                )
             dtype = self._dtypes.get(name, _numpy_dtype_of(x))
             _torch_dtype(dtype, f"MemmapWriter: array {name!r}")
             f = self._files[name] = _ArrayFile(self.root, name, dtype, row_shape)
@@ -663,8 +683,10 @@ class MemmapWriter:
             arrays = [batch[n] for n in self.names]
         elif isinstance(batch, (np.ndarray, torch.Tensor)):
             if len(self.names) != 1:
-                raise TypeError(f"{where}: got one array, expected a tuple or mapping of {len(self.names)} "
-                                f"arrays {list(self.names)}")
+                raise TypeError(
+                    f"{where}: got one array, expected a tuple or mapping of {len(self.names)} "
+                    f"arrays {list(self.names)}"
+                )
             arrays = [batch]
         elif isinstance(batch, (tuple, list)):
             arrays = list(batch)
@@ -686,12 +708,14 @@ class MemmapWriter:
         for n, a in zip(self.names, arrays):
             f = self._file(n, a)
             if tuple(a.shape[1:]) != f.row_shape:
-                raise ValueError(f"{where}: array {n!r} has samples of shape {tuple(a.shape[1:])}, "
-                                 f"expected {f.row_shape}")
+                raise ValueError(
+                    f"{where}: array {n!r} has samples of shape {tuple(a.shape[1:])}, expected {f.row_shape}"
+                )
             src = _numpy_dtype_of(a)
             if not np.can_cast(src, f.dtype, casting="same_kind"):
-                raise TypeError(f"{where}: array {n!r} of dtype {src} cannot be stored as {f.dtype} "
-                                "(same_kind casting)")
+                raise TypeError(
+                    f"{where}: array {n!r} of dtype {src} cannot be stored as {f.dtype} (same_kind casting)"
+                )
             files.append(f)
         try:
             for f, a in zip(files, arrays):
@@ -707,7 +731,7 @@ class MemmapWriter:
         row_bytes = max(1, math.prod(f.row_shape) * f.dtype.itemsize)
         step = max(1, self.chunk_bytes // row_bytes)
         for start in range(0, n, step):
-            chunk = a[start:start + step]
+            chunk = a[start : start + step]
             if isinstance(chunk, torch.Tensor):
                 chunk = chunk.detach().cpu().numpy()
             chunk = np.ascontiguousarray(chunk, dtype=f.dtype)
@@ -723,8 +747,10 @@ class MemmapWriter:
             if n not in self._files:
                 if n not in self._row_shapes:
                     self.abort()
-                    raise ValueError(f"MemmapWriter: no batch was appended, so the shape of array {n!r} is "
-                                     "unknown; pass row_shapes= (and dtypes=) to write an empty dataset")
+                    raise ValueError(
+                        f"MemmapWriter: no batch was appended, so the shape of array {n!r} is "
+                        "unknown; pass row_shapes= (and dtypes=) to write an empty dataset"
+                    )
                 self._file(n, np.empty((0, *self._row_shapes[n]), dtype=self._dtypes.get(n, np.float32)))
         try:
             for f in self._files.values():
@@ -740,8 +766,15 @@ class MemmapWriter:
                 "format": META_FORMAT,
                 "version": META_VERSION,
                 "length": self.rows,
-                "arrays": [{"name": f.name, "file": f.name + ".npy", "dtype": np.lib.format.dtype_to_descr(f.dtype),
-                            "shape": [f.rows, *f.row_shape]} for f in (self._files[n] for n in self.names)],
+                "arrays": [
+                    {
+                        "name": f.name,
+                        "file": f.name + ".npy",
+                        "dtype": np.lib.format.dtype_to_descr(f.dtype),
+                        "shape": [f.rows, *f.row_shape],
+                    }
+                    for f in (self._files[n] for n in self.names)
+                ],
             }
             tmp = os.path.join(self.root, f".{META_FILE}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
             self._tmp_paths.append(tmp)
@@ -768,7 +801,7 @@ class MemmapWriter:
         self._closed = True
         self._finalizer.detach()
 
-    def __enter__(self) -> "MemmapWriter":
+    def __enter__(self) -> MemmapWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -813,8 +846,9 @@ def write_memmap_batches(
     arrays in `names` order -- e.g. the ``[features, labels]`` a DataLoader yields -- or a
     mapping) as a :class:`MemmapDataset` directory; the total length need not be known and may
     exceed memory. Returns the opened dataset."""
-    with MemmapWriter(root, names, dtypes=dtypes, row_shapes=row_shapes, overwrite=overwrite,
-                      chunk_bytes=chunk_bytes) as w:
+    with MemmapWriter(
+        root, names, dtypes=dtypes, row_shapes=row_shapes, overwrite=overwrite, chunk_bytes=chunk_bytes
+    ) as w:
         for batch in batches:
             w.append(batch)
     return MemmapDataset(root)

@@ -6,11 +6,13 @@
 * :func:`minibatch_gd_linear_regression` -- least squares by mini-batch gradient descent in pure
   NumPy, a teaching example and a baseline for convergence studies.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ def _int_arg(owner: str, arg: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-class ShuffledBatchSampler(ResumableDistributedSampler[List[int]]):
+class ShuffledBatchSampler(ResumableDistributedSampler[list[int]]):
     """Batch sampler of plain shuffled mini-batches (for ``DataLoader(batch_sampler=)``).
 
     Each epoch the indices ``0 .. n-1`` are permuted with :meth:`rng` ``(epoch)`` (kept in order
@@ -58,22 +60,20 @@ class ShuffledBatchSampler(ResumableDistributedSampler[List[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         self.n = _int_arg("ShuffledBatchSampler", "n", n, 0)
         self.batch_size = _int_arg("ShuffledBatchSampler", "batch_size", batch_size, 1)
-        super().__init__(
-            shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last
-        )
+        super().__init__(shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
-    def global_items(self, epoch: int) -> List[List[int]]:
+    def global_items(self, epoch: int) -> list[list[int]]:
         """Every batch of ``epoch`` in global order (identical on all ranks)."""
         order = self.rng(epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
         stop = (self.n // self.batch_size) * self.batch_size if self.drop_last else self.n
         return [order[i : min(i + self.batch_size, stop)].tolist() for i in range(0, stop, self.batch_size)]
 
-    def _output(self, item: List[int]) -> List[int]:
+    def _output(self, item: list[int]) -> list[int]:
         return list(item)  # a copy, so a consumer cannot alter the cached plan
 
     def _config(self):
@@ -81,13 +81,13 @@ class ShuffledBatchSampler(ResumableDistributedSampler[List[int]]):
 
 
 def minibatches(
-    *arrays: Union[np.ndarray, torch.Tensor],
+    *arrays: np.ndarray | torch.Tensor,
     batch_size: int,
     shuffle: bool = True,
     seed: int = 0,
     epoch: int = 0,
     drop_last: bool = False,
-) -> Iterator[Tuple[Union[np.ndarray, torch.Tensor], ...]]:
+) -> Iterator[tuple[np.ndarray | torch.Tensor, ...]]:
     """Yield one epoch of mini-batches as tuples ``(a[idx], b[idx], ...)`` of the given arrays.
 
     The batches are exactly those of ``ShuffledBatchSampler(n, batch_size, shuffle=shuffle,
@@ -109,9 +109,7 @@ def minibatches(
         raise ValueError("minibatches: arrays must contain at least one array or tensor")
     for i, a in enumerate(arrays):
         if not isinstance(a, (np.ndarray, torch.Tensor)):
-            raise TypeError(
-                f"minibatches: arrays[{i}] must be a numpy.ndarray or torch.Tensor, got {type(a).__name__}"
-            )
+            raise TypeError(f"minibatches: arrays[{i}] must be a numpy.ndarray or torch.Tensor, got {type(a).__name__}")
         if a.ndim == 0:
             raise ValueError(f"minibatches: arrays[{i}] is 0-d; arrays need a first (sample) dimension")
     sizes = [int(a.shape[0]) for a in arrays]
@@ -145,7 +143,7 @@ def _generate_minibatches(arrays, batches, shuffle):
         yield tuple(out)
 
 
-def _as_float_array(name: str, value: Any, ndims: Tuple[int, ...]) -> np.ndarray:
+def _as_float_array(name: str, value: Any, ndims: tuple[int, ...]) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     try:
@@ -169,13 +167,13 @@ def minibatch_gd_linear_regression(
     y: Any,
     *,
     batch_size: int,
-    lr: Union[float, Callable[[int], float]],
+    lr: float | Callable[[int], float],
     epochs: int,
     seed: int = 0,
     fit_intercept: bool = True,
     shuffle: bool = True,
     drop_last: bool = False,
-) -> Tuple[np.ndarray, Union[float, np.ndarray], np.ndarray]:
+) -> tuple[np.ndarray, float | np.ndarray, np.ndarray]:
     """Least squares by mini-batch gradient descent, in float64 NumPy (a reference, not fast).
 
     Minimizes ``L(w, b) = 1/(2n) * sum_i ||x_i w + b - y_i||^2`` starting from ``w = 0, b = 0``.
@@ -248,5 +246,5 @@ def minibatch_gd_linear_regression(
             if fit_intercept:
                 b -= step * r.mean(axis=0)
         history.append(loss())
-    bias: Union[float, np.ndarray] = float(b) if b.ndim == 0 else b
+    bias: float | np.ndarray = float(b) if b.ndim == 0 else b
     return w, bias, np.asarray(history)

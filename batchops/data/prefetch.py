@@ -24,6 +24,7 @@ sleeping, torch / numpy ops and DataLoader worker processes all release it).
 
 No compiled code is involved: this module imports with torch alone.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -37,8 +38,8 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Deque, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -64,8 +65,7 @@ def _is_packed_sequence(obj: Any) -> bool:
     return isinstance(obj, torch.nn.utils.rnn.PackedSequence)
 
 
-def apply_to_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any,
-                     memo: Optional[dict] = None) -> Any:
+def apply_to_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any, memo: dict | None = None) -> Any:
     """Return `obj` with every tensor ``t`` inside it replaced by ``fn(t)``.
 
     Walks tensors, mappings (dict subclasses keep their type and state, e.g. defaultdict's
@@ -138,6 +138,7 @@ def apply_to_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any,
 
 def _each_tensor(obj: Any, fn: Callable[[torch.Tensor], None]) -> None:
     """Call fn on every tensor of `obj` (same traversal as apply_to_tensors), for side effects."""
+
     def visit(t: torch.Tensor) -> torch.Tensor:
         fn(t)
         return t
@@ -174,7 +175,7 @@ class _CudaBatch:
 
     __slots__ = ("batch", "event")
 
-    def __init__(self, batch: Any, event: "torch.cuda.Event") -> None:
+    def __init__(self, batch: Any, event: torch.cuda.Event) -> None:
         self.batch = batch
         self.event = event
 
@@ -191,12 +192,13 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(it: Iterator, q: queue.Queue, stop: threading.Event,
-             transfer: Callable[[Any], Any], device: torch.device) -> None:
+def _produce(
+    it: Iterator, q: queue.Queue, stop: threading.Event, transfer: Callable[[Any], Any], device: torch.device
+) -> None:
     """Thread body. It holds no reference to the prefetcher or its iterator, so those can be
     garbage-collected (and their finalizer stop this thread) while it runs."""
     # Copies not yet known to be complete: (event, host batch), keeping the host source alive.
-    pending: Deque[tuple] = collections.deque()
+    pending: collections.deque[tuple] = collections.deque()
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # per thread: pinning and copies use this device's context
@@ -234,17 +236,19 @@ def _produce(it: Iterator, q: queue.Queue, stop: threading.Event,
 class _Producer:
     """The thread, its queue and its stop flag. Shared by the iterator and its finalizer."""
 
-    def __init__(self, it: Iterator, depth: int, transfer: Callable[[Any], Any],
-                 device: torch.device) -> None:
+    def __init__(self, it: Iterator, depth: int, transfer: Callable[[Any], Any], device: torch.device) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(
-            target=_produce, args=(it, self.queue, self.stop_event, transfer, device),
-            name=f"batchops-DevicePrefetcher-{next(_thread_ids)}", daemon=True)
+            target=_produce,
+            args=(it, self.queue, self.stop_event, transfer, device),
+            name=f"batchops-DevicePrefetcher-{next(_thread_ids)}",
+            daemon=True,
+        )
         _LIVE.add(self)
         self.thread.start()
 
-    def stop(self, timeout: Optional[float]) -> None:
+    def stop(self, timeout: float | None) -> None:
         """Ask the thread to stop, free the queued batches, wait up to `timeout` s for it to end.
 
         A producer blocked inside the loader's ``__next__`` cannot be interrupted; it is a
@@ -264,7 +268,7 @@ class _Producer:
             pass
 
 
-_LIVE: "weakref.WeakSet[_Producer]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[_Producer] = weakref.WeakSet()
 
 
 @atexit.register
@@ -287,7 +291,7 @@ def _stop_all_at_exit() -> None:
 class _PrefetchIterator:
     """One pass over the loader (what ``iter(DevicePrefetcher)`` returns)."""
 
-    def __init__(self, owner: "DevicePrefetcher") -> None:
+    def __init__(self, owner: DevicePrefetcher) -> None:
         self.device = owner.device
         self._join_timeout = owner.join_timeout
         it = iter(owner.loader)  # in the caller's thread, so errors of iter() surface here
@@ -298,7 +302,7 @@ class _PrefetchIterator:
         self._finalizer.atexit = False  # _stop_all_at_exit does it, with a short overall wait
         self._done = False
 
-    def __iter__(self) -> "_PrefetchIterator":
+    def __iter__(self) -> _PrefetchIterator:
         return self
 
     def __next__(self) -> Any:
@@ -339,15 +343,14 @@ class _PrefetchIterator:
                     return producer.queue.get_nowait()
                 except queue.Empty:
                     self.close()
-                    raise RuntimeError(
-                        "DevicePrefetcher: the loader thread ended without a result") from None
+                    raise RuntimeError("DevicePrefetcher: the loader thread ended without a result") from None
 
     def close(self) -> None:
         """Stop the loader thread and drop the prefetched batches (idempotent)."""
         self._done = True
         self._finalizer()
 
-    def __enter__(self) -> "_PrefetchIterator":
+    def __enter__(self) -> _PrefetchIterator:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -392,8 +395,16 @@ class DevicePrefetcher:
             loss = criterion(model(x), y)  # x, y already on the GPU, copied during the last step
     """
 
-    def __init__(self, loader: Iterable, device: Any, depth: int = 2, *, non_blocking: bool = True,
-                 pin_memory: bool = True, join_timeout: Optional[float] = 1.0) -> None:
+    def __init__(
+        self,
+        loader: Iterable,
+        device: Any,
+        depth: int = 2,
+        *,
+        non_blocking: bool = True,
+        pin_memory: bool = True,
+        join_timeout: float | None = 1.0,
+    ) -> None:
         if not (isinstance(loader, Iterable) or hasattr(type(loader), "__getitem__")):
             raise TypeError(f"DevicePrefetcher: loader must be iterable, got {type(loader).__name__}")
         if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
@@ -405,8 +416,9 @@ class DevicePrefetcher:
                 raise TypeError(f"DevicePrefetcher: {name} must be a bool, got {type(value).__name__}")
         if join_timeout is not None:
             if isinstance(join_timeout, bool) or not isinstance(join_timeout, numbers.Real):
-                raise TypeError("DevicePrefetcher: join_timeout must be a number or None, got "
-                                f"{type(join_timeout).__name__}")
+                raise TypeError(
+                    f"DevicePrefetcher: join_timeout must be a number or None, got {type(join_timeout).__name__}"
+                )
             if not join_timeout >= 0:
                 raise ValueError(f"DevicePrefetcher: join_timeout must be >= 0, got {join_timeout}")
         if isinstance(device, bool):  # torch.device(True) would mean cuda:1
@@ -414,8 +426,9 @@ class DevicePrefetcher:
         device = torch.device(device)  # torch's own error for a malformed device string
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise RuntimeError(f"DevicePrefetcher: device {device} requested, but torch.cuda.is_available() "
-                                   "is False")
+                raise RuntimeError(
+                    f"DevicePrefetcher: device {device} requested, but torch.cuda.is_available() is False"
+                )
             if device.index is None:  # the current device now, not whatever is current later
                 device = torch.device("cuda", torch.cuda.current_device())
         self.loader = loader
@@ -424,8 +437,8 @@ class DevicePrefetcher:
         self.non_blocking = non_blocking
         self.pin_memory = pin_memory
         self.join_timeout = None if join_timeout is None else float(join_timeout)
-        self._stream: Optional["torch.cuda.Stream"] = None
-        self._active: Optional[weakref.ref] = None  # weak: a `break` must let the iterator die
+        self._stream: torch.cuda.Stream | None = None
+        self._active: weakref.ref | None = None  # weak: a `break` must let the iterator die
 
     def _make_transfer(self) -> Callable[[Any], Any]:
         """The per-batch work of the loader thread."""
@@ -470,12 +483,14 @@ class DevicePrefetcher:
         if it is not None:
             it.close()
 
-    def __enter__(self) -> "DevicePrefetcher":
+    def __enter__(self) -> DevicePrefetcher:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"DevicePrefetcher({type(self.loader).__name__}, device={str(self.device)!r}, depth={self.depth}, "
-                f"non_blocking={self.non_blocking}, pin_memory={self.pin_memory})")
+        return (
+            f"DevicePrefetcher({type(self.loader).__name__}, device={str(self.device)!r}, depth={self.depth}, "
+            f"non_blocking={self.non_blocking}, pin_memory={self.pin_memory})"
+        )

@@ -22,11 +22,13 @@ class does the rest, the same way for every sampler:
   state yields, on its next ``iter``, exactly the rest of the uninterrupted epoch. All ranks hold
   the same position, so one rank's state is enough to resume every rank.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -42,7 +44,7 @@ def _check_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def resolve_replicas(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:
+def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """Return ``(num_replicas, rank)``, filling ``None`` from :mod:`torch.distributed`.
 
     A ``None`` argument takes the default process group's world size / rank when
@@ -63,9 +65,7 @@ def resolve_replicas(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
     if rank >= num_replicas or rank < 0:
-        raise ValueError(
-            f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]"
-        )
+        raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
     return num_replicas, rank
 
 
@@ -97,8 +97,8 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
         *,
         shuffle: bool = True,
         seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
@@ -107,17 +107,17 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self._position = 0
-        self._resume_from: Optional[int] = None
+        self._resume_from: int | None = None
         self._iter_token = 0
-        self._cache_key: Optional[Tuple[int, int]] = None
-        self._cache: List[T] = []
+        self._cache_key: tuple[int, int] | None = None
+        self._cache: list[T] = []
 
     # ----------------------------------------------------------------- subclass hooks
     def global_items(self, epoch: int) -> Sequence[T]:
         """All items of ``epoch`` in global order, identical on every rank (override this)."""
         raise NotImplementedError
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         """Configuration that must match for a state to be loaded (extend in subclasses)."""
         return {"num_replicas": self.num_replicas, "shuffle": self.shuffle, "drop_last": self.drop_last}
 
@@ -131,7 +131,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
         self._cache = []
 
     # ----------------------------------------------------------------- seed and epoch
-    def rng(self, epoch: Optional[int] = None) -> np.random.Generator:
+    def rng(self, epoch: int | None = None) -> np.random.Generator:
         """``numpy.random.default_rng`` seeded by ``(seed, epoch)`` (current epoch by default)."""
         epoch = self.epoch if epoch is None else epoch
         mask = (1 << 64) - 1
@@ -147,7 +147,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
 
     # ----------------------------------------------------------------- sharding
     @staticmethod
-    def shard(items: Sequence[T], num_replicas: int, rank: int, drop_last: bool) -> List[T]:
+    def shard(items: Sequence[T], num_replicas: int, rank: int, drop_last: bool) -> list[T]:
         """This rank's items: pad by repetition (or cut with drop_last), then ``[rank::R]``."""
         items = list(items)
         m = len(items)
@@ -163,13 +163,11 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
                 items += (items * math.ceil(pad / m))[:pad]
         return items[rank:total:num_replicas]
 
-    def rank_items(self) -> List[T]:
+    def rank_items(self) -> list[T]:
         """This rank's items for the current epoch (cached; do not mutate)."""
         key = (self.epoch, self.seed)
         if self._cache_key != key:
-            self._cache = self.shard(
-                self.global_items(self.epoch), self.num_replicas, self.rank, self.drop_last
-            )
+            self._cache = self.shard(self.global_items(self.epoch), self.num_replicas, self.rank, self.drop_last)
             self._cache_key = key
         return self._cache
 
@@ -191,7 +189,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
         self._iter_token += 1
         return self._generate(items, start, self._iter_token)
 
-    def _generate(self, items: List[T], start: int, token: int) -> Iterator[T]:
+    def _generate(self, items: list[T], start: int, token: int) -> Iterator[T]:
         for i in range(start, len(items)):
             if token == self._iter_token:  # only the newest iterator moves the position
                 self._position = i + 1
@@ -200,7 +198,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
             self._position = 0  # epoch complete
 
     # ----------------------------------------------------------------- checkpointing
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "seed", "position", "length", **config}``; plain Python values."""
         return {
             "epoch": self.epoch,
@@ -210,7 +208,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
             **self._config(),
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore epoch, seed and position; the next ``iter`` yields the rest of that epoch.
 
         Raises ``ValueError`` if the saved configuration (``num_replicas``, ``drop_last``,
@@ -232,8 +230,6 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
                 f"per rank but this sampler computes {length} (different data or settings?)"
             )
         if not 0 <= position <= length:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: position {position} outside [0, {length}]"
-            )
+            raise ValueError(f"{type(self).__name__}.load_state_dict: position {position} outside [0, {length}]")
         self._position = position
         self._resume_from = position

@@ -2,5 +2,13 @@ from batchops.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, conver
 from batchops.nn.linear import GroupedLinear, Linear
 from batchops.nn.sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm", "Linear",
-           "GroupedLinear", "SyncBatchNorm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert_batchnorm",
+    "revert_batchnorm",
+    "Linear",
+    "GroupedLinear",
+    "SyncBatchNorm",
+]

@@ -1,4 +1,5 @@
 """What differs between the torch releases batchops supports (2.11 to the newest tested, 2.14)."""
+
 from __future__ import annotations
 
 import inspect

@@ -5,6 +5,7 @@ state_dict keys (and the loading of old state_dicts), reset_* and extra_repr are
 They deliberately do not subclass torch's _BatchNorm: code that special-cases torch batch
 norm (conv-bn folding, convert_sync_batchnorm) would silently drop the fused activation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,19 @@ from batchops.ops.common import check_activation
 class _BatchNorm(_NormBase):
     _expected_dims: tuple[int, ...] = ()
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 activation: str | None = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+    ) -> None:
         check_activation(type(self).__name__, activation)
         if NORM_TAKES_BIAS:
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
@@ -103,8 +114,15 @@ _TO_TORCH = {v: k for k, v in _TO_BATCHOPS.items()}
 
 
 def _swap(module: nn.Module, cls: type) -> nn.Module:
-    new = make_norm(cls, module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                    bias=module.bias is not None or not module.affine)
+    new = make_norm(
+        cls,
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        bias=module.bias is not None or not module.affine,
+    )
     # Share parameters and buffers (as SyncBatchNorm.convert_sync_batchnorm does): optimizer
     # state and devices carry over untouched.
     if module.affine:

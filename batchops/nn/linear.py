@@ -1,5 +1,6 @@
 """Drop-in linear layers on batchops kernels: Linear (nn.Linear plus a fused activation) and
 GroupedLinear (G independent linear layers, uniform or ragged groups, one call)."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,16 @@ class Linear(nn.Linear):
     "relu", "silu", "gelu" or "gelu_tanh"; with None it computes exactly what nn.Linear does.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 activation: str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: str | None = None,
+    ) -> None:
         check_activation("batchops.Linear", activation)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.activation = activation
@@ -46,11 +55,19 @@ class GroupedLinear(nn.Module):
     :func:`batchops.functional.grouped_linear`.
     """
 
-    def __init__(self, num_groups: int, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, *, activation: str | None = None) -> None:
+    def __init__(
+        self,
+        num_groups: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: str | None = None,
+    ) -> None:
         check_activation("batchops.GroupedLinear", activation)
-        for name, value in (("num_groups", num_groups), ("in_features", in_features),
-                            ("out_features", out_features)):
+        for name, value in (("num_groups", num_groups), ("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"batchops.GroupedLinear: {name} must be an int, got {type(value).__name__}")
             if value < 0:
@@ -80,6 +97,8 @@ class GroupedLinear(nn.Module):
         return F.grouped_linear(input, self.weight, self.bias, group_sizes, activation=self.activation)
 
     def extra_repr(self) -> str:
-        text = (f"num_groups={self.num_groups}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, bias={self.bias is not None}")
+        text = (
+            f"num_groups={self.num_groups}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}"
+        )
         return text + (f", activation={self.activation!r}" if self.activation is not None else "")

@@ -23,6 +23,7 @@ Like torch's, every rank of the group must call forward (and backward) the same 
 times, with inputs whose requires_grad is the same on every rank (an empty batch is fine),
 otherwise the collectives do not match and the ranks wait for each other forever.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,8 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from batchops.nn.batch_norm import _BatchNorm
-from batchops.ops.batch_norm import (batch_norm_backward, batch_norm_backward_elemt, batch_norm_forward,
-                                     batch_norm_stats)
+from batchops.ops.batch_norm import batch_norm_backward, batch_norm_backward_elemt, batch_norm_forward, batch_norm_stats
 
 __all__ = ["SyncBatchNorm"]
 
@@ -53,8 +53,8 @@ def _all_gather_rows(local: Tensor, process_group, world_size: int) -> Tensor:
 def _merge(gathered: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
     """Chan's merge of per-rank rows [count, mean(C), m2(C)] -> (count (1,), mean, m2)."""
     counts = gathered[:, :1]
-    means = gathered[:, 1:C + 1]
-    m2s = gathered[:, C + 1:]
+    means = gathered[:, 1 : C + 1]
+    m2s = gathered[:, C + 1 :]
     total = counts.sum(0)
     n = total.clamp(min=1)  # an all-empty batch: mean 0, m2 0
     mean = (counts * means).sum(0) / n
@@ -64,14 +64,31 @@ def _merge(gathered: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor]:
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps, activation,
-                process_group, world_size):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        residual,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        activation,
+        process_group,
+        world_size,
+    ):
         C = input.size(1)
         count = input.numel() // C
         local_mean, local_m2 = batch_norm_stats(input)
         stat = local_mean.dtype
-        local = torch.cat([local_m2.new_full((1,), float(count), dtype=torch.float64),
-                           local_mean.to(torch.float64), local_m2.to(torch.float64)])
+        local = torch.cat(
+            [
+                local_m2.new_full((1,), float(count), dtype=torch.float64),
+                local_mean.to(torch.float64),
+                local_m2.to(torch.float64),
+            ]
+        )
         total, mean, m2 = _merge(_all_gather_rows(local, process_group, world_size), C)
         var = m2 / total.clamp(min=1)
 
@@ -106,7 +123,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # Eval mode: grad_weight = sum(g * xhat), grad_bias = sum(g), local to this rank
             # (zeros for an empty batch, which still joins the all_reduce below).
             _, sum_gxhat, sum_g, _ = batch_norm_backward(
-                grad_output, input, weight, bias, residual, save_mean, save_invstd, False, ctx.activation,
+                grad_output,
+                input,
+                weight,
+                bias,
+                residual,
+                save_mean,
+                save_invstd,
+                False,
+                ctx.activation,
                 [False, True, True, False],
             )
             if need_weight:
@@ -120,8 +145,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 mean_g, mean_gxhat = sums[:C].to(save_mean.dtype), sums[C:].to(save_mean.dtype)
         if need_input or need_residual:
             gi, gz = batch_norm_backward_elemt(
-                grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat,
-                ctx.activation, [need_input, need_residual],
+                grad_output,
+                input,
+                weight,
+                bias,
+                residual,
+                save_mean,
+                save_invstd,
+                mean_g,
+                mean_gxhat,
+                ctx.activation,
+                [need_input, need_residual],
             )
             grad_input = gi if need_input else None
             grad_residual = gz if need_residual else None
@@ -138,11 +172,23 @@ class SyncBatchNorm(_BatchNorm):
     tensors with nccl (or gloo). Ranks may have different batch sizes, including empty ones.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any | None = None, device=None, dtype=None, *,
-                 bias: bool = True, activation: str | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-                         activation=activation)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, activation=activation
+        )
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -171,8 +217,19 @@ class SyncBatchNorm(_BatchNorm):
         momentum = self._training_momentum()  # the sync path only runs in training
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, residual, running_mean, running_var,
-                                            momentum, self.eps, self.activation, process_group, world_size)
+        return _SyncBatchNormFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            residual,
+            running_mean,
+            running_var,
+            momentum,
+            self.eps,
+            self.activation,
+            process_group,
+            world_size,
+        )
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
@@ -183,9 +240,16 @@ class SyncBatchNorm(_BatchNorm):
         qconfig too. Returns the converted module: use the return value."""
         out = module
         if isinstance(module, (_TorchBatchNorm, _BatchNorm)):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      process_group, bias=module.bias is not None or not module.affine,
-                      activation=getattr(module, "activation", None))
+            out = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                bias=module.bias is not None or not module.affine,
+                activation=getattr(module, "activation", None),
+            )
             if module.affine:
                 with torch.no_grad():
                     out.weight = module.weight

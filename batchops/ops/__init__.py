@@ -3,6 +3,7 @@
 Importing this package registers the Python side of every op (only when the compiled
 module loaded: registering against a missing op would fail).
 """
+
 from batchops.ops.batch_norm import batch_norm_backward, batch_norm_forward
 from batchops.ops.linear import grouped_linear_forward, linear_forward
 from batchops.ops.packing import gather_rows

@@ -7,6 +7,7 @@ The forward op is functional: it returns the new running statistics instead of w
 (an op with autograd must not mutate its inputs). The caller copies them into the buffers
 (batchops.functional.batch_norm does).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,10 @@ import torch
 from batchops._extension import extension_available, require_extension
 from batchops.ops.common import kernel_memory_format, stat_dtype
 
-def batch_norm_forward(input, weight, bias, residual, running_mean, running_var, training, momentum,
-                       momentum_tensor, eps, activation):
+
+def batch_norm_forward(
+    input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor, eps, activation
+):
     """-> (output, save_mean, save_invstd, new_running_mean, new_running_var)."""
     require_extension()
     return torch.ops.batchops.batch_norm_forward(
@@ -23,8 +26,9 @@ def batch_norm_forward(input, weight, bias, residual, running_mean, running_var,
     )
 
 
-def batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation,
-                        output_mask):
+def batch_norm_backward(
+    grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation, output_mask
+):
     """-> (grad_input, grad_weight, grad_bias, grad_residual); unrequested ones are empty."""
     require_extension()
     return torch.ops.batchops.batch_norm_backward(
@@ -39,13 +43,23 @@ def batch_norm_stats(input):
     return torch.ops.batchops.batch_norm_stats(input)
 
 
-def batch_norm_backward_elemt(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g,
-                              mean_gxhat, activation, output_mask):
+def batch_norm_backward_elemt(
+    grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat, activation, output_mask
+):
     """-> (grad_input, grad_residual) from the given per-channel mean(g) and mean(g * xhat) of the
     whole (distributed) batch; unrequested ones are empty."""
     require_extension()
     return torch.ops.batchops.batch_norm_backward_elemt(
-        grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat, activation,
+        grad_output,
+        input,
+        weight,
+        bias,
+        residual,
+        save_mean,
+        save_invstd,
+        mean_g,
+        mean_gxhat,
+        activation,
         output_mask,
     )
 
@@ -56,8 +70,9 @@ def _stats_fake(input):
     return input.new_empty((C,), dtype=stat), input.new_empty((C,), dtype=stat)
 
 
-def _backward_elemt_fake(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat,
-                         activation, output_mask):
+def _backward_elemt_fake(
+    grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat, activation, output_mask
+):
     fmt = kernel_memory_format(input)
 
     def full():
@@ -69,12 +84,12 @@ def _backward_elemt_fake(grad_output, input, weight, bias, residual, save_mean, 
     return (full() if output_mask[0] else none(), full() if output_mask[1] else none())
 
 
-def _forward_fake(input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor,
-                  eps, activation):
+def _forward_fake(
+    input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor, eps, activation
+):
     C = input.shape[1]
     stat = stat_dtype(input.dtype)
-    output = torch.empty(input.shape, dtype=input.dtype, device=input.device,
-                         memory_format=kernel_memory_format(input))
+    output = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=kernel_memory_format(input))
     save_mean = input.new_empty((C,), dtype=stat)
     save_invstd = input.new_empty((C,), dtype=stat)
     if training and running_mean is not None:
@@ -86,8 +101,9 @@ def _forward_fake(input, weight, bias, residual, running_mean, running_var, trai
     return output, save_mean, save_invstd, new_mean, new_var
 
 
-def _backward_fake(grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation,
-                   output_mask):
+def _backward_fake(
+    grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation, output_mask
+):
     C = input.shape[1]
     stat = stat_dtype(input.dtype)
     fmt = kernel_memory_format(input)

@@ -1,4 +1,5 @@
 """Conventions every batchops op shares."""
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ that backward is a multiply, and an empty tensor otherwise (relu's backward read
 output) or when save_for_backward is False (no autograd: batchops.functional decides). See
 csrc/linear/linear.h.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ out[i] = input[index[i]] where index[i] >= 0, else a row of `fill`. The padded <
 conversions (batchops.packing) are this one op with different index maps; each direction's
 backward is the other direction, i.e. the same op with the two maps swapped.
 """
+
 from __future__ import annotations
 
 import torch

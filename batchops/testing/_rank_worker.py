@@ -9,6 +9,7 @@ The outcome goes to ``<run dir>/rank<R>.result`` as a pickled ``{"ok": True, "va
 the parent never reads half a file. Exit status: 0 when the function returned, 1 when it raised,
 whatever ``sys.exit``/``os._exit``/a signal gives otherwise (then there is no result file).
 """
+
 import faulthandler
 import importlib
 import importlib.util
@@ -108,8 +109,11 @@ def main() -> int:
 
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
             dist.init_process_group(
-                spec["backend"], init_method=spec["init_method"], rank=rank,
-                world_size=world_size, **options,
+                spec["backend"],
+                init_method=spec["init_method"],
+                rank=rank,
+                world_size=world_size,
+                **options,
             )
         outcome = {"ok": True, "value": fn(rank, world_size, *args, **kwargs)}
     except Exception:
@@ -128,8 +132,7 @@ def main() -> int:
     try:
         _write(result_path, outcome)
     except Exception:  # e.g. the returned value cannot be pickled
-        outcome = {"ok": False, "error": "the rank's return value could not be sent back:\n"
-                   + traceback.format_exc()}
+        outcome = {"ok": False, "error": "the rank's return value could not be sent back:\n" + traceback.format_exc()}
         _write(result_path, outcome)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -26,6 +26,7 @@ Design notes:
 This module imports neither torch nor the compiled extension; a rank imports
 ``torch.distributed`` only when ``init=True``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["RankFailure", "RankResult", "run_ranks"]
 
@@ -76,12 +78,12 @@ class RankResult:
     rank: int
     ok: bool
     value: Any = None
-    error: Optional[str] = None
-    exitcode: Optional[int] = None
+    error: str | None = None
+    exitcode: int | None = None
     timed_out: bool = False
     output: str = ""
     duration: float = 0.0
-    pid: Optional[int] = None
+    pid: int | None = None
 
 
 class RankFailure(RuntimeError):
@@ -98,7 +100,7 @@ class RankFailure(RuntimeError):
         super().__init__("\n".join(parts))
 
 
-def _describe_exit(code: Optional[int]) -> str:
+def _describe_exit(code: int | None) -> str:
     if code is None:
         return "could not be reaped"
     if code < 0:
@@ -166,19 +168,19 @@ def _fn_module(fn: Any) -> tuple:
 
 
 def run_ranks(
-    fn: Union[Callable[..., Any], str],
+    fn: Callable[..., Any] | str,
     world_size: int = 2,
     *,
     args: Sequence[Any] = (),
-    kwargs: Optional[Mapping[str, Any]] = None,
+    kwargs: Mapping[str, Any] | None = None,
     timeout: float = 60.0,
     backend: str = "gloo",
     init: bool = True,
-    env: Optional[Mapping[str, Optional[str]]] = None,
-    collective_timeout: Optional[float] = None,
+    env: Mapping[str, str | None] | None = None,
+    collective_timeout: float | None = None,
     check: bool = True,
-    failure_grace: Optional[float] = None,
-) -> List[RankResult]:
+    failure_grace: float | None = None,
+) -> list[RankResult]:
     """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` independent rank processes.
 
     Args:
@@ -243,9 +245,7 @@ def run_ranks(
     elif callable(fn):
         module, module_file, main_path = _fn_module(fn)
     else:
-        raise TypeError(
-            f"run_ranks: fn must be callable or a 'module:qualname' string, got {type(fn).__name__}"
-        )
+        raise TypeError(f"run_ranks: fn must be callable or a 'module:qualname' string, got {type(fn).__name__}")
     try:
         payload = pickle.dumps((fn, tuple(args), dict(kwargs or {})), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -255,7 +255,7 @@ def run_ranks(
         ) from exc
 
     run_dir = tempfile.mkdtemp(prefix="batchops-ranks-")
-    procs: List[Optional[subprocess.Popen]] = [None] * world_size
+    procs: list[subprocess.Popen | None] = [None] * world_size
     try:
         payload_path = os.path.join(run_dir, "payload.pkl")
         with open(payload_path, "wb") as f:
@@ -287,7 +287,7 @@ def run_ranks(
             MASTER_PORT=str(_free_port()),
         )
         start = time.monotonic()
-        ended: List[Optional[float]] = [None] * world_size
+        ended: list[float | None] = [None] * world_size
         for rank in range(world_size):
             rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             for key, value in (env or {}).items():
@@ -298,8 +298,11 @@ def run_ranks(
             with open(os.path.join(run_dir, f"rank{rank}.log"), "wb") as log:
                 procs[rank] = subprocess.Popen(
                     [sys.executable, _WORKER, spec_path, str(rank), str(os.getpid())],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=rank_env, start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=rank_env,
+                    start_new_session=True,
                 )
 
         # Wait for every rank, the deadline, or (with failure_grace) a failure plus the grace.
@@ -338,10 +341,15 @@ def run_ranks(
         results = []
         for rank in range(world_size):
             done = ended[rank] is not None
-            results.append(_collect(
-                rank, procs[rank], run_dir, deadline=None if done else deadline - start,
-                duration=ended[rank] if done else stopped,
-            ))
+            results.append(
+                _collect(
+                    rank,
+                    procs[rank],
+                    run_dir,
+                    deadline=None if done else deadline - start,
+                    duration=ended[rank] if done else stopped,
+                )
+            )
     finally:
         for proc in procs:  # only on an error or KeyboardInterrupt in the harness itself
             if proc is not None and proc.poll() is None:
@@ -353,13 +361,12 @@ def run_ranks(
     return results
 
 
-def _collect(rank: int, proc: subprocess.Popen, run_dir: str, *, deadline: Optional[float],
-             duration: float) -> RankResult:
+def _collect(rank: int, proc: subprocess.Popen, run_dir: str, *, deadline: float | None, duration: float) -> RankResult:
     """The rank's :class:`RankResult`; ``deadline`` (seconds after the start) is ``None``
     unless the harness stopped the rank."""
     output = _tail(os.path.join(run_dir, f"rank{rank}.log"))
     code = proc.returncode
-    outcome: Optional[Dict[str, Any]] = None
+    outcome: dict[str, Any] | None = None
     path = os.path.join(run_dir, f"rank{rank}.result")
     if os.path.exists(path):
         try:
@@ -371,8 +378,7 @@ def _collect(rank: int, proc: subprocess.Popen, run_dir: str, *, deadline: Optio
     tail = _last_lines(output)
     tail_note = f"\n--- output (last lines) ---\n{tail}" if tail else ""
     if deadline is not None:
-        error = (f"rank {rank} timed out: still running {deadline:.1f} s after the start, "
-                 f"so it was stopped{tail_note}")
+        error = f"rank {rank} timed out: still running {deadline:.1f} s after the start, so it was stopped{tail_note}"
         if outcome is not None:  # it got as far as reporting, then hung while exiting
             error = (outcome["error"] + "\n" if not outcome["ok"] else "fn returned; ") + error
         return RankResult(ok=False, error=error, timed_out=True, **common)

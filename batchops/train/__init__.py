@@ -21,11 +21,24 @@
 
 Pure Python + torch: nothing here needs batchops' compiled kernels.
 """
+
 from batchops.train.checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from batchops.train.distributed import (DistInfo, DistributedTrainingError, gather_variable, is_collective_error,
-                                        setup_distributed)
-from batchops.train.trainer import (CHECKPOINT_FORMAT, Callback, FitResult, Trainer, UnevenInputsError,
-                                    find_sync_batchnorm, fit)
+from batchops.train.distributed import (
+    DistInfo,
+    DistributedTrainingError,
+    gather_variable,
+    is_collective_error,
+    setup_distributed,
+)
+from batchops.train.trainer import (
+    CHECKPOINT_FORMAT,
+    Callback,
+    FitResult,
+    Trainer,
+    UnevenInputsError,
+    find_sync_batchnorm,
+    fit,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",

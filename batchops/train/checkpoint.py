@@ -9,12 +9,13 @@
   generator, torch's CPU generator and every CUDA device's generator, in a form that
   ``torch.load(weights_only=True)`` accepts (tensors, lists, ints, floats, strings, ``None``).
 """
+
 from __future__ import annotations
 
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 __all__ = ["atomic_save", "get_rng_state", "load_checkpoint", "set_rng_state"]
 
 
-def atomic_save(obj: Any, path: "os.PathLike[str] | str") -> str:
+def atomic_save(obj: Any, path: os.PathLike[str] | str) -> str:
     """``torch.save(obj)`` to ``path`` atomically; returns the path.
 
     The data goes to ``<dir>/.<name>.tmp-XXXX`` first (same folder, so the final
@@ -59,12 +60,12 @@ def atomic_save(obj: Any, path: "os.PathLike[str] | str") -> str:
     return path
 
 
-def load_checkpoint(path: "os.PathLike[str] | str") -> Dict[str, Any]:
+def load_checkpoint(path: os.PathLike[str] | str) -> dict[str, Any]:
     """Load a checkpoint written by :func:`atomic_save` with ``weights_only=True`` onto the CPU."""
     return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
 
 
-def get_rng_state() -> Dict[str, Any]:
+def get_rng_state() -> dict[str, Any]:
     """Every global RNG state of this process, ``weights_only``-loadable.
 
     ``{"python": {"version", "state": [ints], "gauss_next"}, "numpy": {"bit_generator",
@@ -78,14 +79,19 @@ def get_rng_state() -> Dict[str, Any]:
         cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
     return {
         "python": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
-        "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "bit_generator": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": cuda,
     }
 
 
-def set_rng_state(state: Dict[str, Any], *, cuda: Optional[bool] = None) -> None:
+def set_rng_state(state: dict[str, Any], *, cuda: bool | None = None) -> None:
     """Restore :func:`get_rng_state`'s output. CUDA states are restored when CUDA is available
     (``cuda=None``) for as many devices as both the state and this machine have."""
     py = state["python"]
@@ -93,8 +99,15 @@ def set_rng_state(state: Dict[str, Any], *, cuda: Optional[bool] = None) -> None
     npy = state["numpy"]
     keys = npy["keys"]
     keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
-    np.random.set_state((str(npy["bit_generator"]), keys.astype(np.uint32), int(npy["pos"]),
-                         int(npy["has_gauss"]), float(npy["cached_gaussian"])))
+    np.random.set_state(
+        (
+            str(npy["bit_generator"]),
+            keys.astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
     torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
     if cuda is None:
         cuda = torch.cuda.is_available()

@@ -15,13 +15,14 @@ peers' collectives fail after the collective ``timeout`` (``gloo`` raises; ``ncc
 aborts the communicator and, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default, ends the
 process). ``torchrun`` itself stops the remaining workers as soon as one exits with an error.
 """
+
 from __future__ import annotations
 
 import atexit
 import dataclasses
 import datetime
 import os
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -45,8 +46,9 @@ class DistributedTrainingError(RuntimeError):
     ``__cause__`` holds the backend's own exception.
     """
 
-    def __init__(self, message: str, *, rank: int, world_size: int, epoch: Optional[int] = None,
-                 step: Optional[int] = None) -> None:
+    def __init__(
+        self, message: str, *, rank: int, world_size: int, epoch: int | None = None, step: int | None = None
+    ) -> None:
         super().__init__(message)
         self.rank = rank
         self.world_size = world_size
@@ -63,7 +65,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: Optional[str] = None
+    backend: str | None = None
     initialized_here: bool = False
 
     @property
@@ -72,8 +74,17 @@ class DistInfo:
 
 
 _COLLECTIVE_MARKERS = (
-    "gloo", "nccl", "connection closed", "connection reset", "connection refused", "broken pipe",
-    "timed out", "processgroup", "watchdog", "communicator", "c10d",
+    "gloo",
+    "nccl",
+    "connection closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "timed out",
+    "processgroup",
+    "watchdog",
+    "communicator",
+    "c10d",
 )
 
 
@@ -106,10 +117,10 @@ def _destroy_if_ours() -> None:
 
 def setup_distributed(
     *,
-    distributed: Optional[bool] = None,
-    backend: Optional[str] = None,
+    distributed: bool | None = None,
+    backend: str | None = None,
     timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> DistInfo:
     """Join the process group this process belongs to, if any.
 
@@ -133,25 +144,34 @@ def setup_distributed(
             raise RuntimeError("batchops.train: torch.distributed is not available in this build of torch")
         return DistInfo(local_rank=0)
     if dist.is_initialized():
-        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                        backend=str(dist.get_backend()))
+        return DistInfo(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=local_rank,
+            backend=str(dist.get_backend()),
+        )
     if not all(os.environ.get(k) for k in _ENV_VARS):
         if distributed:
             missing = [k for k in _ENV_VARS if not os.environ.get(k)]
             raise RuntimeError(
                 "batchops.train: distributed=True but no process group is initialized and the env:// "
-                f"variables {missing} are not set (launch with torchrun, or call init_process_group first)")
+                f"variables {missing} are not set (launch with torchrun, or call init_process_group first)"
+            )
         return DistInfo(local_rank=0)
     if backend is None:
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         backend = "nccl" if use_cuda else "gloo"
     if "nccl" in backend and torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, init_method="env://",
-                            timeout=datetime.timedelta(seconds=float(timeout)))
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=float(timeout)))
     atexit.register(_destroy_if_ours)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                    backend=str(dist.get_backend()), initialized_here=True)
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        backend=str(dist.get_backend()),
+        initialized_here=True,
+    )
 
 
 def _comm_device(tensor_device: torch.device) -> torch.device:
@@ -164,7 +184,7 @@ def _comm_device(tensor_device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_ints(values: Sequence[int], device: torch.device = torch.device("cpu")) -> List[List[int]]:
+def all_gather_ints(values: Sequence[int], device: torch.device = torch.device("cpu")) -> list[list[int]]:  # noqa: B008 (an immutable value)
     """Each rank's list of ints (same length on every rank), in rank order."""
     import torch.distributed as dist
 

@@ -2,6 +2,7 @@
 
 See :class:`Trainer` (and the :func:`fit` shortcut) for the behaviour in detail.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,18 +12,24 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from batchops.train.checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from batchops.train.distributed import (DEFAULT_COLLECTIVE_TIMEOUT, DistInfo, DistributedTrainingError,
-                                        all_gather_ints, gather_variable, is_collective_error,
-                                        setup_distributed)
+from batchops.train.distributed import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    DistInfo,
+    DistributedTrainingError,
+    all_gather_ints,
+    gather_variable,
+    is_collective_error,
+    setup_distributed,
+)
 
-__all__ = ["CHECKPOINT_FORMAT", "Callback", "FitResult", "Trainer", "UnevenInputsError", "fit",
-           "find_sync_batchnorm"]
+__all__ = ["CHECKPOINT_FORMAT", "Callback", "FitResult", "Trainer", "UnevenInputsError", "fit", "find_sync_batchnorm"]
 
 CHECKPOINT_FORMAT = "batchops.train/1"
 _AMP_CHOICES = (False, True, "bf16", "bfloat16", "fp16", "float16")
@@ -46,14 +53,14 @@ class Callback:
     the optimizer step, the scheduler step, the batch-size controller's ``update``, then
     ``on_step_end`` with the step's loss."""
 
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
-    def on_batch_start(self, trainer: "Trainer", batch: Any) -> None: ...
-    def on_batch_end(self, trainer: "Trainer", batch: Any, loss: torch.Tensor) -> None: ...
-    def on_before_step(self, trainer: "Trainer") -> None: ...
-    def on_step_end(self, trainer: "Trainer", loss: torch.Tensor) -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: Dict[str, float]) -> None: ...
-    def on_train_end(self, trainer: "Trainer", result: "FitResult") -> None: ...
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_batch_start(self, trainer: Trainer, batch: Any) -> None: ...
+    def on_batch_end(self, trainer: Trainer, batch: Any, loss: torch.Tensor) -> None: ...
+    def on_before_step(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, trainer: Trainer, result: FitResult) -> None: ...
 
 
 @dataclasses.dataclass
@@ -75,19 +82,19 @@ class FitResult:
         rank, world_size: this process's place.
     """
 
-    history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
-    step_losses: List[float] = dataclasses.field(default_factory=list)
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    step_losses: list[float] = dataclasses.field(default_factory=list)
     global_step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     stopped_early: bool = False
-    resumed_from: Optional[str] = None
-    checkpoint_path: Optional[str] = None
+    resumed_from: str | None = None
+    checkpoint_path: str | None = None
     rank: int = 0
     world_size: int = 1
 
 
-def find_sync_batchnorm(model: nn.Module) -> Optional[Tuple[str, str]]:
+def find_sync_batchnorm(model: nn.Module) -> tuple[str, str] | None:
     """``(module name, class name)`` of the first module whose class name contains
     ``"SyncBatchNorm"`` (torch's, batchops', or any other implementation), else ``None``."""
     for name, module in model.named_modules():
@@ -118,15 +125,16 @@ def _to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
     return obj
 
 
-def _default_split(batch: Any) -> Tuple[Any, Any]:
+def _default_split(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(
         "batchops.train: a batch must be (inputs, targets, ...) for the default batch_fn; got "
-        f"{type(batch).__name__}. Pass batch_fn=lambda batch: (inputs, targets).")
+        f"{type(batch).__name__}. Pass batch_fn=lambda batch: (inputs, targets)."
+    )
 
 
-def _loader_len(loader: Any) -> Optional[int]:
+def _loader_len(loader: Any) -> int | None:
     try:
         return len(loader)
     except TypeError:
@@ -149,10 +157,10 @@ class _Peek:
         except StopIteration:
             self._next, self._has_next = None, False
 
-    def __iter__(self) -> "_Peek":
+    def __iter__(self) -> _Peek:
         return self
 
-    def __next__(self) -> Tuple[Any, bool]:
+    def __next__(self) -> tuple[Any, bool]:
         if not self._has_next:
             raise StopIteration
         item = self._next
@@ -167,10 +175,10 @@ class _Known:
         self._it = it
         self._left = remaining
 
-    def __iter__(self) -> "_Known":
+    def __iter__(self) -> _Known:
         return self
 
-    def __next__(self) -> Tuple[Any, bool]:
+    def __next__(self) -> tuple[Any, bool]:
         item = next(self._it)
         self._left -= 1
         return item, self._left <= 0
@@ -226,24 +234,24 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-        batch_fn: Optional[Callable[[Any], Tuple[Any, Any]]] = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
         scheduler: Any = None,
         scheduler_interval: str = "step",
-        amp: Union[bool, str] = False,
+        amp: bool | str = False,
         accumulation_steps: Any = 1,
-        grad_clip_norm: Optional[float] = None,
-        device: Union[str, torch.device, None] = None,
-        distributed: Optional[bool] = None,
+        grad_clip_norm: float | None = None,
+        device: str | torch.device | None = None,
+        distributed: bool | None = None,
         collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
-        join: Optional[bool] = None,
-        checkpoint_path: Optional[str] = None,
-        checkpoint_every: Optional[int] = None,
+        join: bool | None = None,
+        checkpoint_path: str | None = None,
+        checkpoint_every: int | None = None,
         sampler: Any = None,
         callbacks: Sequence[Any] = (),
         progress: bool = True,
         verbose: bool = True,
-        ddp_kwargs: Optional[Dict[str, Any]] = None,
+        ddp_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"Trainer: scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
@@ -253,8 +261,10 @@ class Trainer:
             if accumulation_steps < 1:
                 raise ValueError(f"Trainer: accumulation_steps must be >= 1, got {accumulation_steps}")
         elif not hasattr(accumulation_steps, "accumulation_steps"):
-            raise TypeError("Trainer: accumulation_steps must be an int or an object with an "
-                            "accumulation_steps attribute (e.g. batchops.tuning.AdaptiveBatchSize)")
+            raise TypeError(
+                "Trainer: accumulation_steps must be an int or an object with an "
+                "accumulation_steps attribute (e.g. batchops.tuning.AdaptiveBatchSize)"
+            )
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise ValueError(f"Trainer: checkpoint_every must be a positive int, got {checkpoint_every!r}")
         if join not in (None, True, False):
@@ -278,17 +288,21 @@ class Trainer:
         self.verbose = verbose
         self.ddp_kwargs = dict(ddp_kwargs or {})
 
-        self.dist: DistInfo = setup_distributed(distributed=distributed, timeout=collective_timeout,
-                                                device=None if device is None else torch.device(device))
+        self.dist: DistInfo = setup_distributed(
+            distributed=distributed, timeout=collective_timeout, device=None if device is None else torch.device(device)
+        )
         if device is None:
-            device = (torch.device("cuda", self.dist.local_rank % torch.cuda.device_count())
-                      if torch.cuda.is_available() else torch.device("cpu"))
+            device = (
+                torch.device("cuda", self.dist.local_rank % torch.cuda.device_count())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
         # autocast / scaler
-        self.autocast_dtype: Optional[torch.dtype] = None
+        self.autocast_dtype: torch.dtype | None = None
         if amp is True:
             self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         elif amp in ("bf16", "bfloat16"):
@@ -309,10 +323,10 @@ class Trainer:
         self.should_stop = False
         self._epoch_loss_sum = 0.0
         self._epoch_loss_count = 0
-        self._pending_rng: Optional[Dict[str, Any]] = None
-        self._pending_sampler: Optional[Dict[str, Any]] = None
-        self._resumed_from: Optional[str] = None
-        self._last_checkpoint: Optional[str] = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._pending_sampler: dict[str, Any] | None = None
+        self._resumed_from: str | None = None
+        self._last_checkpoint: str | None = None
         self._join_active = False
         self._warned: set = set()
 
@@ -364,7 +378,7 @@ class Trainer:
                 self.model = nn.parallel.DistributedDataParallel(self.module, **kwargs)
 
     # ------------------------------------------------------------------ data
-    def _resumable_sampler(self, loader: Any) -> Tuple[Any, int]:
+    def _resumable_sampler(self, loader: Any) -> tuple[Any, int]:
         """``(sampler with state_dict, unit)``: unit = 1 for a batch sampler, else the batch size."""
         if self.sampler is not None:
             bs = getattr(loader, "batch_sampler", None)
@@ -375,8 +389,12 @@ class Trainer:
         if bs is not None and hasattr(bs, "state_dict") and hasattr(bs, "load_state_dict"):
             return bs, 1
         s = getattr(loader, "sampler", None)
-        if (s is not None and hasattr(s, "state_dict") and hasattr(s, "load_state_dict")
-                and getattr(loader, "batch_size", None)):
+        if (
+            s is not None
+            and hasattr(s, "state_dict")
+            and hasattr(s, "load_state_dict")
+            and getattr(loader, "batch_size", None)
+        ):
             return s, int(loader.batch_size)
         return None, 0
 
@@ -403,14 +421,19 @@ class Trainer:
             if sampler is not None:
                 state = dict(self._pending_sampler or sampler.state_dict())
                 state["epoch"] = epoch
-                state["position"] = min(start_batch * unit, len(sampler)) if hasattr(sampler, "__len__") \
-                    else start_batch * unit
+                state["position"] = (
+                    min(start_batch * unit, len(sampler)) if hasattr(sampler, "__len__") else start_batch * unit
+                )
                 sampler.load_state_dict(state)
             else:
-                self._warn_once("fast-forward", (
-                    "batchops.train: the loader has no resumable sampler (state_dict/load_state_dict); "
-                    f"resuming mid-epoch by loading and skipping {start_batch} batches. This is exact only "
-                    "if the loader's order is a function of the epoch (set_epoch) or of a seeded generator."))
+                self._warn_once(
+                    "fast-forward",
+                    (
+                        "batchops.train: the loader has no resumable sampler (state_dict/load_state_dict); "
+                        f"resuming mid-epoch by loading and skipping {start_batch} batches. This is exact only "
+                        "if the loader's order is a function of the epoch (set_epoch) or of a seeded generator."
+                    ),
+                )
                 skip = start_batch
         self._pending_sampler = None
         it = iter(loader)
@@ -419,7 +442,7 @@ class Trainer:
         return it
 
     # ------------------------------------------------------------------ one micro-batch
-    def _forward(self, model: nn.Module, batch: Any) -> Tuple[torch.Tensor, Any, Any]:
+    def _forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any]:
         batch = _to_device(batch, self.device, non_blocking=self.device.type == "cuda")
         inputs, targets = self.batch_fn(batch)
         with self._autocast():
@@ -430,34 +453,44 @@ class Trainer:
             else:
                 outputs = model(inputs)
         out = outputs
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != torch.float32 \
-                and self.autocast_dtype is not None:
+        if (
+            isinstance(out, torch.Tensor)
+            and out.is_floating_point()
+            and out.dtype != torch.float32
+            and self.autocast_dtype is not None
+        ):
             out = out.float()
         loss = self.loss_fn(out, targets)
         return loss, outputs, targets
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs except the RNG states of the other ranks (see
         :meth:`save_checkpoint`, which gathers them)."""
-        state: Dict[str, Any] = {
+        state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "batch_size": (self.accumulation.state_dict()
-                           if not isinstance(self.accumulation, numbers.Integral)
-                           and hasattr(self.accumulation, "state_dict") else None),
-            "progress": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                         "global_step": self.global_step, "epoch_loss_sum": float(self._epoch_loss_sum),
-                         "epoch_loss_count": int(self._epoch_loss_count)},
+            "batch_size": (
+                self.accumulation.state_dict()
+                if not isinstance(self.accumulation, numbers.Integral) and hasattr(self.accumulation, "state_dict")
+                else None
+            ),
+            "progress": {
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "global_step": self.global_step,
+                "epoch_loss_sum": float(self._epoch_loss_sum),
+                "epoch_loss_count": int(self._epoch_loss_count),
+            },
             "world_size": self.world_size,
             "sampler": None,
         }
         return state
 
-    def save_checkpoint(self, path: Optional[str] = None, *, loader: Any = None) -> Optional[str]:
+    def save_checkpoint(self, path: str | None = None, *, loader: Any = None) -> str | None:
         """Write a checkpoint (collective: every rank must call it at the same point).
 
         Every rank's RNG states are gathered to rank 0, which writes the file atomically; the
@@ -471,11 +504,11 @@ class Trainer:
         path = os.fspath(path)
         rng = get_rng_state()
         if self.dist.distributed:
-            rngs: List[Any] = [None] * self.world_size
+            rngs: list[Any] = [None] * self.world_size
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        error: Optional[str] = None
+        error: str | None = None
         if self.is_main:
             try:
                 state = self.state_dict()
@@ -501,15 +534,16 @@ class Trainer:
         self._last_checkpoint = path
         return path
 
-    def load_checkpoint(self, path: str) -> Dict[str, Any]:
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Load a checkpoint (``weights_only=True``) into the model, optimizer, scheduler,
         scaler and batch-size controller; sampler position and RNG states are applied when the
         training loop reaches the saved point. Call before :meth:`fit` (which does it for
         ``resume=``)."""
         ckpt = load_checkpoint(path)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"batchops.train: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint "
-                             f"(format {ckpt.get('format')!r})")
+            raise ValueError(
+                f"batchops.train: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint (format {ckpt.get('format')!r})"
+            )
         self.module.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
@@ -527,8 +561,12 @@ class Trainer:
         rngs = ckpt.get("rng") or []
         saved_ws = int(ckpt.get("world_size", len(rngs) or 1))
         if saved_ws != self.world_size:
-            warnings.warn(f"batchops.train: the checkpoint was written by {saved_ws} ranks, this run has "
-                          f"{self.world_size}; the RNG streams and the data order will differ", RuntimeWarning)
+            warnings.warn(
+                f"batchops.train: the checkpoint was written by {saved_ws} ranks, this run has "
+                f"{self.world_size}; the RNG streams and the data order will differ",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if rngs:
             self._pending_rng = rngs[self.rank] if self.rank < len(rngs) else rngs[0]
         sampler = ckpt.get("sampler")
@@ -552,17 +590,22 @@ class Trainer:
                 raise ValueError(
                     f"batchops.train: the ranks' loaders give different numbers of batches {lengths} and "
                     "join=False; the ranks that run out would leave the others waiting in DDP's all-reduce. "
-                    "Use join=None/True, or give every rank the same number of batches.")
+                    "Use join=None/True, or give every rank the same number of batches."
+                )
             return False
         if not uneven and self.join is None:
             return False
         sbn = find_sync_batchnorm(self.module)
         if sbn is not None:
             if unknown and self.join is None:
-                self._warn_once("sbn-unknown", (
-                    "batchops.train: the loader has no len(), so the ranks may see different numbers of "
-                    f"batches, and the model has a SyncBatchNorm ({sbn[0]}: {sbn[1]}), which Join cannot "
-                    "handle; training without Join: uneven data would fail at the collective timeout."))
+                self._warn_once(
+                    "sbn-unknown",
+                    (
+                        "batchops.train: the loader has no len(), so the ranks may see different numbers of "
+                        f"batches, and the model has a SyncBatchNorm ({sbn[0]}: {sbn[1]}), which Join cannot "
+                        "handle; training without Join: uneven data would fail at the collective timeout."
+                    ),
+                )
                 return False
             what = f"give different numbers of batches {lengths}" if not unknown else "have no len()"
             raise UnevenInputsError(
@@ -571,11 +614,12 @@ class Trainer:
                 "SyncBatchNorm's collectives in the forward pass, so the ranks that finish early would leave "
                 "the others hanging until the collective timeout. Give every rank the same number of batches "
                 "(batchops samplers and DistributedSampler do; or drop_last=True), or use a non-synchronized "
-                "batch norm.")
+                "batch norm."
+            )
         return True
 
     # ------------------------------------------------------------------ training
-    def _train_epoch(self, loader: Any, epoch: int, max_steps: Optional[int]) -> bool:
+    def _train_epoch(self, loader: Any, epoch: int, max_steps: int | None) -> bool:
         """One (possibly resumed) epoch; returns True when it ran to the end of the data."""
         from torch.distributed.algorithms.join import Join, Joinable
 
@@ -600,8 +644,14 @@ class Trainer:
             try:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=total, initial=start_batch, desc=f"epoch {epoch + 1}", leave=False,
-                           dynamic_ncols=True, file=sys.stderr)
+                bar = tqdm(
+                    total=total,
+                    initial=start_batch,
+                    desc=f"epoch {epoch + 1}",
+                    leave=False,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
             except ImportError:  # pragma: no cover
                 bar = None
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -611,7 +661,7 @@ class Trainer:
         else:
             join_ctx = contextlib.nullcontext()
         finished = True
-        step_losses: List[torch.Tensor] = []
+        step_losses: list[torch.Tensor] = []
         try:
             with join_ctx:
                 cycle_len = cycle_done = 0
@@ -664,11 +714,17 @@ class Trainer:
                     if stop and not is_last:
                         finished = False
                         break
-                    if (self.checkpoint_every and self.checkpoint_path and not is_last
-                            and self.global_step % self.checkpoint_every == 0):
+                    if (
+                        self.checkpoint_every
+                        and self.checkpoint_path
+                        and not is_last
+                        and self.global_step % self.checkpoint_every == 0
+                    ):
                         if use_join:
-                            self._warn_once("join-ckpt", "batchops.train: mid-epoch checkpoints are skipped "
-                                                         "while Join handles uneven loaders")
+                            self._warn_once(
+                                "join-ckpt",
+                                "batchops.train: mid-epoch checkpoints are skipped while Join handles uneven loaders",
+                            )
                         else:
                             self._flush_losses(step_losses)
                             self.save_checkpoint(loader=loader)
@@ -679,7 +735,7 @@ class Trainer:
             self._join_active = False
         return finished
 
-    def _flush_losses(self, step_losses: List[torch.Tensor]) -> None:
+    def _flush_losses(self, step_losses: list[torch.Tensor]) -> None:
         """Move the step losses (tensors, to avoid a device sync per step) into floats."""
         if not step_losses:
             return
@@ -702,7 +758,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _reduce_sums(self, values: Sequence[float]) -> List[float]:
+    def _reduce_sums(self, values: Sequence[float]) -> list[float]:
         if not self.dist.distributed:
             return list(values)
         import torch.distributed as dist
@@ -714,7 +770,7 @@ class Trainer:
         return t.cpu().tolist()
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable[Any], *, gather: bool = False) -> Dict[str, Any]:
+    def evaluate(self, loader: Iterable[Any], *, gather: bool = False) -> dict[str, Any]:
         """Loss (and accuracy for class scores) over ``loader``, summed across ranks.
 
         Each rank evaluates its own loader (with the unwrapped model, so ranks may have different
@@ -731,17 +787,22 @@ class Trainer:
         correct = 0
         count = 0
         classify = True
-        outs: List[torch.Tensor] = []
-        tgts: List[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        tgts: list[torch.Tensor] = []
         try:
             for batch in loader:
                 loss, outputs, targets = self._forward(module, batch)
                 n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) and targets.dim() > 0 else 1
                 loss_sum += float(loss) * n
                 count += n
-                if (classify and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
-                        and outputs.dim() >= 2 and not targets.is_floating_point()
-                        and tuple(targets.shape) == tuple(outputs.shape[:1]) + tuple(outputs.shape[2:])):
+                if (
+                    classify
+                    and isinstance(outputs, torch.Tensor)
+                    and isinstance(targets, torch.Tensor)
+                    and outputs.dim() >= 2
+                    and not targets.is_floating_point()
+                    and tuple(targets.shape) == tuple(outputs.shape[:1]) + tuple(outputs.shape[2:])
+                ):
                     correct += int((outputs.argmax(1) == targets).sum())
                 else:
                     classify = False
@@ -752,7 +813,7 @@ class Trainer:
             module.train(was_training)
         flags = self._reduce_sums([loss_sum, float(correct), float(count), 0.0 if classify else 1.0])
         loss_total, correct_total, count_total, not_classify = flags
-        result: Dict[str, Any] = {"loss": loss_total / max(count_total, 1.0), "count": int(count_total)}
+        result: dict[str, Any] = {"loss": loss_total / max(count_total, 1.0), "count": int(count_total)}
         if not_classify == 0.0 and count_total > 0:
             result["accuracy"] = correct_total / count_total
         if gather:
@@ -767,9 +828,9 @@ class Trainer:
         train_loader: Iterable[Any],
         *,
         epochs: int = 1,
-        eval_loader: Optional[Iterable[Any]] = None,
-        max_steps: Optional[int] = None,
-        resume: Union[bool, str, None] = None,
+        eval_loader: Iterable[Any] | None = None,
+        max_steps: int | None = None,
+        resume: bool | str | None = None,
     ) -> FitResult:
         """Train for ``epochs`` epochs in total (a resumed run continues where it stopped).
 
@@ -792,7 +853,10 @@ class Trainer:
                     f"epoch {self.epoch}, optimizer step {self.global_step} (batch {self.batch_in_epoch} of the "
                     "epoch): another rank probably died, was killed, or did not reach this collective within "
                     f"the collective timeout. Backend error: {type(exc).__name__}: {str(exc).strip()[:2000]}",
-                    rank=self.rank, world_size=self.world_size, epoch=self.epoch, step=self.global_step,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    epoch=self.epoch,
+                    step=self.global_step,
                 ) from exc
             raise
 
@@ -824,8 +888,11 @@ class Trainer:
                     self.save_checkpoint(loader=train_loader)
                 break
             sums = self._reduce_sums([self._epoch_loss_sum, float(self._epoch_loss_count)])
-            metrics: Dict[str, float] = {"epoch": epoch, "train_loss": sums[0] / max(sums[1], 1.0),
-                                         "steps": self.global_step - steps_before}
+            metrics: dict[str, float] = {
+                "epoch": epoch,
+                "train_loss": sums[0] / max(sums[1], 1.0),
+                "steps": self.global_step - steps_before,
+            }
             if eval_loader is not None:
                 ev = self.evaluate(eval_loader)
                 metrics["eval_loss"] = ev["loss"]
@@ -869,9 +936,9 @@ def fit(
     train_loader: Iterable[Any],
     *,
     epochs: int = 1,
-    eval_loader: Optional[Iterable[Any]] = None,
-    max_steps: Optional[int] = None,
-    resume: Union[bool, str, None] = None,
+    eval_loader: Iterable[Any] | None = None,
+    max_steps: int | None = None,
+    resume: bool | str | None = None,
     **trainer_kwargs: Any,
 ) -> FitResult:
     """``Trainer(model, optimizer, **trainer_kwargs).fit(train_loader, epochs=..., ...)``."""

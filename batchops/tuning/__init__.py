@@ -17,6 +17,7 @@
 
 Pure Python + torch: nothing here needs batchops' compiled kernels.
 """
+
 from batchops.tuning.adaptive import AdaptiveBatchSize
 from batchops.tuning.finder import FindBatchSizeResult, TrialRecord, find_batch_size, is_oom_error
 from batchops.tuning.noise_scale import GradientNoiseScale, estimate_noise_scale

@@ -45,11 +45,13 @@ Accumulation cycles run across epoch boundaries (the micro-batches form one stre
 ``state_dict()`` / ``load_state_dict()`` save and restore everything needed to continue a run
 identically after a checkpoint taken at an optimizer-step boundary.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 __all__ = ["AdaptiveBatchSize", "LR_RULES"]
 
@@ -69,7 +71,7 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _finite_positive(x: Any) -> Optional[float]:
+def _finite_positive(x: Any) -> float | None:
     if x is None:
         return None
     try:
@@ -119,17 +121,17 @@ class AdaptiveBatchSize:
         micro_batch_size: int,
         *,
         base_batch_size: int,
-        base_lr: Union[float, Sequence[float], None] = None,
-        max_batch_size: Optional[int] = None,
+        base_lr: float | Sequence[float] | None = None,
+        max_batch_size: int | None = None,
         lr_rule: str = "linear",
         noise_scale: Any = None,
-        growth: Union[str, Callable[["AdaptiveBatchSize"], Optional[float]], None] = "noise_scale",
+        growth: str | Callable[[AdaptiveBatchSize], float | None] | None = "noise_scale",
         min_accumulation: int = 1,
-        max_accumulation: Optional[int] = 64,
-        initial_accumulation: Optional[int] = None,
-        world_size: Optional[int] = None,
+        max_accumulation: int | None = 64,
+        initial_accumulation: int | None = None,
+        world_size: int | None = None,
         shrink: bool = False,
-        max_growth: Optional[float] = None,
+        max_growth: float | None = None,
         update_every: int = 1,
         optimizer: Any = None,
     ) -> None:
@@ -149,37 +151,44 @@ class AdaptiveBatchSize:
             raise ValueError(f"AdaptiveBatchSize: lr_rule must be one of {LR_RULES}, got {lr_rule!r}")
         self.lr_rule = lr_rule
         if base_lr is None:
-            self.base_lr: Union[float, List[float], None] = None
+            self.base_lr: float | list[float] | None = None
         elif isinstance(base_lr, numbers.Real) and not isinstance(base_lr, bool):
             self.base_lr = float(base_lr)
         else:
             try:
                 self.base_lr = [float(v) for v in base_lr]
             except (TypeError, ValueError):
-                raise TypeError(f"AdaptiveBatchSize: base_lr must be a number or a sequence of numbers, "
-                                f"got {base_lr!r}") from None
+                raise TypeError(
+                    f"AdaptiveBatchSize: base_lr must be a number or a sequence of numbers, got {base_lr!r}"
+                ) from None
         if growth is None:
             growth = "fixed"
         if not callable(growth) and growth not in _GROWTHS:
             raise ValueError(f"AdaptiveBatchSize: growth must be one of {_GROWTHS} or a callable, got {growth!r}")
         self.growth = growth
         if noise_scale is not None and not hasattr(noise_scale, "noise_scale"):
-            raise TypeError("AdaptiveBatchSize: noise_scale must be a GradientNoiseScale (or have a "
-                            f"noise_scale attribute), got {type(noise_scale).__name__}")
+            raise TypeError(
+                "AdaptiveBatchSize: noise_scale must be a GradientNoiseScale (or have a "
+                f"noise_scale attribute), got {type(noise_scale).__name__}"
+            )
         if noise_scale is None and (growth == "noise_scale" or lr_rule == "adascale"):
-            raise ValueError("AdaptiveBatchSize: growth='noise_scale' and lr_rule='adascale' need a noise_scale "
-                             "tracker (use growth='fixed' without one)")
+            raise ValueError(
+                "AdaptiveBatchSize: growth='noise_scale' and lr_rule='adascale' need a noise_scale "
+                "tracker (use growth='fixed' without one)"
+            )
         self.noise_scale = noise_scale
         self.min_accumulation = _int_arg("min_accumulation", min_accumulation, 1)
-        self.max_accumulation = (None if max_accumulation is None
-                                 else _int_arg("max_accumulation", max_accumulation, self.min_accumulation))
+        self.max_accumulation = (
+            None if max_accumulation is None else _int_arg("max_accumulation", max_accumulation, self.min_accumulation)
+        )
         self.max_batch_size = None if max_batch_size is None else _int_arg("max_batch_size", max_batch_size, 1)
         upper = self.upper_accumulation
         if upper is not None and upper < self.min_accumulation:
             raise ValueError(
                 f"AdaptiveBatchSize: max_batch_size={self.max_batch_size} allows at most {upper} micro-batches of "
                 f"{self.micro_batch_size} x {self.world_size} ranks per step, below min_accumulation="
-                f"{self.min_accumulation}")
+                f"{self.min_accumulation}"
+            )
         if max_growth is not None:
             if isinstance(max_growth, bool) or not isinstance(max_growth, numbers.Real) or not max_growth >= 1:
                 raise ValueError(f"AdaptiveBatchSize: max_growth must be a number >= 1, got {max_growth!r}")
@@ -196,7 +205,7 @@ class AdaptiveBatchSize:
         self.micro_steps_done = 0  # micro-batches consumed by those steps
         self.micro_index = 0  # micro-batches handed out by accumulate()
         self.scale_invariant_steps = 0.0  # sum of the AdaScale gain over the steps taken
-        self.history: List[Tuple[int, int]] = [(0, self.accumulation_steps)]  # (step, accumulation) changes
+        self.history: list[tuple[int, int]] = [(0, self.accumulation_steps)]  # (step, accumulation) changes
         self.optimizer = optimizer
         if optimizer is not None:
             self.apply_lr(optimizer)
@@ -208,7 +217,7 @@ class AdaptiveBatchSize:
         return self.micro_batch_size * self.world_size
 
     @property
-    def upper_accumulation(self) -> Optional[int]:
+    def upper_accumulation(self) -> int | None:
         """The largest accumulation allowed by ``max_accumulation`` and ``max_batch_size``."""
         bounds = []
         if self.max_accumulation is not None:
@@ -234,7 +243,7 @@ class AdaptiveBatchSize:
         return self.effective_batch_size / self.base_batch_size
 
     # ----------------------------------------------------------------- learning rate
-    def gain(self, scale: Optional[float] = None) -> float:
+    def gain(self, scale: float | None = None) -> float:
         """AdaScale gain ``r = (tr(Sigma) + |G|^2) / (tr(Sigma) / S + |G|^2)`` at ``scale``
         (default :attr:`scale`) from the tracker's averages: ``1`` without an estimate yet,
         ``S`` when the ``|G|^2`` average is not positive (noise only); negative
@@ -276,7 +285,7 @@ class AdaptiveBatchSize:
         return 1.0
 
     @property
-    def lr(self) -> Union[float, List[float], None]:
+    def lr(self) -> float | list[float] | None:
         """``base_lr * lr_factor`` (a list when ``base_lr`` is one per param group)."""
         if self.base_lr is None:
             return None
@@ -285,7 +294,7 @@ class AdaptiveBatchSize:
             return [b * f for b in self.base_lr]
         return self.base_lr * f
 
-    def apply_lr(self, optimizer: Any) -> List[float]:
+    def apply_lr(self, optimizer: Any) -> list[float]:
         """Set every param group's ``"lr"`` to :attr:`lr`; returns the values set."""
         if self.base_lr is None:
             raise ValueError("AdaptiveBatchSize.apply_lr: no base_lr was given")
@@ -293,8 +302,9 @@ class AdaptiveBatchSize:
         lr = self.lr
         if isinstance(lr, list):
             if len(lr) != len(groups):
-                raise ValueError(f"AdaptiveBatchSize.apply_lr: {len(lr)} base learning rates for "
-                                 f"{len(groups)} param groups")
+                raise ValueError(
+                    f"AdaptiveBatchSize.apply_lr: {len(lr)} base learning rates for {len(groups)} param groups"
+                )
             values = lr
         else:
             values = [lr] * len(groups)
@@ -314,7 +324,7 @@ class AdaptiveBatchSize:
         index = _int_arg("micro_step_index", micro_step_index, 0)
         return index + 1 - self.micro_steps_done >= self.accumulation_steps
 
-    def accumulate(self, iterable: Iterable[Any]) -> Iterator[Tuple[Any, bool]]:
+    def accumulate(self, iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         """Yield ``(micro_batch, step_now)`` for each item of ``iterable``; ``step_now`` is
         :meth:`should_step` of the item's index (:attr:`micro_index`, which continues across
         calls, i.e. across epochs). Call :meth:`update` after each step."""
@@ -323,7 +333,7 @@ class AdaptiveBatchSize:
             self.micro_index += 1
             yield item, self.should_step(index)
 
-    def target_batch_size(self) -> Optional[float]:
+    def target_batch_size(self) -> float | None:
         """What the growth rule asks for now (effective batch, samples), or ``None``."""
         if callable(self.growth):
             return _finite_positive(self.growth(self))
@@ -331,7 +341,7 @@ class AdaptiveBatchSize:
             return _finite_positive(getattr(self.noise_scale, "noise_scale", None))
         return None
 
-    def update(self, optimizer: Any = None, micro_steps: Optional[int] = None) -> int:
+    def update(self, optimizer: Any = None, micro_steps: int | None = None) -> int:
         """Call once per optimizer step (after the tracker's update for it): counts the step and
         sets the next step's accumulation and learning rate. Returns the new accumulation.
 
@@ -362,11 +372,14 @@ class AdaptiveBatchSize:
         return self.accumulation_steps
 
     # ----------------------------------------------------------------- checkpointing
-    def _config(self) -> Dict[str, Any]:
-        return {"micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
-                "base_batch_size": self.base_batch_size}
+    def _config(self) -> dict[str, Any]:
+        return {
+            "micro_batch_size": self.micro_batch_size,
+            "world_size": self.world_size,
+            "base_batch_size": self.base_batch_size,
+        }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain Python values; with the tracker's, model's, optimizer's, sampler's and RNG
         states it resumes the run exactly (save at an optimizer-step boundary)."""
         return {
@@ -379,13 +392,14 @@ class AdaptiveBatchSize:
             "history": [list(h) for h in self.history],
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Raises ``ValueError`` if the micro-batch size, world size
         or base batch size differ from this object's (the accumulation would mean another batch)."""
         for key, value in self._config().items():
             if key in state and state[key] != value:
-                raise ValueError(f"AdaptiveBatchSize.load_state_dict: saved {key}={state[key]!r} but this "
-                                 f"object has {key}={value!r}")
+                raise ValueError(
+                    f"AdaptiveBatchSize.load_state_dict: saved {key}={state[key]!r} but this object has {key}={value!r}"
+                )
         self.accumulation_steps = _int_arg("accumulation_steps", state["accumulation_steps"], 1)
         self.steps = int(state["steps"])
         self.micro_steps_done = int(state["micro_steps_done"])
@@ -394,6 +408,8 @@ class AdaptiveBatchSize:
         self.history = [tuple(h) for h in state.get("history", [(self.steps, self.accumulation_steps)])]
 
     def __repr__(self) -> str:
-        return (f"AdaptiveBatchSize(micro_batch_size={self.micro_batch_size}, accumulation_steps="
-                f"{self.accumulation_steps}, world_size={self.world_size}, effective_batch_size="
-                f"{self.effective_batch_size}, lr_rule={self.lr_rule!r}, steps={self.steps})")
+        return (
+            f"AdaptiveBatchSize(micro_batch_size={self.micro_batch_size}, accumulation_steps="
+            f"{self.accumulation_steps}, world_size={self.world_size}, effective_batch_size="
+            f"{self.effective_batch_size}, lr_rule={self.lr_rule!r}, steps={self.steps})"
+        )

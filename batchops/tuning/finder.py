@@ -46,6 +46,7 @@ the RSS reading (see :class:`ProcessMemoryProbe` for the protocol).
 
 This module needs only torch and psutil, not batchops' compiled kernels.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,7 +57,8 @@ import numbers
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -76,7 +78,7 @@ __all__ = [
 #: ``CUBLAS_STATUS_ALLOC_FAILED`` is cuBLAS failing to allocate its handle or workspace, and
 #: the rest are the other backends' caching-allocator messages. ``CUDNN_STATUS_INTERNAL_ERROR``
 #: is deliberately not here (it also reports real bugs); pass it in ``oom_messages`` to add it.
-OOM_MESSAGES: Tuple[str, ...] = (
+OOM_MESSAGES: tuple[str, ...] = (
     "CUDA out of memory",
     "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED",
     "DefaultCPUAllocator: can't allocate memory",
@@ -126,7 +128,7 @@ class ProcessMemoryProbe:
         return int(self._process.memory_info().rss)
 
     @staticmethod
-    def _read_hwm() -> Optional[int]:
+    def _read_hwm() -> int | None:
         try:
             with open("/proc/self/status") as f:
                 for line in f:
@@ -154,14 +156,14 @@ class ProcessMemoryProbe:
             except OSError:
                 self._hwm = False
 
-    def peak(self) -> Optional[int]:
+    def peak(self) -> int | None:
         return self._read_hwm() if self._hwm else None
 
 
 class CudaMemoryProbe:
     """Memory reserved by torch's CUDA caching allocator on ``device``, with its exact peak."""
 
-    def __init__(self, device: Union[str, torch.device, None] = None) -> None:
+    def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = torch.device("cuda") if device is None else torch.device(device)
 
     def __call__(self) -> int:
@@ -170,7 +172,7 @@ class CudaMemoryProbe:
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
 
-    def peak(self) -> Optional[int]:
+    def peak(self) -> int | None:
         return int(torch.cuda.max_memory_reserved(self.device))
 
 
@@ -182,8 +184,8 @@ class _PeakSampler:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def _run(self) -> None:
         try:
@@ -192,7 +194,7 @@ class _PeakSampler:
         except BaseException as exc:  # reported on exit; the trial itself goes on
             self._error = exc
 
-    def __enter__(self) -> "_PeakSampler":
+    def __enter__(self) -> _PeakSampler:
         reset = getattr(self.probe, "reset_peak", None)
         if reset is not None:
             reset()
@@ -228,8 +230,8 @@ class TrialRecord:
 
     batch_size: int
     outcome: str
-    peak_bytes: Optional[int] = None
-    predicted_bytes: Optional[float] = None
+    peak_bytes: int | None = None
+    predicted_bytes: float | None = None
     seconds: float = 0.0
 
     @property
@@ -249,9 +251,9 @@ class FindBatchSizeResult:
 
     batch_size: int
     largest_ok: int
-    smallest_failed: Optional[int]
-    budget: Optional[int]
-    trials: List[TrialRecord]
+    smallest_failed: int | None
+    budget: int | None
+    trials: list[TrialRecord]
 
     @property
     def max_attempted(self) -> int:
@@ -280,7 +282,7 @@ def _to_cpu_copy(obj: Any) -> Any:
 
 
 class _Snapshot:
-    def __init__(self, model: Optional[torch.nn.Module], optimizer: Any, restore_rng: bool) -> None:
+    def __init__(self, model: torch.nn.Module | None, optimizer: Any, restore_rng: bool) -> None:
         self.model = model
         self.optimizer = optimizer
         self.model_state = _to_cpu_copy(model.state_dict()) if model is not None else None
@@ -328,7 +330,7 @@ def _real_arg(name: str, value: Any) -> float:
     return value
 
 
-def _resolve_device(device: Any, model: Optional[torch.nn.Module]) -> torch.device:
+def _resolve_device(device: Any, model: torch.nn.Module | None) -> torch.device:
     if device is not None:
         try:
             return torch.device(device)
@@ -342,7 +344,7 @@ def _resolve_device(device: Any, model: Optional[torch.nn.Module]) -> torch.devi
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _fit_line(points: List[Tuple[int, int]]) -> Tuple[float, float]:
+def _fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
     """``(intercept, slope)`` of peak growth vs batch size; through the origin for one size."""
     sizes = sorted({b for b, _ in points})
     if len(sizes) == 1:
@@ -367,19 +369,19 @@ def find_batch_size(
     mode: str = "binsearch",
     margin: float = 0.05,
     trials: int = 1,
-    model: Optional[torch.nn.Module] = None,
+    model: torch.nn.Module | None = None,
     optimizer: Any = None,
-    device: Union[str, torch.device, None] = None,
-    memory_budget: Optional[int] = None,
+    device: str | torch.device | None = None,
+    memory_budget: int | None = None,
     budget_fraction: float = 0.8,
-    memory_guard: Optional[bool] = None,
-    memory_probe: Optional[Callable[[], int]] = None,
+    memory_guard: bool | None = None,
+    memory_probe: Callable[[], int] | None = None,
     sample_interval: float = 0.002,
     oom_messages: Sequence[str] = (),
     restore_rng: bool = True,
-    on_trial: Optional[Callable[[TrialRecord], Any]] = None,
+    on_trial: Callable[[TrialRecord], Any] | None = None,
     return_details: bool = False,
-) -> Union[int, FindBatchSizeResult]:
+) -> int | FindBatchSizeResult:
     """Largest batch size for which ``step_fn(batch_size)`` runs, less a safety margin.
 
     Args:
@@ -445,8 +447,9 @@ def find_batch_size(
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"find_batch_size: model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not (hasattr(optimizer, "state_dict") and hasattr(optimizer, "load_state_dict")):
-        raise TypeError("find_batch_size: optimizer must have state_dict() and load_state_dict(), "
-                        f"got {type(optimizer).__name__}")
+        raise TypeError(
+            f"find_batch_size: optimizer must have state_dict() and load_state_dict(), got {type(optimizer).__name__}"
+        )
     if memory_probe is not None and not callable(memory_probe):
         raise TypeError(f"find_batch_size: memory_probe must be callable, got {type(memory_probe).__name__}")
     if isinstance(oom_messages, str):
@@ -456,7 +459,7 @@ def find_batch_size(
 
     if memory_guard is None:
         memory_guard = dev.type == "cpu" or memory_budget is not None or memory_probe is not None
-    budget: Optional[int] = None
+    budget: int | None = None
     if memory_guard:
         if memory_probe is None:
             memory_probe = CudaMemoryProbe(dev) if dev.type == "cuda" else ProcessMemoryProbe()
@@ -470,9 +473,9 @@ def find_batch_size(
 
             budget = int(budget_fraction * psutil.virtual_memory().available)
 
-    records: List[TrialRecord] = []
-    points: List[Tuple[int, int]] = []  # (batch size, peak growth) of trials that ran
-    decided: Dict[int, bool] = {}
+    records: list[TrialRecord] = []
+    points: list[tuple[int, int]] = []  # (batch size, peak growth) of trials that ran
+    decided: dict[int, bool] = {}
 
     def emit(record: TrialRecord) -> None:
         records.append(record)
@@ -490,7 +493,7 @@ def find_batch_size(
         """Run (or refuse) size ``b``; True when it ran within memory."""
         if b in decided:
             return decided[b]
-        predicted: Optional[float] = None
+        predicted: float | None = None
         if memory_guard and points:
             intercept, slope = _fit_line(points)
             predicted = intercept + slope * b
@@ -499,7 +502,7 @@ def find_batch_size(
                 decided[b] = False
                 return False
         oom = False
-        peak: Optional[int] = None
+        peak: int | None = None
         t0 = time.perf_counter()
         try:
             if memory_guard:
@@ -570,5 +573,4 @@ def find_batch_size(
     result = max(1, math.floor(lo * (1.0 - margin)))
     if not return_details:
         return result
-    return FindBatchSizeResult(batch_size=result, largest_ok=lo, smallest_failed=hi, budget=budget,
-                               trials=records)
+    return FindBatchSizeResult(batch_size=result, largest_ok=lo, smallest_failed=hi, budget=budget, trials=records)

@@ -20,17 +20,19 @@ free from data-parallel training (each rank's local gradient vs. the all-reduced
 gradient accumulation (each micro-batch's gradient vs. the accumulated one). Everything here is
 pure Python + torch; batchops' compiled kernels are not needed.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
 
 import torch
 
 __all__ = ["GradientNoiseScale", "estimate_noise_scale"]
 
-Number = Union[float, torch.Tensor]
+Number = Union[float, torch.Tensor]  # noqa: UP007 (a runtime alias: X | Y needs no Union, but reads alike)
 _LOSS_SCALINGS = ("mean", "sum")
 
 
@@ -43,7 +45,7 @@ def _check_size(name: str, value: Any) -> float:
     return value
 
 
-def estimate_noise_scale(g_small_sq: Number, g_big_sq: Number, b_small: float, b_big: float) -> Tuple[Number, Number]:
+def estimate_noise_scale(g_small_sq: Number, g_big_sq: Number, b_small: float, b_big: float) -> tuple[Number, Number]:
     """Unbiased two-batch estimates ``(|G|^2, tr(Sigma))`` (McCandlish et al. 2018, app. A.1).
 
     Args:
@@ -71,7 +73,7 @@ def estimate_noise_scale(g_small_sq: Number, g_big_sq: Number, b_small: float, b
 
 
 # ----------------------------------------------------------------------------- helpers
-def _params_of(model_or_params: Any) -> List[torch.Tensor]:
+def _params_of(model_or_params: Any) -> list[torch.Tensor]:
     if isinstance(model_or_params, torch.nn.Module):
         return [p for p in model_or_params.parameters() if p.requires_grad]
     if isinstance(model_or_params, torch.Tensor):
@@ -79,9 +81,10 @@ def _params_of(model_or_params: Any) -> List[torch.Tensor]:
     try:
         items = list(model_or_params)
     except TypeError:
-        raise TypeError("expected an nn.Module or an iterable of parameters/tensors, got "
-                        f"{type(model_or_params).__name__}") from None
-    out: List[torch.Tensor] = []
+        raise TypeError(
+            f"expected an nn.Module or an iterable of parameters/tensors, got {type(model_or_params).__name__}"
+        ) from None
+    out: list[torch.Tensor] = []
     for item in items:
         if isinstance(item, dict) and "params" in item:  # optimizer-style parameter groups
             out.extend(_params_of(item["params"]))
@@ -97,15 +100,15 @@ def _is_param_list(tensors: Sequence[torch.Tensor]) -> bool:
     return all(isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad) for t in tensors)
 
 
-def _grads(tensors: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+def _grads(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     if _is_param_list(tensors):
         return [None if t.grad is None else t.grad.detach() for t in tensors]
     return [t.detach() for t in tensors]
 
 
-def _sq_norm_tensors(grads: Iterable[Optional[torch.Tensor]]) -> Dict[torch.device, torch.Tensor]:
+def _sq_norm_tensors(grads: Iterable[torch.Tensor | None]) -> dict[torch.device, torch.Tensor]:
     """Per-device float64 0-d tensors holding the sum of squares (no host sync)."""
-    out: Dict[torch.device, torch.Tensor] = {}
+    out: dict[torch.device, torch.Tensor] = {}
     for g in grads:
         if g is None:
             continue
@@ -116,7 +119,7 @@ def _sq_norm_tensors(grads: Iterable[Optional[torch.Tensor]]) -> Dict[torch.devi
     return out
 
 
-def _sq_norm(grads: Iterable[Optional[torch.Tensor]]) -> float:
+def _sq_norm(grads: Iterable[torch.Tensor | None]) -> float:
     return float(sum(t.item() for t in _sq_norm_tensors(grads).values()))
 
 
@@ -134,8 +137,9 @@ def _dist():
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("GradientNoiseScale: the distributed paths need an initialized "
-                           "torch.distributed process group")
+        raise RuntimeError(
+            "GradientNoiseScale: the distributed paths need an initialized torch.distributed process group"
+        )
     return dist
 
 
@@ -149,13 +153,13 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
 class _CommHookState:
     """State of :meth:`GradientNoiseScale.register_comm_hook`'s DDP communication hook."""
 
-    def __init__(self, process_group: Any, inner: Optional[Callable], inner_state: Any) -> None:
+    def __init__(self, process_group: Any, inner: Callable | None, inner_state: Any) -> None:
         self.process_group = process_group
         self.inner = inner
         self.inner_state = inner_state
-        self.local_sq: List[torch.Tensor] = []  # one 0-d float64 tensor per bucket since the last take()
+        self.local_sq: list[torch.Tensor] = []  # one 0-d float64 tensor per bucket since the last take()
 
-    def take(self) -> List[torch.Tensor]:
+    def take(self) -> list[torch.Tensor]:
         out, self.local_sq = self.local_sq, []
         return out
 
@@ -242,12 +246,12 @@ class GradientNoiseScale:
             raise ValueError(f"GradientNoiseScale: beta must be in [0, 1), got {beta!r}")
         if loss_scaling not in _LOSS_SCALINGS:
             raise ValueError(f"GradientNoiseScale: loss_scaling must be one of {_LOSS_SCALINGS}, got {loss_scaling!r}")
-        self.params: List[torch.Tensor] = [] if model_or_params is None else _params_of(model_or_params)
+        self.params: list[torch.Tensor] = [] if model_or_params is None else _params_of(model_or_params)
         self.beta = float(beta)
         self.process_group = process_group
         self.loss_scaling = loss_scaling
-        self._hook_state: Optional[_CommHookState] = None
-        self._hooked: Optional[Any] = None
+        self._hook_state: _CommHookState | None = None
+        self._hooked: Any | None = None
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -257,33 +261,33 @@ class GradientNoiseScale:
         self.skipped = 0  # updates dropped because of non-finite gradients
         self._ema_grad_sq = 0.0
         self._ema_trace = 0.0
-        self.last_grad_sq: Optional[float] = None
-        self.last_trace_sigma: Optional[float] = None
-        self.last_b_small: Optional[float] = None
-        self.last_b_big: Optional[float] = None
+        self.last_grad_sq: float | None = None
+        self.last_trace_sigma: float | None = None
+        self.last_b_small: float | None = None
+        self.last_b_big: float | None = None
         self._clear_micro()
 
     def _clear_micro(self) -> None:
-        self._prev: Optional[List[Optional[torch.Tensor]]] = None
-        self._micro_sq: List[Dict[torch.device, torch.Tensor]] = []
-        self._micro_sizes: List[float] = []
+        self._prev: list[torch.Tensor | None] | None = None
+        self._micro_sq: list[dict[torch.device, torch.Tensor]] = []
+        self._micro_sizes: list[float] = []
 
     @property
-    def grad_sq(self) -> Optional[float]:
+    def grad_sq(self) -> float | None:
         """Bias-corrected EMA of the ``|G|^2`` estimates (``None`` before the first update)."""
         if self.steps == 0:
             return None
-        return self._ema_grad_sq / (1.0 - self.beta ** self.steps)
+        return self._ema_grad_sq / (1.0 - self.beta**self.steps)
 
     @property
-    def trace_sigma(self) -> Optional[float]:
+    def trace_sigma(self) -> float | None:
         """Bias-corrected EMA of the ``tr(Sigma)`` estimates (``None`` before the first update)."""
         if self.steps == 0:
             return None
-        return self._ema_trace / (1.0 - self.beta ** self.steps)
+        return self._ema_trace / (1.0 - self.beta**self.steps)
 
     @property
-    def noise_scale(self) -> Optional[float]:
+    def noise_scale(self) -> float | None:
         """``B_simple = trace_sigma / grad_sq``, in samples. ``None`` before the first update;
         ``inf`` while the ``|G|^2`` average is not positive but ``tr(Sigma)``'s is (no signal
         detected yet), ``nan`` when neither is positive."""
@@ -299,7 +303,7 @@ class GradientNoiseScale:
         """Micro-steps recorded by :meth:`accumulate_micro_step` since the last :meth:`step`."""
         return len(self._micro_sizes)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain Python values: the averages, the update count and the latest raw estimates.
 
         Save at an optimizer-step boundary: the copy of the accumulated gradient that
@@ -318,7 +322,7 @@ class GradientNoiseScale:
             "last_b_big": self.last_b_big,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s values (``beta`` and ``loss_scaling`` included)."""
         beta = float(state["beta"])
         if not 0.0 <= beta < 1.0:
@@ -336,11 +340,13 @@ class GradientNoiseScale:
         self._clear_micro()
 
     def __repr__(self) -> str:
-        return (f"GradientNoiseScale(steps={self.steps}, noise_scale={self.noise_scale}, "
-                f"grad_sq={self.grad_sq}, trace_sigma={self.trace_sigma}, beta={self.beta})")
+        return (
+            f"GradientNoiseScale(steps={self.steps}, noise_scale={self.noise_scale}, "
+            f"grad_sq={self.grad_sq}, trace_sigma={self.trace_sigma}, beta={self.beta})"
+        )
 
     # ----------------------------------------------------------------- core update
-    def update(self, g_small_sq: Number, g_big_sq: Number, b_small: float, b_big: float) -> Optional[float]:
+    def update(self, g_small_sq: Number, g_big_sq: Number, b_small: float, b_big: float) -> float | None:
         """Fold one pair of squared gradient norms into the averages; returns :attr:`noise_scale`.
 
         ``g_small_sq``: ``|G_small|^2`` (or the mean over several small batches of that size),
@@ -362,11 +368,13 @@ class GradientNoiseScale:
         return self.noise_scale
 
     # ----------------------------------------------------------------- gradient accumulation
-    def _tensors(self, model_or_grads: Any) -> List[torch.Tensor]:
+    def _tensors(self, model_or_grads: Any) -> list[torch.Tensor]:
         if model_or_grads is None:
             if not self.params:
-                raise ValueError("GradientNoiseScale: no parameters: pass the model (or gradients), "
-                                 "or give model_or_params to the constructor")
+                raise ValueError(
+                    "GradientNoiseScale: no parameters: pass the model (or gradients), "
+                    "or give model_or_params to the constructor"
+                )
             return self.params
         module = getattr(model_or_grads, "module", None)  # DDP / DataParallel wrappers
         if isinstance(model_or_grads, torch.nn.Module) and isinstance(module, torch.nn.Module):
@@ -374,14 +382,14 @@ class GradientNoiseScale:
         return _params_of(model_or_grads)
 
     @staticmethod
-    def _split_args(model_or_grads: Any, size: Any, name: str) -> Tuple[Any, Any]:
+    def _split_args(model_or_grads: Any, size: Any, name: str) -> tuple[Any, Any]:
         if size is None and isinstance(model_or_grads, numbers.Real) and not isinstance(model_or_grads, bool):
             return None, model_or_grads  # called as f(size)
         if size is None:
             raise TypeError(f"GradientNoiseScale: {name} is required")
         return model_or_grads, size
 
-    def accumulate_micro_step(self, model_or_grads: Any = None, micro_batch_size: Optional[int] = None) -> None:
+    def accumulate_micro_step(self, model_or_grads: Any = None, micro_batch_size: int | None = None) -> None:
         """Record one micro-batch's gradient; call right after its ``backward()``.
 
         ``model_or_grads``: the model, its parameters (their accumulated ``.grad`` is read) or
@@ -393,10 +401,12 @@ class GradientNoiseScale:
         size = _check_size("accumulate_micro_step: micro_batch_size", micro_batch_size)
         grads = _grads(self._tensors(model_or_grads))
         if self._prev is not None and len(self._prev) != len(grads):
-            raise ValueError("accumulate_micro_step: a different number of gradient tensors than in the "
-                             "previous micro-step of this accumulation cycle")
+            raise ValueError(
+                "accumulate_micro_step: a different number of gradient tensors than in the "
+                "previous micro-step of this accumulation cycle"
+            )
         prev = self._prev if self._prev is not None else [None] * len(grads)
-        deltas: List[Optional[torch.Tensor]] = []
+        deltas: list[torch.Tensor | None] = []
         for i, g in enumerate(grads):
             if g is None:
                 deltas.append(None)
@@ -412,7 +422,7 @@ class GradientNoiseScale:
         self._micro_sizes.append(size)
         self._prev = prev
 
-    def step(self, total_batch_size: Optional[int] = None, model_or_grads: Any = None) -> Optional[float]:
+    def step(self, total_batch_size: int | None = None, model_or_grads: Any = None) -> float | None:
         """At the optimizer step (after the last micro-batch's ``backward()``, before
         ``zero_grad``): fold this cycle's micro-steps into the averages.
 
@@ -428,8 +438,10 @@ class GradientNoiseScale:
         if total_batch_size is not None:
             total = _check_size("step: total_batch_size", total_batch_size)
             if abs(total - sum(sizes)) > 1e-9 * total:
-                raise ValueError(f"GradientNoiseScale.step: total_batch_size={total_batch_size} but the "
-                                 f"micro-steps add up to {sum(sizes):g} samples")
+                raise ValueError(
+                    f"GradientNoiseScale.step: total_batch_size={total_batch_size} but the "
+                    f"micro-steps add up to {sum(sizes):g} samples"
+                )
         micro_sq = [float(sum(t.item() for t in d.values())) for d in self._micro_sq]
         big_sq = _sq_norm(_grads(self._tensors(model_or_grads)))
         self._clear_micro()
@@ -449,8 +461,8 @@ class GradientNoiseScale:
         local_sq_norm: Number,
         global_sq_norm: Number,
         local_batch: float,
-        global_batch: Optional[float] = None,
-    ) -> Optional[float]:
+        global_batch: float | None = None,
+    ) -> float | None:
         """Update from this rank's local and the all-reduced gradient's squared norms (collective:
         every rank of the process group must call it).
 
@@ -472,32 +484,35 @@ class GradientNoiseScale:
             global_batch = _check_size("update_ddp: global_batch", global_batch)
         if world < 2:
             return None
-        stats = torch.tensor([local_sq, global_sq, 1.0 / b_local, b_local], dtype=torch.float64,
-                             device=_comm_device(dist, group))
+        stats = torch.tensor(
+            [local_sq, global_sq, 1.0 / b_local, b_local], dtype=torch.float64, device=_comm_device(dist, group)
+        )
         dist.all_reduce(stats, group=group)
         stats = stats.cpu().tolist()
         small_sq, big_sq, inv_sum, b_sum = stats[0] / world, stats[1] / world, stats[2], stats[3]
         b_small = world / inv_sum
         b_big = global_batch if global_batch is not None else world * b_small
         if b_big <= b_small:
-            raise ValueError(f"update_ddp: global_batch ({b_big:g}) must exceed the local batch ({b_small:g}); "
-                             f"the ranks' batches add up to {b_sum:g}")
+            raise ValueError(
+                f"update_ddp: global_batch ({b_big:g}) must exceed the local batch ({b_small:g}); "
+                f"the ranks' batches add up to {b_sum:g}"
+            )
         return self.update(small_sq, big_sq, b_small, b_big)
 
     def update_from_ranks(
         self,
         local_sq_norm: Number,
         local_batch: float,
-        global_sq_norm: Optional[Number] = None,
-        global_batch: Optional[float] = None,
-    ) -> Optional[float]:
+        global_sq_norm: Number | None = None,
+        global_batch: float | None = None,
+    ) -> float | None:
         """:meth:`update_ddp` with ``global_sq_norm`` defaulting to the squared norm of the
         tracker's parameters' current ``.grad`` (which must hold the averaged gradient)."""
         if global_sq_norm is None:
             global_sq_norm = _sq_norm(_grads(self._tensors(None)))
         return self.update_ddp(local_sq_norm, global_sq_norm, local_batch, global_batch)
 
-    def register_comm_hook(self, ddp_model: Any, hook: Optional[Callable] = None, hook_state: Any = None) -> None:
+    def register_comm_hook(self, ddp_model: Any, hook: Callable | None = None, hook_state: Any = None) -> None:
         """Install the DDP communication hook that records each rank's local gradient norm.
 
         The hook computes the squared norm of every gradient bucket right before it is
@@ -510,7 +525,9 @@ class GradientNoiseScale:
         from torch.nn.parallel import DistributedDataParallel
 
         if not isinstance(ddp_model, DistributedDataParallel):
-            raise TypeError(f"register_comm_hook: expected a DistributedDataParallel model, got {type(ddp_model).__name__}")
+            raise TypeError(
+                f"register_comm_hook: expected a DistributedDataParallel model, got {type(ddp_model).__name__}"
+            )
         if hook is not None and not callable(hook):
             raise TypeError("register_comm_hook: hook must be callable")
         state = _CommHookState(self.process_group, hook, hook_state)
@@ -519,7 +536,7 @@ class GradientNoiseScale:
         self._hooked = ddp_model
         self.params = _params_of(ddp_model.module)
 
-    def step_ddp(self, model: Any = None, local_batch_size: Optional[float] = None) -> Optional[float]:
+    def step_ddp(self, model: Any = None, local_batch_size: float | None = None) -> float | None:
         """After ``backward()`` on every rank (collective): update from local vs. global gradients.
 
         With a DDP model carrying :meth:`register_comm_hook`'s hook, the local squared norm is
@@ -536,18 +553,23 @@ class GradientNoiseScale:
 
         dist = _dist()
         hooked = self._hook_state is not None and (
-            model is None or model is self._hooked or model is getattr(self._hooked, "module", None))
+            model is None or model is self._hooked or model is getattr(self._hooked, "module", None)
+        )
         if hooked:
             recorded = self._hook_state.take()
             if not recorded:
-                raise RuntimeError("step_ddp: the comm hook recorded no gradients since the last step_ddp; "
-                                   "call it after a backward that synchronises gradients (not under no_sync())")
+                raise RuntimeError(
+                    "step_ddp: the comm hook recorded no gradients since the last step_ddp; "
+                    "call it after a backward that synchronises gradients (not under no_sync())"
+                )
             local_sq = float(sum(t.item() for t in recorded))
             global_sq = _sq_norm(_grads(self._tensors(None)))
             return self.update_ddp(local_sq, global_sq, local_batch_size)
         if isinstance(model, DistributedDataParallel):
-            raise RuntimeError("step_ddp: this DistributedDataParallel model has already averaged its "
-                               "gradients; call tracker.register_comm_hook(model) before training")
+            raise RuntimeError(
+                "step_ddp: this DistributedDataParallel model has already averaged its "
+                "gradients; call tracker.register_comm_hook(model) before training"
+            )
         params = self._tensors(model)
         if not _is_param_list(params):
             raise TypeError("step_ddp: pass the model or its parameters (their .grad is averaged in place)")
@@ -559,7 +581,7 @@ class GradientNoiseScale:
         group = self.process_group
         world = dist.get_world_size(group)
         if world > 1:
-            buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for g in grads:
                 buckets.setdefault((g.device, g.dtype), []).append(g)
             for tensors in buckets.values():
@@ -569,7 +591,7 @@ class GradientNoiseScale:
                 offset = 0
                 for t in tensors:
                     n = t.numel()
-                    t.copy_(flat[offset:offset + n].view_as(t))
+                    t.copy_(flat[offset : offset + n].view_as(t))
                     offset += n
         global_sq = _sq_norm(grads)
         return self.update_ddp(local_sq, global_sq, local_batch_size)

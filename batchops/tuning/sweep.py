@@ -28,6 +28,7 @@ With `out_dir`, the sweep writes PNG plots (matplotlib, Agg canvas, no display),
 (a table per batch size with the images embedded) and `sweep.json` (every raw record).
 `batchops sweep` on the command line runs the default study (see batchops/cli.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,14 +39,17 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-DEFAULT_OUT_DIR = os.path.join("benchmarks", "sweep")
+# `batchops sweep`'s default folder (git-ignored). The committed example results live in
+# benchmarks/sweep/ and are reproduced with an explicit --out, never overwritten by default.
+DEFAULT_OUT_DIR = "sweep-results"
 DEFAULT_BATCH_SIZES = (16, 32, 64, 128, 256)
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 OPTIMIZERS = ("sgd", "adam")
@@ -72,8 +76,9 @@ JSON_FILE = "sweep.json"
 # Data and model defaults
 
 
-def load_digits_dataset(test_fraction: float = 0.2,
-                        split_seed: int = SPLIT_SEED) -> tuple[TensorDataset, TensorDataset]:
+def load_digits_dataset(
+    test_fraction: float = 0.2, split_seed: int = SPLIT_SEED
+) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's digits (1797 8x8 grey images of the digits 0-9, shipped with scikit-learn:
     no download) as (train, test) TensorDatasets of float32 images (N, 1, 8, 8) and int64 labels.
 
@@ -83,12 +88,15 @@ def load_digits_dataset(test_fraction: float = 0.2,
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:  # an optional dependency: pip install "batchops[sweep]"
-        raise ImportError("batchops' default sweep data needs scikit-learn: pip install scikit-learn "
-                          "(or batchops[sweep]), or pass dataset=") from exc
+        raise ImportError(
+            "batchops' default sweep data needs scikit-learn: pip install scikit-learn "
+            "(or batchops[sweep]), or pass dataset="
+        ) from exc
 
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=test_fraction, random_state=split_seed, stratify=digits.target)
+        digits.data, digits.target, test_size=test_fraction, random_state=split_seed, stratify=digits.target
+    )
     mean, std = float(x_train.mean()), float(x_train.std())
 
     def to_tensors(x, y):
@@ -255,12 +263,21 @@ class RunResult:
 
     def summary(self) -> dict:
         return {
-            "batch_size": self.batch_size, "lr": self.lr, "num_steps": self.num_steps, "samples": self.samples,
-            "train_time_s": self.train_time_s, "throughput": self.throughput, "diverged": self.diverged,
-            "final_train_loss": self.final_train_loss, "final_test_loss": self.final_test_loss,
-            "final_test_accuracy": self.final_test_accuracy, "steps_to_target": self.steps_to_target,
-            "samples_to_target": self.samples_to_target, "time_to_target_s": self.time_to_target_s,
-            "noise_scale_at_target": self.noise_scale_at_target, "noise_scale_final": self.noise_scale_final,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "num_steps": self.num_steps,
+            "samples": self.samples,
+            "train_time_s": self.train_time_s,
+            "throughput": self.throughput,
+            "diverged": self.diverged,
+            "final_train_loss": self.final_train_loss,
+            "final_test_loss": self.final_test_loss,
+            "final_test_accuracy": self.final_test_accuracy,
+            "steps_to_target": self.steps_to_target,
+            "samples_to_target": self.samples_to_target,
+            "time_to_target_s": self.time_to_target_s,
+            "noise_scale_at_target": self.noise_scale_at_target,
+            "noise_scale_final": self.noise_scale_final,
         }
 
 
@@ -306,8 +323,10 @@ class SweepResult:
 
     def table(self) -> str:
         """The per-batch-size markdown table (also the terminal summary's body)."""
-        head = ("| batch | lr | steps | final train loss | test loss | test acc | steps to target | "
-                "samples to target | time to target | samples/s | B_noise at target | B_noise final |")
+        head = (
+            "| batch | lr | steps | final train loss | test loss | test acc | steps to target | "
+            "samples to target | time to target | samples/s | B_noise at target | B_noise final |"
+        )
         lines = [head, "|" + "---|" * 12]
         for r in self.runs:
             acc = r.final_test_accuracy
@@ -317,34 +336,42 @@ class SweepResult:
                 f"{'n/a' if acc is None else f'{100 * acc:.1f}%'} | {_fmt(r.steps_to_target, '.0f')} | "
                 f"{_fmt(r.samples_to_target, '.0f')} | {_fmt(r.time_to_target_s, '.2f', ' s')} | "
                 f"{_fmt(r.throughput, '.0f')} | {_fmt(r.noise_scale_at_target, '.0f')} | "
-                f"{_fmt(r.noise_scale_final, '.0f')} |")
+                f"{_fmt(r.noise_scale_final, '.0f')} |"
+            )
         return "\n".join(lines)
 
     def headline(self) -> str:
         """Two lines: the target, the measured noise scale and the fitted critical batch size."""
         if math.isfinite(self.target_loss):
             how = "auto: the loosest loss every run reached within half its samples" if self.target_auto else "given"
-            target = (f"target loss {self.target_loss:.4g} ({how}; loss on {self.config['eval_train_samples']} "
-                      "training samples, eval mode)")
+            target = (
+                f"target loss {self.target_loss:.4g} ({how}; loss on {self.config['eval_train_samples']} "
+                "training samples, eval mode)"
+            )
         else:
             target = "no target loss: no run got below the initial loss"
-        noise = ("noise scale B_simple at the target (median over batch sizes): "
-                 f"{_fmt(self.noise_scale, '.0f')}")
+        noise = f"noise scale B_simple at the target (median over batch sizes): {_fmt(self.noise_scale, '.0f')}"
         if self.critical_batch_size is not None:
-            fit = (f"fit S = S_min (1 + B_crit / B): B_crit = {self.critical_batch_size:.0f}, "
-                   f"S_min = {self.min_steps:.1f} steps, E_min = {self.min_samples:.0f} samples")
+            fit = (
+                f"fit S = S_min (1 + B_crit / B): B_crit = {self.critical_batch_size:.0f}, "
+                f"S_min = {self.min_steps:.1f} steps, E_min = {self.min_samples:.0f} samples"
+            )
         else:
-            fit = ("fit S = S_min (1 + B_crit / B): not possible (it needs 2 batch sizes that reached the target "
-                   "after some steps, and a positive fit)")
+            fit = (
+                "fit S = S_min (1 + B_crit / B): not possible (it needs 2 batch sizes that reached the target "
+                "after some steps, and a positive fit)"
+            )
         return f"{target}\n{noise}; {fit}"
 
     def summary(self) -> str:
         """The terminal summary: one line of setup, the table, the headline."""
         c = self.config
-        setup = (f"batch size sweep: {c['dataset']} ({c['train_size']} train / {c['test_size']} test), "
-                 f"{c['model']}, {c['optimizer']}, lr rule {c['lr_rule']} (base lr {c['base_lr']:g} at batch "
-                 f"{c['base_batch_size']}), {c['samples_per_run']} samples per run, {c['device_label']}, "
-                 f"{c['wall_time_s']:.0f} s")
+        setup = (
+            f"batch size sweep: {c['dataset']} ({c['train_size']} train / {c['test_size']} test), "
+            f"{c['model']}, {c['optimizer']}, lr rule {c['lr_rule']} (base lr {c['base_lr']:g} at batch "
+            f"{c['base_batch_size']}), {c['samples_per_run']} samples per run, {c['device_label']}, "
+            f"{c['wall_time_s']:.0f} s"
+        )
         return f"{setup}\n\n{self.table()}\n\n{self.headline()}"
 
 
@@ -443,8 +470,11 @@ def batch_size_sweep(
             train_set, test_set = _split(dataset, seed, test_fraction)
             dataset_name = type(dataset[0] if isinstance(dataset, (tuple, list)) else dataset).__name__
         model_fn = model_fn or default_model
-        model_name = ("CNN conv16-BN(relu)-conv32-BN(relu)-pool-linear, batchops.BatchNorm2d"
-                      if model_fn is default_model else getattr(model_fn, "__name__", "model_fn"))
+        model_name = (
+            "CNN conv16-BN(relu)-conv32-BN(relu)-pool-linear, batchops.BatchNorm2d"
+            if model_fn is default_model
+            else getattr(model_fn, "__name__", "model_fn")
+        )
         loss_fn = loss_fn or nn.functional.cross_entropy
         n_train = len(train_set)
         if max_samples is None:
@@ -465,14 +495,32 @@ def batch_size_sweep(
 
         runs = []
         for b in batch_sizes:
-            runs.append(_train_one(
-                b, model_fn=model_fn, init_state=init_state, loss_fn=loss_fn, train=train, test=test,
-                eval_idx=eval_idx, lr=lr_for(b, base_lr=base_lr, base_batch_size=base_batch_size, lr_rule=lr_rule),
-                optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_samples=warmup_samples,
-                max_samples=max_samples,
-                eval_points=eval_points, noise_scale=noise_scale, noise_every=noise_every,
-                noise_points=noise_points, noise_beta=noise_beta, estimator=estimator, seed=seed, device=dev,
-                progress=progress))
+            runs.append(
+                _train_one(
+                    b,
+                    model_fn=model_fn,
+                    init_state=init_state,
+                    loss_fn=loss_fn,
+                    train=train,
+                    test=test,
+                    eval_idx=eval_idx,
+                    lr=lr_for(b, base_lr=base_lr, base_batch_size=base_batch_size, lr_rule=lr_rule),
+                    optimizer=optimizer,
+                    momentum=momentum,
+                    weight_decay=weight_decay,
+                    warmup_samples=warmup_samples,
+                    max_samples=max_samples,
+                    eval_points=eval_points,
+                    noise_scale=noise_scale,
+                    noise_every=noise_every,
+                    noise_points=noise_points,
+                    noise_beta=noise_beta,
+                    estimator=estimator,
+                    seed=seed,
+                    device=dev,
+                    progress=progress,
+                )
+            )
         threads = torch.get_num_threads()
     finally:
         rng.__exit__(None, None, None)
@@ -482,38 +530,86 @@ def batch_size_sweep(
     for r in runs:
         _fill_target(r, target)
     reached = [r for r in runs if r.steps_to_target is not None]
-    at_target = [r.noise_scale_at_target for r in reached if r.noise_scale_at_target is not None
-                 and math.isfinite(r.noise_scale_at_target)]
+    at_target = [
+        r.noise_scale_at_target
+        for r in reached
+        if r.noise_scale_at_target is not None and math.isfinite(r.noise_scale_at_target)
+    ]
     measured = statistics.median(at_target) if at_target else None
     s_min, e_min = _fit_tradeoff([(r.batch_size, r.steps_to_target) for r in reached])
     from batchops.bench.harness import device_name
 
     config = {
-        "batch_sizes": batch_sizes, "dataset": dataset_name, "train_size": n_train, "test_size": len(test_set),
-        "model": model_name, "optimizer": optimizer if optimizer != "sgd" else f"sgd (momentum {momentum:g})",
-        "lr_rule": lr_rule, "base_lr": base_lr, "base_batch_size": base_batch_size, "weight_decay": weight_decay,
+        "batch_sizes": batch_sizes,
+        "dataset": dataset_name,
+        "train_size": n_train,
+        "test_size": len(test_set),
+        "model": model_name,
+        "optimizer": optimizer if optimizer != "sgd" else f"sgd (momentum {momentum:g})",
+        "lr_rule": lr_rule,
+        "base_lr": base_lr,
+        "base_batch_size": base_batch_size,
+        "weight_decay": weight_decay,
         "warmup_samples": warmup_samples,
-        "max_samples": max_samples, "samples_per_run": max_samples, "epochs": max_samples / n_train,
-        "eval_points": eval_points, "eval_train_samples": len(eval_idx), "noise_scale": noise_scale,
-        "noise_every": "auto" if noise_every is None else noise_every, "noise_points": noise_points,
+        "max_samples": max_samples,
+        "samples_per_run": max_samples,
+        "epochs": max_samples / n_train,
+        "eval_points": eval_points,
+        "eval_train_samples": len(eval_idx),
+        "noise_scale": noise_scale,
+        "noise_every": "auto" if noise_every is None else noise_every,
+        "noise_points": noise_points,
         "noise_beta": noise_beta,
-        "noise_estimator": estimator_name, "seed": seed, "device": str(dev), "device_name": device_name(dev),
+        "noise_estimator": estimator_name,
+        "seed": seed,
+        "device": str(dev),
+        "device_name": device_name(dev),
         "torch_threads": threads,
         "device_label": f"{dev.type} ({threads} threads)" if dev.type == "cpu" else device_name(dev),
-        "torch": torch.__version__, "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_time_s": time.perf_counter() - started,
     }
-    result = SweepResult(runs=runs, target_loss=target, target_auto=auto, noise_scale=measured,
-                         critical_batch_size=(e_min / s_min) if s_min else None, min_steps=s_min,
-                         min_samples=e_min, config=config)
+    result = SweepResult(
+        runs=runs,
+        target_loss=target,
+        target_auto=auto,
+        noise_scale=measured,
+        critical_batch_size=(e_min / s_min) if s_min else None,
+        min_steps=s_min,
+        min_samples=e_min,
+        config=config,
+    )
     if out_dir is not None:
         result.files = write_outputs(result, out_dir)
     return result
 
 
-def _train_one(batch_size, *, model_fn, init_state, loss_fn, train, test, eval_idx, lr, optimizer, momentum,
-               weight_decay, warmup_samples, max_samples, eval_points, noise_scale, noise_every, noise_points,
-               noise_beta, estimator, seed, device, progress) -> RunResult:
+def _train_one(
+    batch_size,
+    *,
+    model_fn,
+    init_state,
+    loss_fn,
+    train,
+    test,
+    eval_idx,
+    lr,
+    optimizer,
+    momentum,
+    weight_decay,
+    warmup_samples,
+    max_samples,
+    eval_points,
+    noise_scale,
+    noise_every,
+    noise_points,
+    noise_beta,
+    estimator,
+    seed,
+    device,
+    progress,
+) -> RunResult:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -531,15 +627,23 @@ def _train_one(batch_size, *, model_fn, init_state, loss_fn, train, test, eval_i
         noise_every = max(1, round(num_steps / max(1, noise_points)))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    run = RunResult(batch_size=batch_size, lr=lr, num_steps=0, samples=0, train_time_s=0.0, throughput=math.nan,
-                    diverged=False)
+    run = RunResult(
+        batch_size=batch_size, lr=lr, num_steps=0, samples=0, train_time_s=0.0, throughput=math.nan, diverged=False
+    )
     run.evals.append(_evaluate(model, loss_fn, train, test, eval_idx, step=0, samples=0, time_s=0.0))
     stream = sample_stream(len(train), seed)
     ema_grad_sq = ema_trace = 0.0
     next_eval = eval_grid
     clock = 0.0
-    bar = tqdm(total=num_steps, desc=f"batch {batch_size:>4}", unit="step", disable=not progress, file=sys.stderr,
-               leave=True, dynamic_ncols=True)
+    bar = tqdm(
+        total=num_steps,
+        desc=f"batch {batch_size:>4}",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        leave=True,
+        dynamic_ncols=True,
+    )
     try:
         for step in range(1, num_steps + 1):
             indices = [next(stream) for _ in range(batch_size)]
@@ -555,11 +659,20 @@ def _train_one(batch_size, *, model_fn, init_state, loss_fn, train, test, eval_i
                 ema_grad_sq = noise_beta * ema_grad_sq + (1 - noise_beta) * grad_sq / scale
                 ema_trace = noise_beta * ema_trace + (1 - noise_beta) * trace / scale
                 b_simple = ema_trace / ema_grad_sq if ema_grad_sq > 0 else math.nan
-                run.noise.append({"step": step - 1, "samples": (step - 1) * batch_size, "g_small_sq": g_small_sq,
-                                  "g_big_sq": g_big_sq, "b_small": b_small, "b_big": b_big, "grad_sq": grad_sq,
-                                  "trace_sigma": trace,
-                                  "noise_scale_step": trace / grad_sq if grad_sq > 0 else math.nan,
-                                  "noise_scale": b_simple})
+                run.noise.append(
+                    {
+                        "step": step - 1,
+                        "samples": (step - 1) * batch_size,
+                        "g_small_sq": g_small_sq,
+                        "g_big_sq": g_big_sq,
+                        "b_small": b_small,
+                        "b_big": b_big,
+                        "grad_sq": grad_sq,
+                        "trace_sigma": trace,
+                        "noise_scale_step": trace / grad_sq if grad_sq > 0 else math.nan,
+                        "noise_scale": b_simple,
+                    }
+                )
 
             step_lr = lr * min(1.0, step * batch_size / warmup_samples) if warmup_samples > 0 else lr
             for group in opt.param_groups:
@@ -584,8 +697,9 @@ def _train_one(batch_size, *, model_fn, init_state, loss_fn, train, test, eval_i
                 bar.set_postfix_str("diverged")
                 break
             if samples >= next_eval or step == num_steps or (step & (step - 1)) == 0:
-                run.evals.append(_evaluate(model, loss_fn, train, test, eval_idx, step=step, samples=samples,
-                                           time_s=clock))
+                run.evals.append(
+                    _evaluate(model, loss_fn, train, test, eval_idx, step=step, samples=samples, time_s=clock)
+                )
                 while next_eval <= samples:
                     next_eval += eval_grid
                 bar.set_postfix_str(f"loss {run.evals[-1]['train_loss']:.4f}")
@@ -634,8 +748,9 @@ def _index(obj, part: slice):
 
 
 @torch.no_grad()
-def _evaluate(model, loss_fn, train: _Batcher, test: _Batcher, eval_idx, *, step, samples, time_s,
-              chunk: int = 1024) -> dict:
+def _evaluate(
+    model, loss_fn, train: _Batcher, test: _Batcher, eval_idx, *, step, samples, time_s, chunk: int = 1024
+) -> dict:
     was_training = model.training
     model.eval()
     try:
@@ -643,20 +758,32 @@ def _evaluate(model, loss_fn, train: _Batcher, test: _Batcher, eval_idx, *, step
         test_loss, test_acc = _score(model, loss_fn, test, range(len(test)), chunk)
     finally:
         model.train(was_training)
-    return {"step": step, "samples": samples, "time_s": time_s, "train_loss": train_loss, "test_loss": test_loss,
-            "test_accuracy": test_acc}
+    return {
+        "step": step,
+        "samples": samples,
+        "time_s": time_s,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+    }
 
 
 def _score(model, loss_fn, data: _Batcher, indices, chunk: int) -> tuple[float, float | None]:
     indices = list(indices)
     total, correct, n, acc_ok = 0.0, 0, 0, True
     for i in range(0, len(indices), chunk):
-        part = indices[i:i + chunk]
+        part = indices[i : i + chunk]
         x, y = data.batch(part)
         out = model(x)
         total += float(loss_fn(out, y)) * len(part)
-        if acc_ok and isinstance(out, Tensor) and out.dim() == 2 and isinstance(y, Tensor) and y.dim() == 1 \
-                and not y.is_floating_point():
+        if (
+            acc_ok
+            and isinstance(out, Tensor)
+            and out.dim() == 2
+            and isinstance(y, Tensor)
+            and y.dim() == 1
+            and not y.is_floating_point()
+        ):
             correct += int((out.argmax(1) == y).sum())
         else:
             acc_ok = False
@@ -811,13 +938,21 @@ def _log(ax, axis: str, values, base: float = 10) -> None:
 def _loss_axes(ax, result: SweepResult, xkey: str, xlabel: str, logx: bool) -> None:
     ys = []
     for r, color in zip(result.runs, _colors(len(result.runs))):
-        evals = [e for e in r.evals if math.isfinite(e["train_loss"]) and e["train_loss"] > 0
-                 and (not logx or e[xkey] > 0)]
+        evals = [
+            e for e in r.evals if math.isfinite(e["train_loss"]) and e["train_loss"] > 0 and (not logx or e[xkey] > 0)
+        ]
         steps = [s for s in r.steps if math.isfinite(s["loss"]) and s["loss"] > 0 and (not logx or s[xkey] > 0)]
         if steps:
             ax.plot([s[xkey] for s in steps], [s["loss"] for s in steps], color=color, alpha=0.15, lw=0.7)
-        ax.plot([e[xkey] for e in evals], [e["train_loss"] for e in evals], color=color, marker="o", ms=2.5,
-                lw=1.4, label=f"B={r.batch_size}")
+        ax.plot(
+            [e[xkey] for e in evals],
+            [e["train_loss"] for e in evals],
+            color=color,
+            marker="o",
+            ms=2.5,
+            lw=1.4,
+            label=f"B={r.batch_size}",
+        )
         ys += [e["train_loss"] for e in evals]
     if math.isfinite(result.target_loss) and result.target_loss > 0:
         ax.axhline(result.target_loss, color="crimson", ls="--", lw=1, label=f"target {result.target_loss:.3g}")
@@ -841,20 +976,37 @@ def _tradeoff_axes(ax, result: SweepResult) -> None:
     for r, color in zip(result.runs, _colors(len(result.runs))):
         if r in reached:
             ax.scatter([r.steps_to_target], [r.samples_to_target], color=color, s=40, zorder=3)
-            ax.annotate(f"B={r.batch_size}", (r.steps_to_target, r.samples_to_target), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            ax.annotate(
+                f"B={r.batch_size}",
+                (r.steps_to_target, r.samples_to_target),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
     if result.critical_batch_size and reached:
         s_min, e_min, b_crit = result.min_steps, result.min_samples, result.critical_batch_size
         bs = [2 ** (k / 8) for k in range(-8 * 4, 8 * 14)]
-        ax.plot([s_min * (1 + b_crit / b) for b in bs], [e_min * (1 + b / b_crit) for b in bs], color="grey", lw=1,
-                label=f"fit: B_crit = {b_crit:.0f}")
+        ax.plot(
+            [s_min * (1 + b_crit / b) for b in bs],
+            [e_min * (1 + b / b_crit) for b in bs],
+            color="grey",
+            lw=1,
+            label=f"fit: B_crit = {b_crit:.0f}",
+        )
         ax.axvline(s_min, color="grey", ls=":", lw=0.8)
         ax.axhline(e_min, color="grey", ls=":", lw=0.8)
         ax.scatter([2 * s_min], [2 * e_min], marker="x", color="grey", zorder=3, label="B = B_crit: 2 S_min, 2 E_min")
         if result.noise_scale and result.noise_scale > 0:
             b = result.noise_scale
-            ax.scatter([s_min * (1 + b_crit / b)], [e_min * (1 + b / b_crit)], marker="*", s=120, color="crimson",
-                       zorder=4, label=f"measured B_noise = {b:.0f}")
+            ax.scatter(
+                [s_min * (1 + b_crit / b)],
+                [e_min * (1 + b / b_crit)],
+                marker="*",
+                s=120,
+                color="crimson",
+                zorder=4,
+                label=f"measured B_noise = {b:.0f}",
+            )
         steps = [r.steps_to_target for r in reached]
         samples = [r.samples_to_target for r in reached]
         ax.set_xlim(min(steps + [s_min]) / 1.5, max(steps) * 1.5)
@@ -883,15 +1035,31 @@ def _to_target_vs_batch_axes(ax, result: SweepResult) -> None:
     ax2.set_ylabel("samples to target", color="tab:orange")
     if result.critical_batch_size and bs:
         grid = [min(bs) * (max(bs) / min(bs)) ** (k / 50) for k in range(51)]
-        ax.plot(grid, [result.min_steps * (1 + result.critical_batch_size / b) for b in grid], color="tab:blue",
-                lw=0.8, ls=":")
-        ax2.plot(grid, [result.min_samples * (1 + b / result.critical_batch_size) for b in grid], color="tab:orange",
-                 lw=0.8, ls=":")
-        ax.axvline(result.critical_batch_size, color="grey", ls="--", lw=1,
-                   label=f"fitted B_crit = {result.critical_batch_size:.0f}")
+        ax.plot(
+            grid,
+            [result.min_steps * (1 + result.critical_batch_size / b) for b in grid],
+            color="tab:blue",
+            lw=0.8,
+            ls=":",
+        )
+        ax2.plot(
+            grid,
+            [result.min_samples * (1 + b / result.critical_batch_size) for b in grid],
+            color="tab:orange",
+            lw=0.8,
+            ls=":",
+        )
+        ax.axvline(
+            result.critical_batch_size,
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"fitted B_crit = {result.critical_batch_size:.0f}",
+        )
     if bs and result.noise_scale and math.isfinite(result.noise_scale) and result.noise_scale > 0:
-        ax.axvline(result.noise_scale, color="crimson", ls="--", lw=1,
-                   label=f"measured B_noise = {result.noise_scale:.0f}")
+        ax.axvline(
+            result.noise_scale, color="crimson", ls="--", lw=1, label=f"measured B_noise = {result.noise_scale:.0f}"
+        )
     if bs:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -919,8 +1087,11 @@ def _throughput_axes(ax, result: SweepResult) -> None:
 def _noise_axes(ax, result: SweepResult) -> None:
     xs, ys = [], []
     for r, color in zip(result.runs, _colors(len(result.runs))):
-        pts = [(n["samples"], n["noise_scale"]) for n in r.noise if math.isfinite(n["noise_scale"])
-               and n["noise_scale"] > 0 and n["samples"] > 0]
+        pts = [
+            (n["samples"], n["noise_scale"])
+            for n in r.noise
+            if math.isfinite(n["noise_scale"]) and n["noise_scale"] > 0 and n["samples"] > 0
+        ]
         if pts:
             ax.plot(*zip(*pts), color=color, lw=1.2, label=f"B={r.batch_size}")
             xs += [p[0] for p in pts]
@@ -943,8 +1114,10 @@ def _noise_axes(ax, result: SweepResult) -> None:
 
 
 def _plot_all(result: SweepResult, files: dict[str, str]) -> None:
-    title = (f"{result.config['dataset']}, {result.config['optimizer']}, lr rule {result.config['lr_rule']}, "
-             f"{result.config['samples_per_run']} samples per run")
+    title = (
+        f"{result.config['dataset']}, {result.config['optimizer']}, lr rule {result.config['lr_rule']}, "
+        f"{result.config['samples_per_run']} samples per run"
+    )
     fig, (a, b, c, d) = _figure(2, 2)
     _loss_axes(a, result, "samples", "samples seen", logx=False)
     a.set_title("loss vs samples seen", fontsize=10)
@@ -955,9 +1128,11 @@ def _plot_all(result: SweepResult, files: dict[str, str]) -> None:
     fig.suptitle(f"batch size sweep: {title}", fontsize=11)
     fig.savefig(files["overview"], dpi=100)
 
-    for role, key, label, logx in (("loss_vs_steps", "step", "optimizer steps", True),
-                                   ("loss_vs_samples", "samples", "samples seen", False),
-                                   ("loss_vs_time", "time_s", "training wall time (s)", False)):
+    for role, key, label, logx in (
+        ("loss_vs_steps", "step", "optimizer steps", True),
+        ("loss_vs_samples", "samples", "samples seen", False),
+        ("loss_vs_time", "time_s", "training wall time (s)", False),
+    ):
         fig, (ax,) = _figure()
         _loss_axes(ax, result, key, label, logx)
         ax.set_title(f"loss vs {label}", fontsize=10)
@@ -1003,7 +1178,10 @@ def _report(result: SweepResult) -> str:
         "that measurement's half-batch squared gradient norm so that the average is scale-free), taken at "
         "the last measurement before the run reached the target. McCandlish et al. (2018) predict "
         "S = S_min (1 + B_crit / B) and E = E_min (1 + B / B_crit) with B_crit close to B_noise: below it, "
-        "doubling the batch nearly halves the steps; above it, it mostly doubles the samples.",
+        "doubling the batch nearly halves the steps; above it, it mostly doubles the samples. "
+        "B_noise final is the estimate at the run's last measurement; n/a there means the running |G|^2 "
+        "estimate was not positive: near convergence the true gradient is smaller than the noise of its "
+        "unbiased estimate, so no gradient signal is detected and B_simple is unbounded, not a number.",
         "",
         f"![overview]({rel['overview']})",
         "",

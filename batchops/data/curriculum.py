@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchops.data.sampler_contract import ResumableDistributedSampler
+from batchops.data.sampler_contract import ResumableDistributedSampler, check_int
 
 __all__ = ["CurriculumSampler", "PACING_FUNCTIONS"]
 
@@ -41,14 +41,6 @@ _TOL = 1e-9
 
 def _name(arg: str) -> str:
     return f"CurriculumSampler: {arg}"
-
-
-def _check_int(arg: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{_name(arg)} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{_name(arg)} must be at least {minimum}, got {value}")
-    return int(value)
 
 
 def _check_real(arg: str, value: Any) -> float:
@@ -185,12 +177,14 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
         self.increase = _check_real("increase", increase)
         if self.increase <= 1.0:
             raise ValueError(f"{_name('increase')} must be greater than 1, got {increase}")
-        self.step_length = None if step_length is None else _check_int("step_length", step_length, 1)
-        self.total_epochs = None if total_epochs is None else _check_int("total_epochs", total_epochs, 1)
-        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
-        self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
+        self.step_length = None if step_length is None else check_int(_name("step_length"), step_length, 1)
+        self.total_epochs = None if total_epochs is None else check_int(_name("total_epochs"), total_epochs, 1)
+        self.total_steps = None if total_steps is None else check_int(_name("total_steps"), total_steps, 1)
+        self.batch_size = None if batch_size is None else check_int(_name("batch_size"), batch_size, 1)
         self.num_samples_per_epoch = (
-            None if num_samples_per_epoch is None else _check_int("num_samples_per_epoch", num_samples_per_epoch, 1)
+            None
+            if num_samples_per_epoch is None
+            else check_int(_name("num_samples_per_epoch"), num_samples_per_epoch, 1)
         )
         if self.total_epochs is not None and self.total_steps is not None:
             raise ValueError(f"{_name('total_epochs')} and total_steps are exclusive; give one")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchops.data.sampler_contract import ResumableDistributedSampler, _check_int
+from batchops.data.sampler_contract import ResumableDistributedSampler, check_int
 
 __all__ = ["LossWeightedSampler"]
 
@@ -126,10 +126,10 @@ class LossWeightedSampler(ResumableDistributedSampler[int]):
     ) -> None:
         if not isinstance(num_samples, numbers.Integral) and hasattr(num_samples, "__len__"):
             num_samples = len(num_samples)
-        n = _check_int("num_samples", num_samples)
+        n = check_int("num_samples", num_samples)
         if n < 1:
             raise ValueError(f"LossWeightedSampler: num_samples must be positive, got {n}")
-        draws = n if num_draws is None else _check_int("num_draws", num_draws)
+        draws = n if num_draws is None else check_int("num_draws", num_draws)
         if draws < 0:
             raise ValueError(f"LossWeightedSampler: num_draws must be non-negative, got {draws}")
         self.replacement = bool(replacement)

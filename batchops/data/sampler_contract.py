@@ -38,9 +38,13 @@ __all__ = ["ResumableDistributedSampler", "resolve_replicas"]
 T = TypeVar("T")
 
 
-def _check_int(name: str, value: Any) -> int:
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int: a TypeError for anything but an integer (bools included), a
+    ValueError below ``minimum``. Shared by the samplers' argument checks."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return int(value)
 
 
@@ -60,8 +64,8 @@ def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, i
             num_replicas = dist.get_world_size() if initialized else 1
         if rank is None:
             rank = dist.get_rank() if initialized else 0
-    num_replicas = _check_int("num_replicas", num_replicas)
-    rank = _check_int("rank", rank)
+    num_replicas = check_int("num_replicas", num_replicas)
+    rank = check_int("rank", rank)
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
     if rank >= num_replicas or rank < 0:
@@ -103,7 +107,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
     ) -> None:
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         self.shuffle = bool(shuffle)
-        self.seed = _check_int("seed", seed)
+        self.seed = check_int("seed", seed)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self._position = 0
@@ -139,7 +143,7 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; changing it resets the position to 0 (same epoch: kept)."""
-        epoch = _check_int("epoch", epoch)
+        epoch = check_int("epoch", epoch)
         if epoch != self.epoch:
             self.epoch = epoch
             self._position = 0
@@ -220,9 +224,9 @@ class ResumableDistributedSampler(Sampler[T], Generic[T]):
                     f"{type(self).__name__}.load_state_dict: saved {key}={state[key]!r} "
                     f"but this sampler has {key}={value!r}"
                 )
-        self.epoch = _check_int("epoch", state["epoch"])
-        self.seed = _check_int("seed", state["seed"])
-        position = _check_int("position", state["position"])
+        self.epoch = check_int("epoch", state["epoch"])
+        self.seed = check_int("seed", state["seed"])
+        position = check_int("position", state["position"])
         length = len(self)
         if "length" in state and state["length"] != length:
             raise ValueError(

@@ -174,7 +174,7 @@ def setup_distributed(
     )
 
 
-def _comm_device(tensor_device: torch.device) -> torch.device:
+def comm_device(tensor_device: torch.device) -> torch.device:
     """The device collectives run on: CUDA tensors for nccl, CPU for gloo and the rest."""
     import torch.distributed as dist
 
@@ -188,7 +188,7 @@ def all_gather_ints(values: Sequence[int], device: torch.device = torch.device("
     """Each rank's list of ints (same length on every rank), in rank order."""
     import torch.distributed as dist
 
-    comm = _comm_device(device)
+    comm = comm_device(device)
     t = torch.tensor(list(values), dtype=torch.int64, device=comm)
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
@@ -203,7 +203,7 @@ def gather_variable(tensor: torch.Tensor) -> torch.Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    comm = _comm_device(tensor.device)
+    comm = comm_device(tensor.device)
     sizes = [s[0] for s in all_gather_ints([int(tensor.shape[0])], comm)]
     longest = max(sizes)
     local = tensor.detach().to(comm)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchops.data.prefetch import apply_to_tensors
 from batchops.train.checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from batchops.train.distributed import (
     DEFAULT_COLLECTIVE_TIMEOUT,
@@ -111,18 +112,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, dict):
-        return type(obj)((k, _to_device(v, device, non_blocking)) for k, v in obj.items())
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_to_device(v, device, non_blocking) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device, non_blocking) for v in obj)
-    return obj
 
 
 def _default_split(batch: Any) -> tuple[Any, Any]:
@@ -443,7 +432,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one micro-batch
     def _forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any]:
-        batch = _to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+        non_blocking = self.device.type == "cuda"
+        batch = apply_to_tensors(lambda t: t.to(self.device, non_blocking=non_blocking), batch)
         inputs, targets = self.batch_fn(batch)
         with self._autocast():
             if isinstance(inputs, dict):
@@ -763,9 +753,9 @@ class Trainer:
             return list(values)
         import torch.distributed as dist
 
-        from batchops.train.distributed import _comm_device
+        from batchops.train.distributed import comm_device
 
-        t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device(self.device))
+        t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(self.device))
         dist.all_reduce(t)
         return t.cpu().tolist()
 

@@ -47,6 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from batchops.data.prefetch import apply_to_tensors
+
 # `batchops sweep`'s default folder (git-ignored). The committed example results live in
 # benchmarks/sweep/ and are reproduced with an explicit --out, never overwritten by default.
 DEFAULT_OUT_DIR = "sweep-results"
@@ -164,17 +166,7 @@ class _Batcher:
         from torch.utils.data import default_collate
 
         x, y = default_collate([self.dataset[i] for i in indices])[:2]
-        return _to(x, self.device), _to(y, self.device)
-
-
-def _to(obj, device):
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+        return apply_to_tensors(lambda t: t.to(self.device, non_blocking=True), (x, y))
 
 
 def _split(dataset, seed: int, test_fraction: float) -> tuple[Dataset, Dataset]:

@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -174,13 +175,15 @@ def setup_distributed(
     )
 
 
-def comm_device(tensor_device: torch.device) -> torch.device:
-    """The device collectives run on: CUDA tensors for nccl, CPU for gloo and the rest."""
+def comm_device(tensor_device: torch.device | None = None, group: Any = None) -> torch.device:
+    """The device the collectives of ``group`` (default: the whole world) run on: CUDA for
+    nccl (``tensor_device`` itself when it is a CUDA device), the CPU for gloo and the rest."""
     import torch.distributed as dist
 
-    backend = str(dist.get_backend())
-    if "nccl" in backend:
-        return tensor_device if tensor_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    if "nccl" in str(dist.get_backend(group)).lower():
+        if tensor_device is not None and tensor_device.type == "cuda":
+            return tensor_device
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

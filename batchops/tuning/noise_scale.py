@@ -30,6 +30,8 @@ from typing import Any, Union
 
 import torch
 
+from batchops.train.distributed import comm_device
+
 __all__ = ["GradientNoiseScale", "estimate_noise_scale"]
 
 Number = Union[float, torch.Tensor]  # noqa: UP007 (a runtime alias: X | Y needs no Union, but reads alike)
@@ -141,13 +143,6 @@ def _dist():
             "GradientNoiseScale: the distributed paths need an initialized torch.distributed process group"
         )
     return dist
-
-
-def _comm_device(dist: Any, group: Any) -> torch.device:
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class _CommHookState:
@@ -485,7 +480,7 @@ class GradientNoiseScale:
         if world < 2:
             return None
         stats = torch.tensor(
-            [local_sq, global_sq, 1.0 / b_local, b_local], dtype=torch.float64, device=_comm_device(dist, group)
+            [local_sq, global_sq, 1.0 / b_local, b_local], dtype=torch.float64, device=comm_device(group=group)
         )
         dist.all_reduce(stats, group=group)
         stats = stats.cpu().tolist()

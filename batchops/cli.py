@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+__all__ = ["main"]
+
 
 def _parser() -> argparse.ArgumentParser:
     from batchops.bench import DEFAULT_OUT_DIR, OPS

@@ -28,6 +28,8 @@ import torch
 
 from batchops.bench.harness import REFERENCE, Case
 
+__all__ = ["OP", "LAYOUTS", "shapes_for", "dtypes_for", "cases", "NOTES"]
+
 OP = "batch_norm"
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -34,6 +34,41 @@ from dataclasses import dataclass, field
 
 import torch
 
+__all__ = [
+    "PROVIDERS",
+    "REFERENCE",
+    "MODES",
+    "quantile",
+    "Stats",
+    "resolve_device",
+    "synchronize",
+    "cpu_model",
+    "device_name",
+    "device_tag",
+    "last_level_cache_bytes",
+    "CpuContention",
+    "TimingSettings",
+    "reuse_freed_cpu_memory",
+    "time_interleaved",
+    "peak_memory_bytes",
+    "CopyBandwidth",
+    "copy_bandwidth",
+    "Case",
+    "Row",
+    "max_relative_error",
+    "compare_outputs",
+    "check_providers",
+    "run_case",
+    "fmt_bytes",
+    "fmt_ms",
+    "dtype_name",
+    "environment_lines",
+    "format_table",
+    "results_path",
+    "write_results",
+    "utcnow",
+]
+
 PROVIDERS = ("torch", "batchops")
 # A case may add this key to its providers: a float64 callable used once to check the outputs,
 # never timed.

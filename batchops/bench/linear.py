@@ -50,6 +50,8 @@ import torch.nn.functional as F
 
 from batchops.bench.harness import REFERENCE, Case
 
+__all__ = ["OP", "Shapes", "shape_sets", "ragged_sizes", "cases", "NOTES"]
+
 OP = "linear"
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, None: lambda t: t}

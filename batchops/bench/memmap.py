@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from batchops.bench.harness import Case
 
+__all__ = ["OP", "BATCH_SIZE", "shapes_for", "PerItemDataset", "cases", "NOTES"]
+
 OP = "memmap"
 BATCH_SIZE = 256
 

@@ -40,6 +40,8 @@ from torch.nn.utils import rnn
 
 from batchops.bench.harness import Case
 
+__all__ = ["OP", "shapes_for", "cases", "NOTES"]
+
 OP = "packing"
 
 

@@ -44,6 +44,8 @@ import torch
 
 from batchops.bench.harness import Case
 
+__all__ = ["OP", "calibrate_reps", "cases", "NOTES"]
+
 OP = "prefetch"
 
 

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+__all__ = ["OP", "PROVIDERS", "shapes_for", "TorchAllGatherSyncBN", "run", "markdown", "cases", "NOTES", "main"]
+
 OP = "sync_batch_norm"
 
 PROVIDERS = ("torch_allgather", "batchops", "batchops_local")

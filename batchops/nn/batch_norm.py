@@ -16,6 +16,8 @@ from batchops import functional as F
 from batchops.nn._compat import NORM_TAKES_BIAS, make_norm
 from batchops.ops.common import check_activation
 
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm"]
+
 
 class _BatchNorm(_NormBase):
     _expected_dims: tuple[int, ...] = ()

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from batchops import functional as F
 from batchops.ops.common import check_activation
 
+__all__ = ["Linear", "GroupedLinear"]
+
 
 class Linear(nn.Linear):
     """:class:`torch.nn.Linear` with an optional fused activation.

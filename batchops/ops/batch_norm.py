@@ -15,6 +15,8 @@ import torch
 from batchops._extension import extension_available, require_extension
 from batchops.ops.common import kernel_memory_format, stat_dtype
 
+__all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_elemt"]
+
 
 def batch_norm_forward(
     input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor, eps, activation

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["ACTIVATIONS", "check_activation", "kernel_memory_format", "stat_dtype"]
+
 # One set of activation names for every op (None = identity).
 ACTIVATIONS = (None, "relu", "silu", "gelu", "gelu_tanh")
 

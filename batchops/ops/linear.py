@@ -14,6 +14,8 @@ import torch
 
 from batchops._extension import extension_available, require_extension
 
+__all__ = ["linear_forward", "grouped_linear_forward"]
+
 _SAVES_DERIVATIVE = ("silu", "gelu", "gelu_tanh")
 
 

@@ -11,6 +11,8 @@ import torch
 
 from batchops._extension import extension_available, require_extension
 
+__all__ = ["gather_rows"]
+
 
 def gather_rows(input, index, inverse_index=None, fill=0):
     """input (R, *), index (M,) int64 with values in [-1, R) -> (M, *).

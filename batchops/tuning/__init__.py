@@ -15,7 +15,8 @@
 * :func:`batch_size_sweep` -- the convergence study: train at several batch sizes and compare
   steps and samples to a target loss.
 
-Pure Python + torch: nothing here needs batchops' compiled kernels.
+Pure Python + torch: none of it needs batchops' compiled kernels, except the default model of
+:func:`batch_size_sweep` (a CNN on ``batchops.BatchNorm2d``; a ``model_fn`` of your own does not).
 """
 
 from batchops.tuning.adaptive import AdaptiveBatchSize

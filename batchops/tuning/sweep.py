@@ -49,6 +49,27 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from batchops.data.prefetch import apply_to_tensors
 
+__all__ = [
+    "DEFAULT_OUT_DIR",
+    "DEFAULT_BATCH_SIZES",
+    "LR_RULES",
+    "OPTIMIZERS",
+    "DEFAULT_BASE_LR",
+    "DEFAULT_EPOCHS",
+    "SPLIT_SEED",
+    "PLOT_FILES",
+    "REPORT_FILE",
+    "JSON_FILE",
+    "load_digits_dataset",
+    "default_model",
+    "lr_for",
+    "sample_stream",
+    "RunResult",
+    "SweepResult",
+    "batch_size_sweep",
+    "write_outputs",
+]
+
 # `batchops sweep`'s default folder (git-ignored). The committed example results live in
 # benchmarks/sweep/ and are reproduced with an explicit --out, never overwritten by default.
 DEFAULT_OUT_DIR = "sweep-results"

@@ -11,6 +11,7 @@ The forward op is functional: it returns the new running statistics instead of w
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from batchops._extension import extension_available, require_extension
 from batchops.ops.common import kernel_memory_format, stat_dtype
@@ -19,8 +20,18 @@ __all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "bat
 
 
 def batch_norm_forward(
-    input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor, eps, activation
-):
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    momentum_tensor: Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (output, save_mean, save_invstd, new_running_mean, new_running_var)."""
     require_extension()
     return torch.ops.batchops.batch_norm_forward(
@@ -29,8 +40,17 @@ def batch_norm_forward(
 
 
 def batch_norm_backward(
-    grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation, output_mask
-):
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    activation: str | None,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_input, grad_weight, grad_bias, grad_residual); unrequested ones are empty."""
     require_extension()
     return torch.ops.batchops.batch_norm_backward(
@@ -38,7 +58,7 @@ def batch_norm_backward(
     )
 
 
-def batch_norm_stats(input):
+def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """-> (mean, m2): per-channel mean and sum of squared deviations (float32, float64 for
     float64 input); zeros for an empty batch. The count is input.numel() // input.size(1)."""
     require_extension()
@@ -46,8 +66,18 @@ def batch_norm_stats(input):
 
 
 def batch_norm_backward_elemt(
-    grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat, activation, output_mask
-):
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    mean_g: Tensor,
+    mean_gxhat: Tensor,
+    activation: str | None,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
     """-> (grad_input, grad_residual) from the given per-channel mean(g) and mean(g * xhat) of the
     whole (distributed) batch; unrequested ones are empty."""
     require_extension()

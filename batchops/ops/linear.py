@@ -11,6 +11,7 @@ csrc/linear/linear.h.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from batchops._extension import extension_available, require_extension
 
@@ -19,13 +20,22 @@ __all__ = ["linear_forward", "grouped_linear_forward"]
 _SAVES_DERIVATIVE = ("silu", "gelu", "gelu_tanh")
 
 
-def linear_forward(input, weight, bias, activation, save_for_backward=True):
+def linear_forward(
+    input: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, save_for_backward: bool = True
+) -> tuple[Tensor, Tensor]:
     """-> (output, saved)."""
     require_extension()
     return torch.ops.batchops.linear_forward(input, weight, bias, activation, save_for_backward)
 
 
-def grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward=True):
+def grouped_linear_forward(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    group_sizes: Tensor | None,
+    activation: str | None,
+    save_for_backward: bool = True,
+) -> tuple[Tensor, Tensor]:
     """-> (output, saved)."""
     require_extension()
     return torch.ops.batchops.grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward)

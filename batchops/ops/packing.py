@@ -8,13 +8,14 @@ backward is the other direction, i.e. the same op with the two maps swapped.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from batchops._extension import extension_available, require_extension
 
 __all__ = ["gather_rows"]
 
 
-def gather_rows(input, index, inverse_index=None, fill=0):
+def gather_rows(input: Tensor, index: Tensor, inverse_index: Tensor | None = None, fill: float = 0) -> Tensor:
     """input (R, *), index (M,) int64 with values in [-1, R) -> (M, *).
 
     `inverse_index` (R,) maps each input row to its output row (or -1); when given, the

@@ -51,8 +51,8 @@ lint: $(VENV)/.deps-torch-$(TORCH)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
 
-# One call on a GPU machine: build for the visible GPU, run the whole suite (cuda cases
-# included), run the benchmarks on cuda and write benchmarks/results/.
+# One call on a lent GPU machine (about 8 minutes): build for the visible GPU, the cuda tests,
+# compute-sanitizer, a quick benchmark; stages and outputs: scripts/gpu-check.sh.
 gpu-check:
 	bash scripts/gpu-check.sh
 

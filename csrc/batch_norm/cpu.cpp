@@ -28,24 +28,6 @@ void batch_norm_backward_kernel(BatchNormBackwardPlan& p);
 
 namespace {
 
-template <typename Plan>
-void run_cpu_kernel(Plan& p, void (*fn_default)(Plan&), void (*fn_avx2)(Plan&), void (*fn_avx512)(Plan&)) {
-  switch (cpu_isa_for(p.input.scalar_type())) {
-    case CpuIsa::kAVX512:
-      return fn_avx512(p);
-    case CpuIsa::kAVX2:
-      return fn_avx2(p);
-    default:
-      return fn_default(p);
-  }
-}
-
-#if BATCHOPS_CPU_VARIANTS
-#define BATCHOPS_CPU_KERNELS(NAME) &cpu_default::NAME, &cpu_avx2::NAME, &cpu_avx512::NAME
-#else
-#define BATCHOPS_CPU_KERNELS(NAME) &cpu_default::NAME, &cpu_default::NAME, &cpu_default::NAME
-#endif
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
@@ -55,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
                                    momentum_tensor, eps, activation);
   if (p.momentum_tensor.defined()) p.momentum = p.momentum_tensor.item<double>();
   advise_huge_pages(p.output);
-  run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_forward_kernel));
+  cpu_kernel_for(p.input.scalar_type(), BATCHOPS_CPU_KERNELS(batch_norm_forward_kernel))(p);
   return finish_batch_norm_forward(p);
 }
 
@@ -68,13 +50,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
                                     activation, output_mask);
   advise_huge_pages(p.grad_input);
   advise_huge_pages(p.grad_residual);
-  run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_backward_kernel));
+  cpu_kernel_for(p.input.scalar_type(), BATCHOPS_CPU_KERNELS(batch_norm_backward_kernel))(p);
   return finish_batch_norm_backward(p);
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
   auto p = plan_batch_norm_stats(input);
-  run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_stats_kernel));
+  cpu_kernel_for(p.input.scalar_type(), BATCHOPS_CPU_KERNELS(batch_norm_stats_kernel))(p);
   return {p.mean, p.m2};
 }
 
@@ -87,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
                                           mean_gxhat, activation, output_mask);
   advise_huge_pages(p.grad_input);
   advise_huge_pages(p.grad_residual);
-  run_cpu_kernel(p, BATCHOPS_CPU_KERNELS(batch_norm_backward_kernel));
+  cpu_kernel_for(p.input.scalar_type(), BATCHOPS_CPU_KERNELS(batch_norm_backward_kernel))(p);
   auto out = finish_batch_norm_backward(p);
   return {std::get<0>(out), std::get<3>(out)};
 }

@@ -21,11 +21,30 @@ inline CpuIsa cpu_isa_for(c10::ScalarType dtype) {
   return dtype == c10::kFloat ? isa : CpuIsa::kDefault;
 }
 
+// The build of a CPU kernel that runs for `dtype`: one function compiled from a kernel header
+// in the namespaces cpu_default, cpu_avx2 and cpu_avx512, passed as BATCHOPS_CPU_KERNELS(name).
+// Every op's CPU entry points choose their kernels through this.
+template <typename Fn>
+Fn* cpu_kernel_for(c10::ScalarType dtype, Fn* fn_default, Fn* fn_avx2, Fn* fn_avx512) {
+  switch (cpu_isa_for(dtype)) {
+    case CpuIsa::kAVX512:
+      return fn_avx512;
+    case CpuIsa::kAVX2:
+      return fn_avx2;
+    default:
+      return fn_default;
+  }
+}
+
 }  // namespace batchops
 
 // The variant files compile only with GCC on x86-64; elsewhere the default level is used.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define BATCHOPS_CPU_VARIANTS 1
+#define BATCHOPS_CPU_KERNELS(NAME) \
+  &::batchops::cpu_default::NAME, &::batchops::cpu_avx2::NAME, &::batchops::cpu_avx512::NAME
 #else
 #define BATCHOPS_CPU_VARIANTS 0
+#define BATCHOPS_CPU_KERNELS(NAME) \
+  &::batchops::cpu_default::NAME, &::batchops::cpu_default::NAME, &::batchops::cpu_default::NAME
 #endif

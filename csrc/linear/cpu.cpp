@@ -51,32 +51,12 @@ namespace {
 
 void epilogue_forward(at::ScalarType dtype, Activation act, void* z, void* derivative, const void* bias, int64_t rows,
                       int64_t N) {
-#if BATCHOPS_CPU_VARIANTS
-  switch (cpu_isa_for(dtype)) {
-    case CpuIsa::kAVX512:
-      return cpu_avx512::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
-    case CpuIsa::kAVX2:
-      return cpu_avx2::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
-    default:
-      break;
-  }
-#endif
-  cpu_default::linear_epilogue_forward(dtype, act, z, derivative, bias, rows, N);
+  cpu_kernel_for(dtype, BATCHOPS_CPU_KERNELS(linear_epilogue_forward))(dtype, act, z, derivative, bias, rows, N);
 }
 
 void epilogue_backward(at::ScalarType dtype, Activation act, const void* dy, const void* saved, void* dz,
                        void* bias_sum, int64_t rows, int64_t N) {
-#if BATCHOPS_CPU_VARIANTS
-  switch (cpu_isa_for(dtype)) {
-    case CpuIsa::kAVX512:
-      return cpu_avx512::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
-    case CpuIsa::kAVX2:
-      return cpu_avx2::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
-    default:
-      break;
-  }
-#endif
-  cpu_default::linear_epilogue_backward(dtype, act, dy, saved, dz, bias_sum, rows, N);
+  cpu_kernel_for(dtype, BATCHOPS_CPU_KERNELS(linear_epilogue_backward))(dtype, act, dy, saved, dz, bias_sum, rows, N);
 }
 
 // Rows per block: 128 rows of 256 float outputs is 128 KiB, which stays in L2 between the

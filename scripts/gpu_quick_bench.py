@@ -12,48 +12,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as TF
 
 import batchops
 from batchops import functional as F
+from batchops.bench.harness import TimingSettings, time_interleaved
 
 
-class Timer:
-    def __init__(self, device: str):
-        self.device = device
-
-    def __call__(self, fn) -> float:
-        """Milliseconds of one fn() call."""
-        if self.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
-def compare(timer: Timer, ours, theirs, reps: int) -> tuple[float, float]:
-    """Median ms of each, interleaved (ours, theirs, ours, ...) after warm-up."""
-    for _ in range(3):
-        ours()
-        theirs()
-    if timer.device == "cuda":
-        torch.cuda.synchronize()
-    a, b = [], []
-    for _ in range(reps):
-        a.append(timer(ours))
-        b.append(timer(theirs))
-    return statistics.median(a), statistics.median(b)
+def compare(device: torch.device, ours, theirs, reps: int) -> tuple[float, float]:
+    """Median ms of each: the bench harness's interleaved timing (CUDA events, L2 flushed
+    before each sample), a fixed number of samples."""
+    settings = TimingSettings(warmup_s=0.0, min_warmup=3, budget_s=0.0, min_reps=reps, max_reps=reps)
+    stats = time_interleaved({"batchops": ours, "torch": theirs}, device, settings)
+    return stats["batchops"].median, stats["torch"].median
 
 
 def fwd_bwd(module_or_fn, x, gy, *extra):
@@ -168,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    timer = Timer(args.device)
+    device = torch.device(args.device)
     with open(args.out, "a") as f:
         f.write(
             f"\n# Quick benchmark: {name}, torch {torch.__version__}, batchops {commit}, "
             f"{datetime.date.today().isoformat()}\n\n"
-            "Medians of interleaved CUDA-event timings; ratio = batchops / torch (lower is better).\n\n"
+            "Medians of interleaved timings (batchops.bench.harness.time_interleaved); ratio = batchops / torch (lower is better).\n\n"
             "| case | shape | batchops ms | torch ms | ratio |\n|---|---|---:|---:|---:|\n"
         )
         f.flush()
         for case, shape, ours, theirs in cases(args.device, args.tiny):
             try:
-                a, b = compare(timer, ours, theirs, args.reps)
+                a, b = compare(device, ours, theirs, args.reps)
                 row = f"| {case} | {shape} | {a:.3f} | {b:.3f} | {a / b:.2f} |"
             except Exception as exc:  # one failing case must not hide the others
                 row = f"| {case} | {shape} | error: {type(exc).__name__}: {str(exc)[:120]} | | |"

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from batchops import functional as F
-from batchops.nn._compat import NORM_TAKES_BIAS, make_norm
+from batchops.nn._compat import NORM_TAKES_BIAS, emulate_bias_flag, make_norm
 from batchops.ops.common import check_activation
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm"]
@@ -40,8 +40,7 @@ class _BatchNorm(_NormBase):
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         else:  # torch 2.11: emulate bias=False as newer releases implement it (see nn/_compat.py)
             super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-            if affine and not bias:
-                self.register_parameter("bias", None)
+            emulate_bias_flag(self, bias)
         self.activation = activation
 
     def reset_parameters(self) -> None:

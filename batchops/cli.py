@@ -148,7 +148,7 @@ def _info() -> int:
     import torch
 
     import batchops
-    from batchops.bench.harness import cpu_model
+    from batchops.environment import cpu_model
 
     print(f"batchops {batchops.__version__} ({os.path.dirname(os.path.abspath(batchops.__file__))})")
     print("build_info:")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 
 import torch
@@ -20,11 +19,12 @@ import torch.nn.functional as TF
 
 import batchops
 from batchops import functional as F
-from batchops.bench.harness import TimingSettings, time_interleaved
+from batchops.bench.timing import TimingSettings, time_interleaved
+from batchops.environment import device_name, git_revision
 
 
 def compare(device: torch.device, ours, theirs, reps: int) -> tuple[float, float]:
-    """Median ms of each: the bench harness's interleaved timing (CUDA events, L2 flushed
+    """Median ms of each: the benchmarks' interleaved timing (CUDA events, L2 flushed
     before each sample), a fixed number of samples."""
     settings = TimingSettings(warmup_s=0.0, min_warmup=3, budget_s=0.0, min_reps=reps, max_reps=reps)
     stats = time_interleaved({"batchops": ours, "torch": theirs}, device, settings)
@@ -138,17 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_quick_bench: no CUDA device", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
     device = torch.device(args.device)
+    name = device_name(device)
+    commit = git_revision() or "unknown"
     with open(args.out, "a") as f:
         f.write(
             f"\n# Quick benchmark: {name}, torch {torch.__version__}, batchops {commit}, "
             f"{datetime.date.today().isoformat()}\n\n"
-            "Medians of interleaved timings (batchops.bench.harness.time_interleaved); ratio = batchops / torch (lower is better).\n\n"
+            "Medians of interleaved timings (batchops.bench.timing.time_interleaved); ratio = batchops / torch (lower is better).\n\n"
             "| case | shape | batchops ms | torch ms | ratio |\n|---|---|---:|---:|---:|\n"
         )
         f.flush()

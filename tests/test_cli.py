@@ -1,4 +1,5 @@
-"""The `batchops` command line and the benchmark harness (no timing assertions)."""
+"""The `batchops` command line: info, bench (no timing assertions), help. The benchmark parts are
+tested in test_bench.py, the device helpers in test_environment.py."""
 
 import os
 import platform
@@ -10,37 +11,8 @@ import torch
 
 import batchops
 from batchops import cli
-from batchops.bench import harness
-from batchops.bench.harness import REFERENCE, Stats, check_providers, compare_outputs, quantile
 
 needs_extension = pytest.mark.skipif(not batchops.extension_available(), reason="batchops._C is not built")
-
-
-def test_quantile_and_stats_on_a_known_list():
-    xs = [7.0, 1.0, 10.0, 4.0, 2.0, 9.0, 3.0, 6.0, 5.0, 8.0]  # 1..10, shuffled
-    assert quantile(xs, 0.5) == pytest.approx(5.5)
-    assert quantile(xs, 0.2) == pytest.approx(2.8)  # position 0.2 * 9 = 1.8 -> 2 + 0.8
-    assert quantile(xs, 0.8) == pytest.approx(8.2)
-    assert quantile(xs, 0.0) == 1.0 and quantile(xs, 1.0) == 10.0
-    s = Stats.of([3.0, 1.0, 2.0])
-    assert (s.median, s.n) == (2.0, 3)
-    # Same convention as torch.quantile (linear interpolation).
-    ref = torch.quantile(torch.tensor(xs, dtype=torch.float64), torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-    assert [quantile(xs, q) for q in (0.2, 0.5, 0.8)] == pytest.approx(ref.tolist())
-    with pytest.raises(ValueError):
-        quantile([], 0.5)
-
-
-def test_compare_outputs_flags_a_mismatch():
-    a = torch.randn(100)
-    assert compare_outputs((a, a), (a.clone(), a.clone()), torch.float32) == ""
-    assert "DIFFER" in compare_outputs(a, a + 0.5, torch.float32)
-    good = lambda: (a.double(), a.sum())  # noqa: E731
-    assert check_providers({"torch": good, "batchops": good, REFERENCE: good}, torch.float32) == ""
-    note = check_providers(
-        {"torch": lambda: (a.double() + 0.5, a.sum()), "batchops": good, REFERENCE: good}, torch.float32
-    )
-    assert note.startswith("TORCH OFF vs float64"), note
 
 
 def test_info_runs(capsys):
@@ -96,7 +68,7 @@ def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
 @needs_extension
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc thresholds are glibc's")
 def test_bench_fixes_glibc_malloc_thresholds_for_cpu_runs(tmp_path):
-    """By default a CPU run makes malloc keep freed blocks (see harness.reuse_freed_cpu_memory)
+    """By default a CPU run makes malloc keep freed blocks (see batchops.bench.timing.reuse_freed_cpu_memory)
     and says so in the report; run in a subprocess, since the setting is process-wide. A run of
     one op writes a file named after it (it must not overwrite the day's full run)."""
     code = (
@@ -130,7 +102,3 @@ def test_bench_without_extension_fails_with_the_build_hint(monkeypatch, tmp_path
     err = capsys.readouterr().err
     assert "pip install --no-build-isolation" in err
     assert not list(tmp_path.iterdir())
-
-
-def test_device_tag():
-    assert harness.device_tag(torch.device("cpu")) == f"cpu-{torch.get_num_threads()}threads"

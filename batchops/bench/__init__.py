@@ -1,9 +1,16 @@
 """Benchmarks of batchops against torch, shared by the `batchops bench` command and the
-scripts under benchmarks/.
+scripts under benchmarks/: `run` measures the cases of the benchmarks asked for and writes the
+report.
 
-Each op lives in a module batchops.bench.<op> that provides `cases(device, quick, smoke)` (a
-list of harness.Case) and `NOTES` (how its bytes are counted). To add an op, write that module
-and add it to OPS.
+Each benchmark lives in a module batchops.bench.<op> that provides `cases(device, quick, smoke)`
+(a list of batchops.bench.case.Case) and `NOTES` (how its bytes are counted). To add one, write
+that module and add it to OPS; the rest is shared:
+
+* case.py: Case, the providers and modes (what a benchmark module builds);
+* measure.py: run_case, one case checked (checks.py), timed and measured into a Row;
+* timing.py: interleaved timing, peak memory, copy bandwidth, the CPU's malloc and contention;
+* stats.py, formatting.py, report.py: the statistics, how they print, the table and its file;
+* batchops.environment: the device and the machine facts every results file records.
 """
 
 from __future__ import annotations
@@ -12,21 +19,13 @@ import importlib
 import os
 from collections.abc import Callable, Sequence
 
-from batchops.bench import harness
-from batchops.bench.harness import Case, Row, Stats, TimingSettings, quantile, time_interleaved
+from batchops.bench.formatting import dtype_name
+from batchops.bench.measure import Row, run_case
+from batchops.bench.report import format_table, write_results
+from batchops.bench.timing import CpuContention, TimingSettings, copy_bandwidth, reuse_freed_cpu_memory
+from batchops.environment import environment_lines, resolve_device, utcnow
 
-__all__ = [
-    "OPS",
-    "run",
-    "settings_for",
-    "harness",
-    "Case",
-    "Row",
-    "Stats",
-    "TimingSettings",
-    "quantile",
-    "time_interleaved",
-]
+__all__ = ["OPS", "DEFAULT_OUT_DIR", "run", "settings_for"]
 
 OPS = {
     "batch_norm": "batchops.bench.batch_norm",
@@ -66,7 +65,7 @@ def run(
     report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md, with
     "-<op>-<op>..." before ".md" when `ops` is not all of OPS; None when out_dir is None).
     `log`, when given, receives one line per finished case. On the CPU the run first fixes
-    glibc's malloc thresholds (harness.reuse_freed_cpu_memory) unless `default_malloc`.
+    glibc's malloc thresholds (batchops.bench.timing.reuse_freed_cpu_memory) unless `default_malloc`.
 
     Raises the RuntimeError of batchops._extension.require_extension() when the compiled kernels
     are unavailable.
@@ -79,23 +78,23 @@ def run(
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise ValueError(f"unknown op(s) {unknown}; available: {sorted(OPS)}")
-    dev = harness.resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and not build_info()["cuda_kernels"]:
         raise RuntimeError(
             "--device cuda, but batchops._C was built without CUDA kernels; rebuild with a "
             "CUDA toolkit (see README.md, 'Build options') or use --device cpu"
         )
     settings = settings_for(quick, smoke)
-    when = harness.utcnow()
+    when = utcnow()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
     # CPU: fixed malloc thresholds, so that page faults on recycled buffers do not decide ratios.
     malloc_note = None
     if dev.type == "cpu" and not default_malloc:
-        malloc_note = harness.reuse_freed_cpu_memory()
-    contention = harness.CpuContention() if dev.type == "cpu" else None
-    copy_bw = harness.copy_bandwidth(dev, settings)
+        malloc_note = reuse_freed_cpu_memory()
+    contention = CpuContention() if dev.type == "cpu" else None
+    copy_bw = copy_bandwidth(dev, settings)
     if log:
         log(f"copy bandwidth: {copy_bw.bytes_per_s / 1e9:.1f} GB/s")
 
@@ -105,23 +104,24 @@ def run(
         module = importlib.import_module(OPS[op])
         rows = []
         for case in module.cases(dev, quick=quick, smoke=smoke):
-            row = harness.run_case(case, dev, settings)
+            row = run_case(case, dev, settings)
             rows.append(row)
             if log:
                 log(_progress(row))
         all_rows.append((op, module, rows))
     # Measured again after the cases: on a shared machine one measurement can fall in a busy
     # moment, and the best one is the closest to the physical limit.
-    copy_bw = copy_bw.combined(harness.copy_bandwidth(dev, settings))
+    copy_bw = copy_bw.combined(copy_bandwidth(dev, settings))
     for op, module, rows in all_rows:
-        tables += [f"## {op}", "", harness.format_table(rows, copy_bw), ""]
+        tables += [f"## {op}", "", format_table(rows, copy_bw), ""]
         notes = getattr(module, "NOTES", "")
         if notes:
             tables += [notes, ""]
 
     kind = "smoke" if smoke else "quick" if quick else "full"
     sections = [f"# batchops benchmarks ({kind} run): {', '.join(ops)}", ""]
-    sections += harness.environment_lines(dev, copy_bw, when)
+    sections += environment_lines(dev, when)
+    sections.append(f"- copy bandwidth: {copy_bw.describe()}")
     if dev.type == "cpu":
         sections.append("- memory: " + (malloc_note or "the C library's default malloc settings"))
     others = contention.others() if contention is not None else None
@@ -153,7 +153,7 @@ def run(
     # A run of some ops only gets their names in the file name, so that it does not overwrite
     # the day's full run.
     suffix = "" if set(ops) == set(OPS) else "-" + "-".join(ops)
-    path = harness.write_results(text, out_dir, dev, when, suffix) if out_dir is not None else None
+    path = write_results(text, out_dir, dev, when, suffix) if out_dir is not None else None
     return text, path
 
 
@@ -161,6 +161,6 @@ def _progress(row: Row) -> str:
     c = row.case
     t = {k: f"{v.median:.3f}" for k, v in row.times.items()}
     return (
-        f"  {c.op} {'x'.join(map(str, c.shape))} {c.layout} {harness.dtype_name(c.dtype)} {c.mode}: "
+        f"  {c.op} {'x'.join(map(str, c.shape))} {c.layout} {dtype_name(c.dtype)} {c.mode}: "
         f"torch {t.get('torch', '-')} ms, batchops {t.get('batchops', '-')} ms {row.note}"
     ).rstrip()

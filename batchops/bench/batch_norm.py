@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from batchops.bench.harness import REFERENCE, Case
+from batchops.bench.case import REFERENCE, Case
 
 __all__ = ["OP", "LAYOUTS", "shapes_for", "dtypes_for", "cases", "NOTES"]
 

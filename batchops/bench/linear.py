@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from batchops.bench.harness import REFERENCE, Case
+from batchops.bench.case import REFERENCE, Case
 
 __all__ = ["OP", "Shapes", "shape_sets", "ragged_sizes", "cases", "NOTES"]
 
@@ -320,9 +320,6 @@ def _fmt_flops(flops: float) -> str:
 
 def _case(op: str, shape, layout: str, dtype, mode: str, build, rows: int, K: int, N: int) -> Case:
     flops = 2 * rows * K * N * _PRODUCTS[mode]
-    kw = {}
-    if "flops" in {f.name for f in dataclasses.fields(Case)}:  # a harness that reports FLOP/s
-        kw["flops"] = flops
     return Case(
         op=op,
         shape=tuple(shape),
@@ -330,7 +327,7 @@ def _case(op: str, shape, layout: str, dtype, mode: str, build, rows: int, K: in
         dtype=dtype,
         mode=mode,
         build=build,
-        **kw,
+        flops=flops,
     )
 
 

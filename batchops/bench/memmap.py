@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from batchops.bench.harness import Case
+from batchops.bench.case import Case
 
 __all__ = ["OP", "BATCH_SIZE", "shapes_for", "PerItemDataset", "cases", "NOTES"]
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.utils import rnn
 
-from batchops.bench.harness import Case
+from batchops.bench.case import Case
 
 __all__ = ["OP", "shapes_for", "cases", "NOTES"]
 

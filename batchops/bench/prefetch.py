@@ -42,7 +42,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from batchops.bench.harness import Case
+from batchops.bench.case import Case
 
 __all__ = ["OP", "calibrate_reps", "cases", "NOTES"]
 

@@ -12,7 +12,7 @@ sample more). Before timing, each rank checks that the two synchronised provider
 table's last column, relative to max(1, max |value|), float32); the unsynchronised floor
 normalises with local statistics and is not compared.
 
-This does not fit the in-process timing harness (batchops.bench.harness times callables in one
+This does not fit the shared in-process timing (batchops.bench.timing times callables in one
 process), so `cases()` returns no rows; the numbers come from `run()` / the command line.
 """
 

@@ -454,7 +454,7 @@ def batch_size_sweep(
         (restored afterwards; None leaves them as they are).
     progress: tqdm bars on stderr.
     """
-    from batchops.bench.harness import resolve_device
+    from batchops.environment import resolve_device
 
     started = time.perf_counter()
     batch_sizes = sorted({int(b) for b in batch_sizes})
@@ -550,7 +550,7 @@ def batch_size_sweep(
     ]
     measured = statistics.median(at_target) if at_target else None
     s_min, e_min = _fit_tradeoff([(r.batch_size, r.steps_to_target) for r in reached])
-    from batchops.bench.harness import device_name
+    from batchops.environment import device_name
 
     config = {
         "batch_sizes": batch_sizes,

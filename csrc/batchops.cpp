@@ -46,14 +46,16 @@ TORCH_LIBRARY(batchops, m) {
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Grouped: weight (G, out, in), bias (G, out). Without group_sizes the input is
   // (G, ..., in); with them it is (total_rows, in), rows ordered by group, group_sizes (G)
-  // integers on the CPU or the input's device.
+  // integers on the CPU or the input's device. group_offsets: the groups' row offsets, int64
+  // (G + 1) on the input's device; backward takes them (optional) instead of uploading host
+  // sizes, or checking and summing device sizes, a second time.
   m.def(
       "grouped_linear_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? group_sizes, str? activation, "
-      "bool save_for_backward=True) -> (Tensor output, Tensor saved)");
+      "bool save_for_backward=True) -> (Tensor output, Tensor saved, Tensor group_offsets)");
   m.def(
       "grouped_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
-      "Tensor? group_sizes, Tensor output, Tensor saved, str? activation, bool[3] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor? group_sizes, Tensor output, Tensor saved, str? activation, bool[3] output_mask, "
+      "Tensor? group_offsets=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // Packing: out[i] = index[i] >= 0 ? input[index[i]] : fill, rows = input's first dimension.
   // inverse_index (input row -> output row or -1) is not read by the kernel: autograd uses it

@@ -50,8 +50,10 @@ def run(device: str) -> int:
         xg = torch.randn(78, 72, device=device, dtype=dtype)
         wg = torch.randn(4, 80, 72, device=device, dtype=dtype) / 8
         bg = torch.randn(4, 80, device=device, dtype=dtype)
-        out, saved = ops.grouped_linear_forward(xg, wg, bg, sizes, "gelu", True)
-        ops.grouped_linear_backward(torch.randn_like(out), xg, wg, bg, sizes, out, saved, "gelu", [True, True, True])
+        out, saved, offsets = ops.grouped_linear_forward(xg, wg, bg, sizes, "gelu", True)
+        ops.grouped_linear_backward(
+            torch.randn_like(out), xg, wg, bg, sizes, out, saved, "gelu", [True, True, True], offsets
+        )
         calls += 4
     tokens = torch.randn(3, 7, 5, device=device)
     packed, indices, cu_seqlens, max_seqlen = batchops.packing.unpad(tokens, [7, 2, 4])

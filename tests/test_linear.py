@@ -431,7 +431,8 @@ def test_requires_grad_subsets(device, activation, mode, grad):
     op_name = "linear_backward" if mode == "dense" else "grouped_linear_backward"
     with RecordOps() as rec:  # the C++ autograd calls the op below Python's reach
         ours = evaluate(impls[0], **inputs, grad=grad, activation=activation, **kw)
-    masks = [list(args[-1]) for func, args in rec.calls if func.overloadpacket.__name__ == op_name]
+    mask_at = 7 if mode == "dense" else 8  # output_mask's place in the backward op's schema
+    masks = [list(args[mask_at]) for func, args in rec.calls if func.overloadpacket.__name__ == op_name]
     if mode == "dense" and activation is None:
         assert masks == []  # F.linear itself
     else:
@@ -484,9 +485,11 @@ def test_forward_op_saved(device, activation):
     else:
         assert saved.numel() == 0
     gi = grouped_inputs((8, 13), 3, 7, device, f64)
-    out, saved = torch.ops.batchops.grouped_linear_forward(
+    out, saved, offsets = torch.ops.batchops.grouped_linear_forward(
         gi["x"], gi["w"], gi["b"], torch.tensor([3, 0, 5]), activation
     )
+    assert offsets.dtype == torch.long and offsets.device == gi["x"].device
+    assert offsets.tolist() == [0, 3, 3, 8]
     torch.testing.assert_close(out, torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5], activation))
     if activation in ("silu", "gelu", "gelu_tanh"):
         pre = torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5])
@@ -509,8 +512,8 @@ def test_forward_without_saving(device, activation, dtype):
     assert saved_ns.numel() == 0
     gi = grouped_inputs((8, 13), 3, 7, device, dtype)
     sizes = torch.tensor([3, 0, 5])
-    out, _ = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"], sizes, activation, True)
-    out_ns, saved_ns = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"], sizes, activation, False)
+    out, _, _ = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"], sizes, activation, True)
+    out_ns, saved_ns, _ = torch.ops.batchops.grouped_linear_forward(gi["x"], gi["w"], gi["b"], sizes, activation, False)
     torch.testing.assert_close(out_ns, out, rtol=0, atol=0)
     assert saved_ns.numel() == 0
     torch.library.opcheck(torch.ops.batchops.linear_forward.default, (x, w, b, activation, False))
@@ -804,11 +807,16 @@ def test_opcheck_linear_backward(device, case, mask):
 @pytest.mark.parametrize("mask", ["all", "input", "params"])
 def test_opcheck_grouped_linear_backward(device, case, mask):
     x, w, b, gs, activation = _grouped_op_args(device, requires_grad=False, **GROUPED_OPCHECK[case])
-    out, saved = torch.ops.batchops.grouped_linear_forward(x, w, b, gs, activation)
+    out, saved, offsets = torch.ops.batchops.grouped_linear_forward(x, w, b, gs, activation)
     gy = torch.randn_like(out)
     args = (gy, x, w, b, gs, out, saved, activation, MASKS[mask])
     torch.library.opcheck(torch.ops.batchops.grouped_linear_backward.default, args)
-    _check_backward_outputs(torch.ops.batchops.grouped_linear_backward(*args), MASKS[mask], x, w, b)
+    grads = torch.ops.batchops.grouped_linear_backward(*args)
+    _check_backward_outputs(grads, MASKS[mask], x, w, b)
+    # With forward's offsets (what autograd passes): the same gradients, bitwise.
+    torch.library.opcheck(torch.ops.batchops.grouped_linear_backward.default, (*args, offsets))
+    for ours, reference in zip(torch.ops.batchops.grouped_linear_backward(*args, offsets), grads):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -916,6 +924,41 @@ def test_grouped_linear_errors(device, activation):
         call(b_=b.double())
     with pytest.raises(NotImplementedError):  # integer input
         call(x_=x.long(), w_=w.long(), b_=b.long())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_linear_backward_group_offsets_errors(device):
+    """The backward op's group_offsets must be what forward returned: int64, (G + 1,), on the
+    input's device; anything else is refused by name."""
+    x, w, b, gs, activation = _grouped_op_args(device, requires_grad=False, **GROUPED_OPCHECK["ragged_bf16_silu"])
+    out, saved, offsets = torch.ops.batchops.grouped_linear_forward(x, w, b, gs, activation)
+    args = (torch.randn_like(out), x, w, b, gs, out, saved, activation, [True, True, True])
+    for bad in (offsets.int(), offsets[:-1], offsets.view(1, -1), offsets.double()):
+        with pytest.raises(RuntimeError, match="group_offsets"):
+            torch.ops.batchops.grouped_linear_backward(*args, bad)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="group_offsets"):
+            torch.ops.batchops.grouped_linear_backward(*args, offsets.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", ["list", "cpu_tensor", "cuda_tensor"])
+def test_cuda_backward_reuses_forward_group_offsets(form):
+    """Backward takes the device offsets forward made: no host-to-device copy and no device-side
+    checks of the sizes in backward (forward did both once)."""
+    sizes = [5, 0, 7, 3]
+    inputs = grouped_inputs((sum(sizes), 8), len(sizes), 6, "cuda", f32)
+    gs = {"list": sizes, "cpu_tensor": torch.tensor(sizes), "cuda_tensor": torch.tensor(sizes, device="cuda")}[form]
+    x, w, b = (inputs[k].detach().requires_grad_() for k in ("x", "w", "b"))
+    y = BF.grouped_linear(x, w, b, gs, activation="gelu")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y.backward(inputs["gy"])
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert "aten::_to_copy" not in names and "aten::_assert_async" not in names, names
+    expected = evaluate(ours_grouped, **inputs, group_sizes=torch.tensor(sizes).cuda(), activation="gelu")
+    torch.testing.assert_close(w.grad, expected["gw"])
 
 
 @pytest.mark.cuda
@@ -1250,7 +1293,7 @@ def test_deterministic_across_thread_counts(activation, case):
             gy, x, w, b, output, saved, activation, [False, False, True]
         )[2]
     else:
-        output, saved = torch.ops.batchops.grouped_linear_forward(x, w, b, None, activation, True)
+        output, saved, _ = torch.ops.batchops.grouped_linear_forward(x, w, b, None, activation, True)
         backward = lambda: torch.ops.batchops.grouped_linear_backward(  # noqa: E731
             gy, x, w, b, None, output, saved, activation, [False, False, True]
         )[2]

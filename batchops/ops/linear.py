@@ -5,7 +5,8 @@ Each forward returns (output, saved): `saved` is the activation's derivative
 act'(input @ weight^T + bias) for silu / gelu / gelu_tanh, computed with the activation so
 that backward is a multiply, and an empty tensor otherwise (relu's backward reads the
 output) or when save_for_backward is False (no autograd: batchops.functional decides). See
-csrc/linear/linear.h.
+csrc/linear/linear.h. The grouped forward also returns the groups' row offsets (int64, G + 1,
+on the input's device), which its backward takes instead of making them again.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def grouped_linear_forward(
     group_sizes: Tensor | None,
     activation: str | None,
     save_for_backward: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """-> (output, saved)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (output, saved, group_offsets)."""
     require_extension()
     return torch.ops.batchops.grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward)
 
@@ -58,7 +59,8 @@ def _linear_forward_fake(input, weight, bias, activation, save_for_backward=True
 
 
 def _grouped_forward_fake(input, weight, bias, group_sizes, activation, save_for_backward=True):
-    return _forward_outputs(input, weight.shape[1], activation, save_for_backward)
+    output, saved = _forward_outputs(input, weight.shape[1], activation, save_for_backward)
+    return output, saved, input.new_empty((weight.shape[0] + 1,), dtype=torch.long)
 
 
 def _backward_outputs(input, weight, bias, output_mask):
@@ -76,7 +78,9 @@ def _linear_backward_fake(grad_output, input, weight, bias, output, saved, activ
     return _backward_outputs(input, weight, bias, output_mask)
 
 
-def _grouped_backward_fake(grad_output, input, weight, bias, group_sizes, output, saved, activation, output_mask):
+def _grouped_backward_fake(
+    grad_output, input, weight, bias, group_sizes, output, saved, activation, output_mask, group_offsets=None
+):
     return _backward_outputs(input, weight, bias, output_mask)
 
 

@@ -28,13 +28,13 @@ const std::string kDoubleBackwardError =
     "Use torch.nn.functional.linear (per group) and the activation separately where second derivatives are needed.";
 
 using ForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, OptName, bool);
-using GroupedForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                                     OptName, bool);
+using GroupedForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                             const OptTensor&, OptName, bool);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                        const Tensor&, const Tensor&, OptName, Mask);
 using GroupedBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                               const OptTensor&, const OptTensor&, const Tensor&,
-                                                              const Tensor&, OptName, Mask);
+                                                              const Tensor&, OptName, Mask, const OptTensor&);
 
 const auto& forward_op() {
   static const auto op = typed_op<ForwardSig>("batchops::linear_forward");
@@ -118,29 +118,33 @@ struct GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFun
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight, const OptTensor& bias,
                                const OptTensor& group_sizes, std::optional<std::string> activation,
                                bool save_for_backward) {
-    Tensor output, saved;
+    Tensor output, saved, offsets;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(output, saved) =
+      std::tie(output, saved, offsets) =
           grouped_forward_op().call(input, weight, bias, group_sizes, name_view(activation), save_for_backward);
     }
+    // The device offsets too: backward then neither uploads host sizes nor sums device sizes again.
     ctx->save_for_backward({input, weight, value_or_undefined(bias), value_or_undefined(group_sizes),
-                            relu(activation) ? output : Tensor(), saved});
+                            relu(activation) ? output : Tensor(), saved, offsets});
     save_context(ctx, activation, save_for_backward, saved);
-    return {output, saved};
+    ctx->mark_non_differentiable({offsets});
+    return {output, saved, offsets};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& grad_output = grads[0];
     const auto s = ctx->get_saved_variables();
-    const Tensor &input = s[0], &weight = s[1], &bias = s[2], &sizes = s[3], &output = s[4], &saved = s[5];
+    const Tensor &input = s[0], &weight = s[1], &bias = s[2], &sizes = s[3], &output = s[4], &saved = s[5],
+                 &offsets = s[6];
     const Mask mask = grad_mask(ctx, bias.defined());
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(6);
     const auto act = saved_name(ctx, "activation");
     check_saved(ctx, act);
     const Tensor out = output_or_empty(output, input);
     auto [gi, gw, gb] = grouped_backward_op().call(grad_output, input, weight, optional_if_defined(bias),
-                                                   optional_if_defined(sizes), out, saved, name_view(act), mask);
+                                                   optional_if_defined(sizes), out, saved, name_view(act), mask,
+                                                   offsets);
     return {requested(gi, mask[0]), requested(gw, mask[1]), requested(gb, mask[2]), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -153,12 +157,12 @@ std::tuple<Tensor, Tensor> linear_forward_autograd(const Tensor& input, const Te
   return {out[0], out[1]};
 }
 
-std::tuple<Tensor, Tensor> grouped_linear_forward_autograd(const Tensor& input, const Tensor& weight,
-                                                           const OptTensor& bias, const OptTensor& group_sizes,
-                                                           OptName activation, bool save_for_backward) {
+std::tuple<Tensor, Tensor, Tensor> grouped_linear_forward_autograd(const Tensor& input, const Tensor& weight,
+                                                                   const OptTensor& bias, const OptTensor& group_sizes,
+                                                                   OptName activation, bool save_for_backward) {
   auto out = GroupedLinearFunction::apply(input, weight, bias, group_sizes, name_string(activation),
                                           save_for_backward);
-  return {out[0], out[1]};
+  return {out[0], out[1], out[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_backward_autograd(const Tensor& grad_output, const Tensor& input,
@@ -177,12 +181,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_autograd(const Tensor& grad_o
 
 std::tuple<Tensor, Tensor, Tensor> grouped_linear_backward_autograd(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const OptTensor& bias,
-    const OptTensor& group_sizes, const Tensor& output, const Tensor& saved, OptName activation, Mask mask) {
+    const OptTensor& group_sizes, const Tensor& output, const Tensor& saved, OptName activation, Mask mask,
+    const OptTensor& group_offsets) {
   auto g = call_backward_op({grad_output, input, weight, value_or_undefined(bias), output, saved},
                             [&]() -> variable_list {
                               auto [gi, gw, gb] = grouped_backward_op().call(grad_output, input, weight, bias,
                                                                              group_sizes, output, saved, activation,
-                                                                             mask);
+                                                                             mask, group_offsets);
                               return {gi, gw, gb};
                             },
                             kDoubleBackwardError);

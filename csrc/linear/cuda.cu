@@ -19,13 +19,11 @@
 // are bitwise reproducible (no float atomics).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_addmm_activation.h>
-#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -374,36 +372,11 @@ void launch_grouped_gemm(const GemmArgs<scalar_t>& args, int64_t row_tiles_bound
 // ---------------------------------------------------------------------------------------
 // Host side
 
-struct DeviceGroups {
-  at::Tensor offsets;       // int64 (G + 1)
-  int64_t G = 0;
-};
-
-// Group row offsets on the device. Sizes that came from the GPU are checked there (a
-// device-side assert: raising here would need a host sync).
-DeviceGroups device_groups(const LinearPlan& p) {
-  DeviceGroups d;
-  d.G = p.G;
-  const auto long_opts = p.x.options().dtype(at::kLong);
-  at::Tensor sizes;
-  if (p.mode == LinearMode::kRagged) {
-    sizes = p.group_sizes;
-    if (p.offsets.empty()) {
-      at::_assert_async(sizes.ge(0).all(), "batchops.grouped_linear: group_sizes must be non-negative");
-      at::_assert_async(sizes.sum().eq(p.rows),
-                        "batchops.grouped_linear: group_sizes must sum exactly to the number of input rows");
-    }
-  } else {
-    sizes = at::full({p.G}, p.G > 0 ? p.rows / p.G : 0, long_opts);
-  }
-  d.offsets = at::cat({at::zeros({1}, long_opts), sizes.cumsum(0)});
-  return d;
-}
-
-// Prefix sums of ceil(rows_g / per) over the groups: a tile / chunk schedule.
-at::Tensor tile_prefix(const DeviceGroups& d, int64_t per) {
-  const at::Tensor sizes = d.offsets.narrow(0, 1, d.G).sub(d.offsets.narrow(0, 0, d.G));
-  return at::cat({at::zeros({1}, d.offsets.options()), sizes.add(per - 1).div(per, "floor").cumsum(0)});
+// Prefix sums of ceil(rows_g / per) over the groups: a tile / chunk schedule, from the
+// groups' row offsets (plan_group_offsets).
+at::Tensor tile_prefix(const at::Tensor& offsets, int64_t G, int64_t per) {
+  const at::Tensor sizes = offsets.narrow(0, 1, G).sub(offsets.narrow(0, 0, G));
+  return at::cat({at::zeros({1}, offsets.options()), sizes.add(per - 1).div(per, "floor").cumsum(0)});
 }
 
 template <typename scalar_t>
@@ -435,8 +408,8 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   }
 
   if (p.mode == LinearMode::kRagged) {
-    const DeviceGroups d = device_groups(p);
-    const at::Tensor tiles = tile_prefix(d, kTileM);
+    const at::Tensor& offsets = plan_group_offsets(p);
+    const at::Tensor tiles = tile_prefix(offsets, p.G, kTileM);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "batchops.grouped_linear", [&] {
       GemmArgs<scalar_t> a{};
       a.A = p.x.const_data_ptr<scalar_t>();
@@ -444,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
       a.C = y.mutable_data_ptr<scalar_t>();
       a.C_saved = save_derivative ? saved.mutable_data_ptr<scalar_t>() : nullptr;
       a.bias = ptr_or_null<scalar_t>(p.bias);
-      a.offsets = d.offsets.const_data_ptr<int64_t>();
+      a.offsets = offsets.const_data_ptr<int64_t>();
       a.tile_prefix = tiles.const_data_ptr<int64_t>();
       a.G = static_cast<int>(p.G);
       a.k_fixed = p.K;
@@ -501,11 +474,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
   const bool any_product = b.mask[0] || b.mask[1];
   const at::Tensor& dy = b.grad_output;
   at::Tensor dz = need_dz && any_product ? at::empty({p.rows, p.N}, opts) : dy;
-  const DeviceGroups d = device_groups(p);
+  const at::Tensor& offsets = plan_group_offsets(p);
 
   at::Tensor grad_bias;
   if ((need_dz && any_product) || b.mask[2]) {
-    const at::Tensor chunks = tile_prefix(d, kChunkRows);
+    const at::Tensor chunks = tile_prefix(offsets, p.G, kChunkRows);
     const int64_t max_chunks = (p.rows + kChunkRows - 1) / kChunkRows + p.G;
     const auto acc = p.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor partial = b.mask[2] ? at::empty({max_chunks, p.N}, opts.dtype(acc)) : at::Tensor();
@@ -523,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
                  dim3(kColsPerBlock, kRowLanes), 0, stream>>>(
                   dy.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
                   need_dz && any_product ? dz.mutable_data_ptr<scalar_t>() : nullptr,
-                  b.mask[2] ? partial.mutable_data_ptr<acc_t>() : nullptr, d.offsets.const_data_ptr<int64_t>(),
+                  b.mask[2] ? partial.mutable_data_ptr<acc_t>() : nullptr, offsets.const_data_ptr<int64_t>(),
                   chunks.const_data_ptr<int64_t>(), static_cast<int>(p.G), p.N);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -549,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
   } else {
     if (b.mask[0]) grad_input = at::empty({p.rows, p.K}, opts);
     if (b.mask[1]) grad_weight = at::empty(p.weight.sizes(), opts);
-    const at::Tensor tiles = tile_prefix(d, kTileM);
+    const at::Tensor tiles = tile_prefix(offsets, p.G, kTileM);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "batchops.grouped_linear_backward",
                                     [&] {
       if (b.mask[0] && p.rows > 0 && p.K > 0) {
@@ -558,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
         a.A = dz.const_data_ptr<scalar_t>();
         a.B = p.weight.const_data_ptr<scalar_t>();
         a.C = grad_input.mutable_data_ptr<scalar_t>();
-        a.offsets = d.offsets.const_data_ptr<int64_t>();
+        a.offsets = offsets.const_data_ptr<int64_t>();
         a.tile_prefix = tiles.const_data_ptr<int64_t>();
         a.G = static_cast<int>(p.G);
         a.k_fixed = p.N;
@@ -575,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
         a.A = dz.const_data_ptr<scalar_t>();
         a.B = p.x.const_data_ptr<scalar_t>();
         a.C = grad_weight.mutable_data_ptr<scalar_t>();
-        a.offsets = d.offsets.const_data_ptr<int64_t>();
+        a.offsets = offsets.const_data_ptr<int64_t>();
         a.G = static_cast<int>(p.G);
         a.m_fixed = p.N;
         a.n_cols = p.K;

@@ -39,24 +39,25 @@ struct LinearEntryPoints {
     return Backward(b);
   }
 
-  static std::tuple<at::Tensor, at::Tensor> grouped_linear_forward(const at::Tensor& input, const at::Tensor& weight,
-                                                                   const std::optional<at::Tensor>& bias,
-                                                                   const std::optional<at::Tensor>& group_sizes,
-                                                                   std::optional<c10::string_view> activation,
-                                                                   bool save_for_backward) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_forward(
+      const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+      const std::optional<at::Tensor>& group_sizes, std::optional<c10::string_view> activation,
+      bool save_for_backward) {
     Guard guard(input.device());
     auto p = plan_grouped_linear(input, weight, bias, group_sizes, activation);
     p.save_for_backward = save_for_backward;
-    return Forward(p);
+    auto [output, saved] = Forward(p);
+    return {output, saved, plan_group_offsets(p)};  // made by Forward where it needed them
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
-      const at::Tensor& saved, std::optional<c10::string_view> activation, std::array<bool, 3> output_mask) {
+      const at::Tensor& saved, std::optional<c10::string_view> activation, std::array<bool, 3> output_mask,
+      const std::optional<at::Tensor>& group_offsets) {
     Guard guard(input.device());
     auto b = plan_linear_backward(grad_output, input, weight, bias, group_sizes, output, saved, activation,
-                                  output_mask, /*grouped=*/true);
+                                  output_mask, /*grouped=*/true, group_offsets);
     return Backward(b);
   }
 };

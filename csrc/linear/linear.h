@@ -49,10 +49,14 @@ struct LinearPlan {
   at::Tensor x;           // (rows, K), contiguous, detached
   at::Tensor weight;      // dense (N, K); grouped (G, N, K); contiguous
   at::Tensor bias;        // dense (N); grouped (G, N); undefined when there is none
-  at::Tensor group_sizes; // ragged: int64 (G), on the input's device (from host sizes: a non-blocking upload)
+  at::Tensor group_sizes; // ragged with sizes on the GPU: int64 (G), not checked on the host
   // Row offsets of the groups (G + 1 entries) when known on the host: always on the CPU, and
   // for dense / uniform input on CUDA. Empty for ragged CUDA input whose sizes live on the GPU.
   std::vector<int64_t> offsets;
+  // The same offsets as an int64 (G + 1) tensor on the input's device, made once: by
+  // plan_group_offsets, or given to backward (forward's group_offsets output) so that backward
+  // neither uploads host sizes again nor checks and sums device sizes again.
+  at::Tensor group_offsets;
   std::vector<int64_t> in_sizes;   // the input's shape (grad_input gets it)
   std::vector<int64_t> out_sizes;  // the output's shape
   bool save_for_backward = true;   // forward: write "saved" (see the top of the file)
@@ -62,7 +66,14 @@ LinearPlan plan_linear(const at::Tensor& input, const at::Tensor& weight, const 
                        std::optional<c10::string_view> activation);
 LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes,
-                               std::optional<c10::string_view> activation);
+                               std::optional<c10::string_view> activation,
+                               const std::optional<at::Tensor>& group_offsets = std::nullopt);
+
+// p.group_offsets, made on first use: on the CPU from the host offsets; on CUDA from host
+// sizes through pinned memory without blocking (plan_grouped_linear), from device sizes by a
+// cumulative sum after device-side checks (raising on the host would need a sync), and for
+// uniform groups as g * rows_per_group.
+const at::Tensor& plan_group_offsets(LinearPlan& p);
 
 // The backward's view of the same shapes: forward's plan plus the incoming gradient and what
 // forward saved, all as (rows, N), contiguous.
@@ -77,7 +88,8 @@ LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at:
                                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
                                         const at::Tensor& saved, std::optional<c10::string_view> activation,
-                                        std::array<bool, 3> output_mask, bool grouped);
+                                        std::array<bool, 3> output_mask, bool grouped,
+                                        const std::optional<at::Tensor>& group_offsets = std::nullopt);
 
 // Whether forward's "saved" output is the (rows, N) derivative (else an empty tensor).
 inline bool plan_saves_derivative(const LinearPlan& p) {

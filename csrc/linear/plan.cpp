@@ -5,7 +5,13 @@
 #include "linear/linear.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 
 namespace batchops {
 namespace {
@@ -86,7 +92,8 @@ LinearPlan plan_linear(const at::Tensor& input, const at::Tensor& weight, const 
 
 LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes,
-                               std::optional<c10::string_view> activation) {
+                               std::optional<c10::string_view> activation,
+                               const std::optional<at::Tensor>& group_offsets) {
   LinearPlan p;
   p.op = "batchops.grouped_linear";
   p.act = parse_activation(activation, p.op);
@@ -110,6 +117,17 @@ LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight
   p.in_sizes = input.sizes().vec();
   p.out_sizes = input.sizes().vec();
   p.out_sizes.back() = p.N;
+  if (group_offsets.has_value() && group_offsets->defined()) {
+    // Forward's group_offsets output, handed to backward. Its values are forward's, made from
+    // checked sizes: like torch's backward ops with what their forward saved, they are not
+    // checked again (that would take a sync or device-side asserts per backward on CUDA).
+    const at::Tensor& o = *group_offsets;
+    TORCH_CHECK(o.scalar_type() == at::kLong && o.dim() == 1 && o.size(0) == p.G + 1 && o.device() == input.device(),
+                p.op, ": group_offsets must be the forward op's group_offsets output, an int64 tensor of shape (",
+                p.G + 1, ",) on ", input.device(), "; got ", o.scalar_type(), " of shape ", o.sizes(), " on ",
+                o.device());
+    p.group_offsets = o;
+  }
 
   if (group_sizes.has_value() && group_sizes->defined()) {
     p.mode = LinearMode::kRagged;
@@ -127,17 +145,15 @@ LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight
     p.rows = p.x.size(0);
     if (sizes.device().is_cpu()) {
       p.offsets = offsets_from_sizes(p.op, sizes, p.rows);
-      if (input.is_cuda()) {
-        // Staged in pinned memory and uploaded without blocking: a plain .to() from pageable
-        // memory synchronises the host with the GPU, in forward and again in backward.
-        at::Tensor staged = at::empty({p.G}, sizes.options().dtype(at::kLong).pinned_memory(true));
-        staged.copy_(sizes);
-        p.group_sizes = staged.to(input.device(), at::kLong, /*non_blocking=*/true);
-      } else {
-        p.group_sizes = sizes.to(at::kLong);
+      if (!input.is_cpu() && !p.group_offsets.defined()) {
+        // The offsets, staged in pinned memory and uploaded without blocking: a plain .to()
+        // from pageable memory synchronises the host with the GPU.
+        at::Tensor staged = at::empty({p.G + 1}, sizes.options().dtype(at::kLong).pinned_memory(true));
+        std::copy(p.offsets.begin(), p.offsets.end(), staged.mutable_data_ptr<int64_t>());
+        p.group_offsets = staged.to(input.device(), at::kLong, /*non_blocking=*/true);
       }
     } else {
-      // Sizes on the GPU: checked there without a host sync (see cuda.cu).
+      // Sizes on the GPU: checked there without a host sync (plan_group_offsets).
       p.group_sizes = sizes.to(at::kLong).contiguous();
     }
   } else {
@@ -158,9 +174,10 @@ LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at:
                                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
                                         const at::Tensor& saved, std::optional<c10::string_view> activation,
-                                        std::array<bool, 3> output_mask, bool grouped) {
+                                        std::array<bool, 3> output_mask, bool grouped,
+                                        const std::optional<at::Tensor>& group_offsets) {
   LinearBackwardPlan b;
-  b.fwd = grouped ? plan_grouped_linear(input, weight, bias, group_sizes, activation)
+  b.fwd = grouped ? plan_grouped_linear(input, weight, bias, group_sizes, activation, group_offsets)
                   : plan_linear(input, weight, bias, activation);
   const LinearPlan& p = b.fwd;
   const char* op = grouped ? "batchops.grouped_linear_backward" : "batchops.linear_backward";
@@ -182,6 +199,24 @@ LinearBackwardPlan plan_linear_backward(const at::Tensor& grad_output, const at:
   b.mask = output_mask;
   if (!p.bias.defined()) b.mask[2] = false;
   return b;
+}
+
+const at::Tensor& plan_group_offsets(LinearPlan& p) {
+  if (p.group_offsets.defined()) return p.group_offsets;
+  const auto long_opts = p.x.options().dtype(at::kLong);
+  if (!p.offsets.empty() && p.x.is_cpu()) {
+    p.group_offsets = at::empty({static_cast<int64_t>(p.offsets.size())}, long_opts);
+    std::copy(p.offsets.begin(), p.offsets.end(), p.group_offsets.mutable_data_ptr<int64_t>());
+  } else if (p.mode == LinearMode::kRagged) {
+    TORCH_INTERNAL_ASSERT(p.group_sizes.defined(), "ragged sizes on the host are uploaded as offsets by the plan");
+    at::_assert_async(p.group_sizes.ge(0).all(), "batchops.grouped_linear: group_sizes must be non-negative");
+    at::_assert_async(p.group_sizes.sum().eq(p.rows),
+                      "batchops.grouped_linear: group_sizes must sum exactly to the number of input rows");
+    p.group_offsets = at::cat({at::zeros({1}, long_opts), p.group_sizes.cumsum(0)});
+  } else {
+    p.group_offsets = at::arange(p.G + 1, long_opts).mul_(p.G > 0 ? p.rows / p.G : 0);
+  }
+  return p.group_offsets;
 }
 
 at::Tensor linear_undefined_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }

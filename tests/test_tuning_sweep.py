@@ -3,14 +3,19 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import batchops
 from batchops import cli
 from batchops.tuning import sweep as sw
+from batchops.tuning.noise_scale import estimate_noise_scale
+from batchops.tuning.sweep import analysis, study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Small and single-threaded: the suite shares two cores.
@@ -67,6 +72,8 @@ def test_default_sweep_end_to_end_writes_its_files(tmp_path):
     assert result.run(32).lr == pytest.approx(sw.DEFAULT_BASE_LR["sgd"])
     assert math.isfinite(result.target_loss)
     assert data["target_loss"] == pytest.approx(result.target_loss)
+    assert data["config"]["noise_estimator"] == study.NOISE_ESTIMATOR
+    assert f"batchops {batchops.__version__}, torch {torch.__version__}" in report
     summary = result.summary()
     assert "| 16 |" in summary and "| 32 |" in summary and "target loss" in summary
 
@@ -165,19 +172,12 @@ def test_argument_errors():
     assert sw.lr_for(128, base_lr=0.1, base_batch_size=32, lr_rule="none") == pytest.approx(0.1)
 
 
-def test_noise_scale_estimators_recover_known_values():
+def test_noise_scale_estimator_recovers_known_values():
     grad_sq, trace, b_small, b_big = 3.0, 120.0, 8, 32
     g_small, g_big = grad_sq + trace / b_small, grad_sq + trace / b_big
-    estimators = [sw._estimate_noise_scale]
-    try:
-        from batchops.tuning.noise_scale import estimate_noise_scale
-    except ImportError:
-        pass
-    else:
-        estimators.append(estimate_noise_scale)
-    for estimate in estimators:
-        g, t = estimate(g_small, g_big, b_small, b_big)
-        assert (float(g), float(t)) == pytest.approx((grad_sq, trace))
+    g, t = estimate_noise_scale(g_small, g_big, b_small, b_big)
+    assert (float(g), float(t)) == pytest.approx((grad_sq, trace))
+    assert study.NOISE_ESTIMATOR == f"{estimate_noise_scale.__module__}.{estimate_noise_scale.__name__}"
 
 
 def test_two_half_batch_measurement_matches_the_exact_noise_scale():
@@ -200,8 +200,8 @@ def test_two_half_batch_measurement_matches_the_exact_noise_scale():
     sums = [0.0, 0.0]
     for _ in range(400):
         idx = torch.randint(0, n, (64,), generator=gen)
-        g_small, g_big, b_small, b_big = sw._two_batch_norms(model, params, loss_fn, x[idx], y[idx])
-        g, t = sw._estimate_noise_scale(g_small, g_big, b_small, b_big)
+        g_small, g_big, b_small, b_big = study.half_batch_grad_norms(model, params, loss_fn, x[idx], y[idx])
+        g, t = estimate_noise_scale(g_small, g_big, b_small, b_big)
         sums[0] += g
         sums[1] += t
     assert sums[1] / sums[0] == pytest.approx(true_trace / true_grad_sq, rel=0.2)
@@ -228,23 +228,32 @@ def _run(b, points):
 
 def test_target_crossing_is_interpolated_and_the_tradeoff_fit_is_exact():
     run = _run(10, [(0, 2.0), (10, 1.0), (20, 0.5), (30, 0.4), (40, 0.3)])
-    sw._fill_target(run, 0.75)
+    analysis.fill_target(run, 0.75)
     assert run.steps_to_target == pytest.approx(15.0)
     assert run.samples_to_target == pytest.approx(150.0)
     assert run.time_to_target_s == pytest.approx(1.5)
     assert run.noise_scale_at_target == 20.0  # the last measurement before the crossing
-    sw._fill_target(run, 0.1)
+    analysis.fill_target(run, 0.1)
     assert run.steps_to_target is None and run.noise_scale_at_target is None
     # Auto target: the loosest loss every run reached within half its samples.
     slow = _run(10, [(0, 2.0), (10, 1.5), (20, 0.9), (30, 0.6), (40, 0.5)])
-    assert sw._pick_target([run, slow], None) == (pytest.approx(0.9), True)
-    assert sw._pick_target([run, slow], 0.42) == (0.42, False)
+    assert analysis.pick_target([run, slow], None) == (pytest.approx(0.9), True)
+    assert analysis.pick_target([run, slow], 0.42) == (0.42, False)
+    # The measured noise scale: the median over the runs that reached the target.
+    analysis.fill_target(slow, 0.75)
+    assert (run.noise_scale_at_target, slow.noise_scale_at_target) == (None, 30.0)
+    assert analysis.median_noise_scale_at_target([run, slow]) == 30.0
+    analysis.fill_target(run, 0.75)
+    assert analysis.median_noise_scale_at_target([run, slow]) == 25.0
+    analysis.fill_target(slow, 0.1)
+    analysis.fill_target(run, 0.1)
+    assert analysis.median_noise_scale_at_target([run, slow]) is None
     # S = S_min (1 + B_crit / B) exactly: the fit returns S_min and E_min = S_min * B_crit.
     s_min, b_crit = 40.0, 100.0
     pts = [(b, s_min * (1 + b_crit / b)) for b in (16, 32, 64, 128)]
-    fit_s, fit_e = sw._fit_tradeoff(pts)
+    fit_s, fit_e = analysis.fit_tradeoff(pts)
     assert (fit_s, fit_e / fit_s) == (pytest.approx(s_min), pytest.approx(b_crit))
-    assert sw._fit_tradeoff(pts[:1]) == (None, None)
+    assert analysis.fit_tradeoff(pts[:1]) == (None, None)
 
 
 @pytest.mark.usefixtures("kernels")
@@ -273,3 +282,10 @@ def test_cli_sweep_arguments():
     # The other commands are untouched.
     assert parser.parse_args(["bench", "--quick"]).command == "bench"
     assert parser.parse_args(["info"]).command == "info"
+
+
+def test_importing_the_sweep_needs_neither_matplotlib_nor_scikit_learn():
+    code = "import sys, batchops.tuning.sweep; print(sorted(m for m in ('matplotlib', 'sklearn') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

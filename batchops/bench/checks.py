@@ -13,7 +13,7 @@ from batchops.bench.case import REFERENCE
 __all__ = ["max_relative_error", "compare_outputs", "check_providers"]
 
 
-def _flatten(out) -> list[torch.Tensor]:
+def _flatten(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
@@ -25,7 +25,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}.get(dtype, 2e-3)
 
 
-def max_relative_error(out, ref) -> float:
+def max_relative_error(out: object, ref: object) -> float:
     """Largest |out - ref| over all tensors of `out`, each scaled by max(1, max |ref|) of its
     tensor. Raises ValueError when the two do not have the same tensors and shapes."""
     ta, tb = _flatten(out), _flatten(ref)
@@ -45,7 +45,7 @@ def max_relative_error(out, ref) -> float:
     return worst
 
 
-def compare_outputs(a, b, dtype: torch.dtype) -> str:
+def compare_outputs(a: object, b: object, dtype: torch.dtype) -> str:
     """ "" when the outputs agree within a tolerance for `dtype` (see max_relative_error),
     else a short description of the mismatch."""
     try:

@@ -6,20 +6,22 @@ state), so the rest of the sweep works without it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 from batchops.tuning.sweep.results import RunResult, SweepResult
 
 __all__ = ["plot_all"]
 
 
-def _colors(n: int):
+def _colors(n: int) -> list[tuple[float, float, float, float]]:
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"]
     return [cmap(0.9 * i / max(1, n - 1)) for i in range(n)]
 
 
-def _figure(ncols: int = 1, nrows: int = 1, size=(6.4, 4.4)):
+def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.4, 4.4)) -> tuple[Any, list[Any]]:
     from matplotlib.figure import Figure  # the Agg canvas: no display, no pyplot state
 
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
@@ -27,14 +29,14 @@ def _figure(ncols: int = 1, nrows: int = 1, size=(6.4, 4.4)):
     return fig, [ax for row in axes for ax in row]
 
 
-def _log(ax, axis: str, values, base: float = 10) -> None:
+def _log(ax: Any, axis: str, values: Iterable[float | None], base: float = 10) -> None:
     """Log scale on `axis` ("x" or "y") when some of `values` are positive (matplotlib cannot
     draw a log axis without positive data: an empty panel stays linear)."""
     if any(v is not None and math.isfinite(v) and v > 0 for v in values):
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=base)
 
 
-def _loss_axes(ax, result: SweepResult, xkey: str, xlabel: str, logx: bool) -> None:
+def _loss_axes(ax: Any, result: SweepResult, xkey: str, xlabel: str, logx: bool) -> None:
     ys = []
     for r, color in zip(result.runs, _colors(len(result.runs))):
         evals = [
@@ -68,7 +70,7 @@ def _reached(result: SweepResult) -> list[RunResult]:
     return [r for r in result.runs if r.steps_to_target and r.samples_to_target]
 
 
-def _tradeoff_axes(ax, result: SweepResult) -> None:
+def _tradeoff_axes(ax: Any, result: SweepResult) -> None:
     """Samples to target against steps to target, one point per batch size, with the fitted
     hyperbola (S / S_min - 1)(E / E_min - 1) = 1."""
     reached = _reached(result)
@@ -123,7 +125,7 @@ def _tradeoff_axes(ax, result: SweepResult) -> None:
         ax.legend(fontsize=8)
 
 
-def _to_target_vs_batch_axes(ax, result: SweepResult) -> None:
+def _to_target_vs_batch_axes(ax: Any, result: SweepResult) -> None:
     reached = _reached(result)
     bs = [r.batch_size for r in reached]
     ax.plot(bs, [r.steps_to_target for r in reached], "o-", color="tab:blue", label="steps to target")
@@ -172,7 +174,7 @@ def _to_target_vs_batch_axes(ax, result: SweepResult) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _throughput_axes(ax, result: SweepResult) -> None:
+def _throughput_axes(ax: Any, result: SweepResult) -> None:
     runs = [r for r in result.runs if math.isfinite(r.throughput) and r.throughput > 0]
     ax.plot([r.batch_size for r in runs], [r.throughput for r in runs], "o-", color="tab:green")
     _log(ax, "x", [r.batch_size for r in runs], base=2)
@@ -183,7 +185,7 @@ def _throughput_axes(ax, result: SweepResult) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _noise_axes(ax, result: SweepResult) -> None:
+def _noise_axes(ax: Any, result: SweepResult) -> None:
     xs, ys = [], []
     for r, color in zip(result.runs, _colors(len(result.runs))):
         pts = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
 from batchops._version import __version__
 from batchops.tuning.sweep.inputs import LR_RULES
@@ -48,7 +49,7 @@ def write_outputs(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, 
     return files
 
 
-def _jsonable(obj):
+def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):  # 7 significant digits (float32 precision); null for nan and inf
         return float(f"{obj:.7g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -58,7 +59,7 @@ def _jsonable(obj):
     return obj
 
 
-def _dumps(obj, indent: str = "") -> str:
+def _dumps(obj: Any, indent: str = "") -> str:
     """JSON with one line per record: dicts and lists nest with indentation, but a dict or list
     of scalars (a step, an evaluation, a noise measurement) stays on one line."""
     inner = indent + "  "

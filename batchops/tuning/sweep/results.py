@@ -164,7 +164,7 @@ class SweepResult:
         return f"{setup}\n\n{self.table()}\n\n{self.headline()}"
 
 
-def _fmt(value, spec: str, unit: str = "") -> str:
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:{spec}}{unit}"

@@ -10,7 +10,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -240,29 +240,32 @@ def batch_size_sweep(
 
 
 def _train_one(
-    batch_size,
+    batch_size: int,
     *,
-    model_fn,
-    init_state,
-    loss_fn,
-    train,
-    test,
-    eval_idx,
-    lr,
-    optimizer,
-    momentum,
-    weight_decay,
-    warmup_samples,
-    max_samples,
-    eval_points,
-    noise_scale,
-    noise_every,
-    noise_points,
-    noise_beta,
-    seed,
-    device,
-    progress,
+    model_fn: Callable[[], nn.Module],
+    init_state: dict[str, Any],
+    loss_fn: Callable[[Any, Any], Tensor],
+    train: Batcher,
+    test: Batcher,
+    eval_idx: Sequence[int],
+    lr: float,
+    optimizer: str,
+    momentum: float,
+    weight_decay: float,
+    warmup_samples: int,
+    max_samples: int,
+    eval_points: int,
+    noise_scale: bool,
+    noise_every: int | None,
+    noise_points: int,
+    noise_beta: float,
+    seed: int,
+    device: torch.device,
+    progress: bool,
 ) -> RunResult:
+    """One batch size's run from the shared initial weights and sample stream: the training
+    steps (timed), evaluations on the grid, and every `noise_every` steps a noise-scale
+    measurement, kept off the training clock."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -396,7 +399,7 @@ def _flat_grad(params: Sequence[nn.Parameter]) -> Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
 
 
-def _index(obj, part: slice):
+def _index(obj: Any, part: slice) -> Any:
     if isinstance(obj, Tensor):
         return obj[part]
     if isinstance(obj, (list, tuple)):
@@ -408,7 +411,16 @@ def _index(obj, part: slice):
 
 @torch.no_grad()
 def _evaluate(
-    model, loss_fn, train: Batcher, test: Batcher, eval_idx, *, step, samples, time_s, chunk: int = 1024
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    train: Batcher,
+    test: Batcher,
+    eval_idx: Sequence[int],
+    *,
+    step: int,
+    samples: int,
+    time_s: float,
+    chunk: int = 1024,
 ) -> dict:
     was_training = model.training
     model.eval()
@@ -427,7 +439,9 @@ def _evaluate(
     }
 
 
-def _score(model, loss_fn, data: Batcher, indices, chunk: int) -> tuple[float, float | None]:
+def _score(
+    model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Batcher, indices: Iterable[int], chunk: int
+) -> tuple[float, float | None]:
     indices = list(indices)
     total, correct, n, acc_ok = 0.0, 0, 0, True
     for i in range(0, len(indices), chunk):

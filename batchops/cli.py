@@ -69,11 +69,11 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def _add_sweep_parser(sub) -> None:
-    # batchops.tuning.sweep is imported only when the command runs: `bench` and `info` must not
-    # depend on it (nor on scikit-learn).
-    # = batchops.tuning.sweep.DEFAULT_OUT_DIR (a test checks), not imported here: not
+    # `import batchops` has loaded the sweep already; its scikit-learn and matplotlib imports wait
+    # until a sweep runs, so `bench` and `info` never need them. The default folder is not
     # benchmarks/sweep, whose committed example a bare run must not overwrite.
-    default_out = "sweep-results"
+    from batchops.tuning.sweep import DEFAULT_OUT_DIR as default_out
+
     sweep = sub.add_parser(
         "sweep",
         help="convergence study: train a small CNN at several batch sizes, plot and report",

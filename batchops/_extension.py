@@ -50,6 +50,12 @@ def require_extension() -> None:
         raise RuntimeError(_load_error or f"batchops._C is not available; {BUILD_HINT}")
 
 
+def compiled_module():
+    """batchops._C, or the RuntimeError of require_extension when it is unavailable."""
+    require_extension()
+    return _C
+
+
 def build_info() -> dict:
     """How the compiled module was built: whether CUDA kernels exist, for which archs, and
     against which torch, next to the torch that is running now."""

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchops
+import batchops.ops.common
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 
-# The activation names every batchops op takes, and torch's reference for each.
-ACTIVATIONS = [None, "relu", "silu", "gelu", "gelu_tanh"]
+# The activation names every batchops op takes (from the kernels' table), and torch's reference
+# for each (test_package checks that every activation has one).
+ACTIVATIONS = list(batchops.ops.common.ACTIVATIONS)
 TORCH_ACT = {
     None: lambda t: t,
     "relu": F.relu,

@@ -30,7 +30,8 @@ def test_imports_without_compiled_module():
         info = batchops.build_info()
         assert info["extension_loaded"] is False and "pip install" in info["error"], info
         for call in (lambda: batchops.functional.batch_norm(torch.randn(4, 3), None, None, training=True),
-                     lambda: batchops.BatchNorm2d(3)(torch.randn(2, 3, 4, 4))):
+                     lambda: batchops.BatchNorm2d(3)(torch.randn(2, 3, 4, 4)),
+                     lambda: batchops.BatchNorm2d(3, activation="relu")):
             try:
                 call()
             except RuntimeError as exc:
@@ -58,6 +59,21 @@ def test_stale_build_is_reported():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.skipif(not batchops.extension_available(), reason="needs the compiled module")
+def test_activation_lists_come_from_the_kernels():
+    """Python's activation names are the C++ table's (csrc/common/activation.h), every one has a
+    torch reference in the tests, and the C++ op refuses a name outside it as Python does."""
+    from batchops.ops.common import ACTIVATIONS
+
+    from conftest import TORCH_ACT
+
+    assert ACTIVATIONS == (None, *batchops._extension.compiled_module().activations)
+    assert set(TORCH_ACT) == set(ACTIVATIONS)
+    assert set(batchops._extension.compiled_module().linear_saves_derivative) <= set(ACTIVATIONS) - {None, "relu"}
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        torch.ops.batchops.linear_forward(torch.randn(2, 3), torch.randn(4, 3), None, "tanh")
 
 
 @pytest.mark.usefixtures("kernels")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from batchops._extension import compiled_module, extension_available, require_extension
+
 __all__ = ["ACTIVATIONS", "check_activation", "kernel_memory_format", "stat_dtype"]
 
-# One set of activation names for every op (None = identity).
-ACTIVATIONS = (None, "relu", "silu", "gelu", "gelu_tanh")
+# One set of activation names for every op (None = identity), read from the kernels' own table
+# (csrc/common/activation.h): fused activations exist only where the compiled module does.
+ACTIVATIONS: tuple[str | None, ...] = (None, *compiled_module().activations) if extension_available() else (None,)
 
 
 def check_activation(op: str, activation) -> None:
+    if activation is not None:
+        require_extension()
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchops._extension import extension_available, require_extension
+from batchops._extension import compiled_module, extension_available, require_extension
 
 __all__ = ["linear_forward", "grouped_linear_forward"]
-
-_SAVES_DERIVATIVE = ("silu", "gelu", "gelu_tanh")
 
 
 def linear_forward(
@@ -49,7 +47,7 @@ def _out_shape(input, out_features):
 def _forward_outputs(input, out_features, activation, save_for_backward):
     shape = _out_shape(input, out_features)
     output = input.new_empty(shape)
-    saves = save_for_backward and activation in _SAVES_DERIVATIVE
+    saves = save_for_backward and activation in compiled_module().linear_saves_derivative
     saved = input.new_empty(shape) if saves else input.new_empty((0,))
     return output, saved
 

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "batch_norm/batch_norm.h"
 #include "common/autograd.h"
 
 namespace batchops {
@@ -20,27 +21,6 @@ namespace {
 
 using namespace batchops::autograd;
 using Mask = std::array<bool, 4>;
-
-const std::string kDoubleBackwardError =
-    "batchops.batch_norm: double backward (a gradient of the gradient) is not supported. "
-    "Use torch.nn.functional.batch_norm where second derivatives are needed.";
-
-using ForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
-                                                                      const OptTensor&, const OptTensor&,
-                                                                      const OptTensor&, const OptTensor&, bool, double,
-                                                                      const OptTensor&, double, OptName);
-using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                               const OptTensor&, const OptTensor&, const Tensor&,
-                                                               const Tensor&, bool, OptName, Mask);
-
-const auto& forward_op() {
-  static const auto op = typed_op<ForwardSig>("batchops::batch_norm_forward");
-  return op;
-}
-const auto& backward_op() {
-  static const auto op = typed_op<BackwardSig>("batchops::batch_norm_backward");
-  return op;
-}
 
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static constexpr size_t kInputs = 11;  // the forward op's arguments
@@ -53,8 +33,8 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(output, save_mean, save_invstd, new_running_mean, new_running_var) =
-          forward_op().call(input, weight, bias, residual, running_mean, running_var, training, momentum,
-                            momentum_tensor, eps, name_view(activation));
+          op_handle<BatchNormForwardOp>().call(input, weight, bias, residual, running_mean, running_var, training,
+                                               momentum, momentum_tensor, eps, name_view(activation));
     }
     ctx->save_for_backward({input, value_or_undefined(weight), value_or_undefined(bias),
                             value_or_undefined(residual), save_mean, save_invstd});
@@ -80,45 +60,20 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const bool training = ctx->saved_data["training"].toBool();
     const auto act = saved_name(ctx, "activation");
     // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
-    auto [gi, gw, gb, gr] = backward_op().call(grad_output, input, optional_if_defined(weight),
-                                               optional_if_defined(bias), optional_if_defined(residual), save_mean,
-                                               save_invstd, training, name_view(act), mask);
+    auto [gi, gw, gb, gr] = op_handle<BatchNormBackwardOp>().call(
+        grad_output, input, optional_if_defined(weight), optional_if_defined(bias), optional_if_defined(residual),
+        save_mean, save_invstd, training, name_view(act), mask);
     const Tensor g[4] = {gi, gw, gb, gr};
     for (size_t i = 0; i < 4; ++i) result[i] = requested(g[i], mask[i]);
     return result;
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_forward_autograd(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
-    const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-    const OptTensor& momentum_tensor, double eps, OptName activation) {
-  auto out = BatchNormFunction::apply(input, weight, bias, residual, running_mean, running_var, training, momentum,
-                                      momentum_tensor, eps, name_string(activation));
-  return {out[0], out[1], out[2], out[3], out[4]};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_autograd(
-    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& residual, const Tensor& save_mean, const Tensor& save_invstd, bool training, OptName activation,
-    Mask mask) {
-  auto g = call_backward_op({grad_output, input, value_or_undefined(weight), value_or_undefined(bias),
-                             value_or_undefined(residual), save_mean, save_invstd},
-                            [&]() -> variable_list {
-                              auto [gi, gw, gb, gr] = backward_op().call(grad_output, input, weight, bias, residual,
-                                                                         save_mean, save_invstd, training, activation,
-                                                                         mask);
-                              return {gi, gw, gb, gr};
-                            },
-                            kDoubleBackwardError);
-  return {g[0], g[1], g[2], g[3]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchops, Autograd, m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_autograd);
-  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+  impl_op<BatchNormForwardOp>(m, &FunctionKernel<BatchNormFunction, BatchNormForwardOp::Sig>::call);
+  impl_op<BatchNormBackwardOp>(m, &NoDoubleBackwardKernel<BatchNormBackwardOp>::call);
 }
 
 }  // namespace batchops

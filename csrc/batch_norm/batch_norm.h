@@ -18,6 +18,71 @@
 namespace batchops {
 
 // ---------------------------------------------------------------------------------------
+// The ops (common/op.h): name, schema and C++ signature, said once. schema.cpp defines them,
+// entry_points.h implements them for both devices, autograd.cpp adds the Autograd kernels and
+// batchops/ops/batch_norm.py the fake ones.
+
+// Functional: the new running statistics are returned (empty when not updated) and copied
+// into the buffers by the Python layer, so the op can carry autograd. y = act(bn(x) + residual);
+// save_mean / save_invstd are float (double for double input).
+struct BatchNormForwardOp {
+  static constexpr const char* name = "batch_norm_forward";
+  static constexpr const char* schema =
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? running_mean, Tensor? running_var, bool training, float momentum, "
+      "Tensor? momentum_tensor, float eps, str? activation) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, Tensor new_running_var)";
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+      const std::optional<at::Tensor>& running_var, bool training, double momentum,
+      const std::optional<at::Tensor>& momentum_tensor, double eps, std::optional<c10::string_view> activation);
+};
+
+// output_mask: grad_input, grad_weight, grad_bias, grad_residual; unrequested ones are empty.
+struct BatchNormBackwardOp {
+  static constexpr const char* name = "batch_norm_backward";
+  static constexpr const char* schema =
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor save_mean, Tensor save_invstd, bool training, str? activation, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)";
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+      const at::Tensor& save_invstd, bool training, std::optional<c10::string_view> activation,
+      std::array<bool, 4> output_mask);
+  static constexpr const char* double_backward_error =
+      "batchops.batch_norm: double backward (a gradient of the gradient) is not supported. "
+      "Use torch.nn.functional.batch_norm where second derivatives are needed.";
+};
+
+// For SyncBatchNorm. Per-channel mean and m2 (sum of squared deviations from the mean) of the
+// input, float (double for double input); both 0 for an empty batch. The count is
+// input.numel() / C. No autograd of its own: SyncBatchNorm's autograd.Function calls it.
+struct BatchNormStatsOp {
+  static constexpr const char* name = "batch_norm_stats";
+  static constexpr const char* schema = "batch_norm_stats(Tensor input) -> (Tensor mean, Tensor m2)";
+  using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& input);
+};
+
+// For SyncBatchNorm: grad_input = w * invstd * (g - mean_g - xhat * mean_gxhat) with
+// g = dy * act'(pre), xhat = (x - save_mean) * save_invstd, and mean_g / mean_gxhat given (per
+// channel, over the whole distributed batch); grad_residual = g. output_mask: grad_input,
+// grad_residual.
+struct BatchNormBackwardElemtOp {
+  static constexpr const char* name = "batch_norm_backward_elemt";
+  static constexpr const char* schema =
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor? residual, Tensor save_mean, Tensor save_invstd, Tensor mean_g, Tensor mean_gxhat, str? activation, "
+      "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_residual)";
+  using Sig = std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
+      const at::Tensor& save_invstd, const at::Tensor& mean_g, const at::Tensor& mean_gxhat,
+      std::optional<c10::string_view> activation, std::array<bool, 2> output_mask);
+};
+
+// ---------------------------------------------------------------------------------------
 // Per-channel arithmetic (host + device)
 
 // From merged statistics to what forward saves: mean and 1/sqrt(biased var + eps), and the

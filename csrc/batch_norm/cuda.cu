@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "batch_norm/batch_norm.h"
+#include "batch_norm/entry_points.h"
 
 namespace batchops {
 namespace {
@@ -287,24 +288,17 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double momentum,
-    const std::optional<at::Tensor>& momentum_tensor, double eps, std::optional<c10::string_view> activation) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_batch_norm_forward(input, weight, bias, residual, running_mean, running_var, training, momentum,
-                                   momentum_tensor, eps, activation);
+void forward_cuda(BatchNormForwardPlan& p) {
   const auto& l = p.layout;
-  if (l.C == 0) return finish_batch_norm_forward(p);
+  if (l.C == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned channel_blocks = static_cast<unsigned>((l.C + 255) / 256);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batchops_batch_norm_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* save_mean = p.save_mean.mutable_data_ptr<acc_t>();
     acc_t* save_invstd = p.save_invstd.mutable_data_ptr<acc_t>();
-    if (training) {
+    if (p.training) {
       const auto g = partial_grid(l);
       WelfordReducer<scalar_t, acc_t> reducer{p.input.const_data_ptr<scalar_t>()};
       at::Tensor partial = launch_partial_reduce(reducer, l, g, p.input);
@@ -335,10 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
       });
     });
   });
-  return finish_batch_norm_forward(p);
 }
 
-void run_backward_cuda(BatchNormBackwardPlan& p) {
+void backward_cuda(BatchNormBackwardPlan& p) {
   const bool training = p.training;
   const auto& l = p.layout;
   if (l.C == 0) return;
@@ -381,39 +374,12 @@ void run_backward_cuda(BatchNormBackwardPlan& p) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, std::optional<c10::string_view> activation,
-    std::array<bool, 4> output_mask) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_batch_norm_backward(grad_output, input, weight, bias, residual, save_mean, save_invstd, training,
-                                    activation, output_mask);
-  run_backward_cuda(p);
-  return finish_batch_norm_backward(p);
-}
-
-std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, const at::Tensor& mean_g, const at::Tensor& mean_gxhat,
-    std::optional<c10::string_view> activation, std::array<bool, 2> output_mask) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_batch_norm_backward_elemt(grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g,
-                                          mean_gxhat, activation, output_mask);
-  run_backward_cuda(p);
-  auto out = finish_batch_norm_backward(p);
-  return {std::get<0>(out), std::get<3>(out)};
-}
-
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_batch_norm_stats(input);
+void stats_cuda(BatchNormStatsPlan& p) {
   const auto& l = p.layout;
-  if (l.C == 0) return {p.mean, p.m2};
+  if (l.C == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned channel_blocks = static_cast<unsigned>((l.C + 255) / 256);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batchops_batch_norm_stats_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "batchops_batch_norm_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto g = partial_grid(l);  // no chunks for an empty batch: the finalize writes zeros
     WelfordReducer<scalar_t, acc_t> reducer{p.input.const_data_ptr<scalar_t>()};
@@ -423,16 +389,18 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
         p.m2.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {p.mean, p.m2};
 }
+
+// The kernels for the shared entry points (entry_points.h).
+struct CudaBatchNorm {
+  using Guard = c10::cuda::CUDAGuard;
+  static void forward(BatchNormForwardPlan& p) { forward_cuda(p); }
+  static void backward(BatchNormBackwardPlan& p) { backward_cuda(p); }
+  static void stats(BatchNormStatsPlan& p) { stats_cuda(p); }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchops, CUDA, m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_cuda);
-  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
-  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
-  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
-}
+TORCH_LIBRARY_IMPL(batchops, CUDA, m) { register_batch_norm_ops<CudaBatchNorm>(m); }
 
 }  // namespace batchops

@@ -1,6 +1,7 @@
 // Argument checks, layout choice and output allocation for batch norm, shared by the CPU
 // and CUDA implementations so both reject the same inputs with the same messages.
 #include "batch_norm/batch_norm.h"
+#include "common/checks.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -38,9 +39,7 @@ BatchNormLayout make_layout(const at::Tensor& x, at::MemoryFormat format) {
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK_VALUE(input.dim() >= 2 && input.dim() <= 5, op, ": expected input of 2 to 5 dimensions (N, C, *), got ",
                     input.dim(), "-D input of shape ", input.sizes());
-  const auto t = input.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-                              ": input must be float32, float64, float16 or bfloat16, got ", t);
+  check_floating_input(op, input);
 }
 
 // Per-channel tensors: right size, same device, dtype equal to the input's or float32 for
@@ -49,8 +48,7 @@ at::Tensor check_per_channel(const char* op, const char* name, const std::option
                              const at::Tensor& input) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   const int64_t C = input.size(1);
-  TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
-              input.device());
+  check_same_device(op, name, *t, input);
   TORCH_CHECK(t->numel() == C, op, ": ", name, " has ", t->numel(), " elements, expected ", C,
               " (one per channel of input with shape ", input.sizes(), ")");
   const auto dt = t->scalar_type();
@@ -65,11 +63,10 @@ at::Tensor as_stat(const at::Tensor& t, at::ScalarType stat) {
 }
 
 void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ", input.device());
+  check_same_device(op, name, t, input);
   TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", t.sizes(), ", expected the input's shape ",
               input.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected the input's dtype ", input.scalar_type());
+  check_same_dtype(op, name, t, input);
 }
 
 }  // namespace
@@ -108,8 +105,7 @@ BatchNormForwardPlan plan_batch_norm_forward(const at::Tensor& input, const std:
   if (momentum_tensor.has_value() && momentum_tensor->defined()) {
     TORCH_CHECK(momentum_tensor->numel() == 1, kForward, ": momentum_tensor must have one element, got ",
                 momentum_tensor->numel());
-    TORCH_CHECK(momentum_tensor->device() == input.device(), kForward, ": momentum_tensor is on ",
-                momentum_tensor->device(), " but input is on ", input.device());
+    check_same_device(kForward, "momentum_tensor", *momentum_tensor, input);
     p.momentum_tensor = momentum_tensor->to(stat).reshape({1});
   }
 
@@ -172,8 +168,7 @@ BatchNormBackwardPlan plan_batch_norm_backward(const at::Tensor& grad_output, co
   at::Tensor b = check_per_channel(kBackward, "bias", bias, input);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"save_mean", save_mean},
                                 {"save_invstd", save_invstd}}) {
-    TORCH_CHECK(t.device() == input.device(), kBackward, ": ", name, " is on ", t.device(), " but input is on ",
-                input.device());
+    check_same_device(kBackward, name, t, input);
     TORCH_CHECK(t.numel() == input.size(1), kBackward, ": ", name, " has ", t.numel(), " elements, expected ",
                 input.size(1));
   }
@@ -227,8 +222,7 @@ BatchNormBackwardPlan plan_batch_norm_backward_elemt(const at::Tensor& grad_outp
   const auto stat = batch_norm_stat_dtype(input.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean_g", mean_g},
                                 {"mean_gxhat", mean_gxhat}}) {
-    TORCH_CHECK(t.device() == input.device(), kElemt, ": ", name, " is on ", t.device(), " but input is on ",
-                input.device());
+    check_same_device(kElemt, name, t, input);
     TORCH_CHECK(t.numel() == input.size(1), kElemt, ": ", name, " has ", t.numel(), " elements, expected ",
                 input.size(1));
   }

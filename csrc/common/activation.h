@@ -17,16 +17,27 @@ namespace batchops {
 
 enum class Activation : int { kNone = 0, kReLU, kSiLU, kGELU, kGELUTanh };
 
-// Accepted names: None, "relu", "silu", "gelu" (exact, erf), "gelu_tanh".
+// The activations' names, the one list of them: the ops parse these, and Python reads them
+// from batchops._C (batchops.ops.common.ACTIVATIONS). None is the identity. "gelu" is the exact
+// (erf) GELU, "gelu_tanh" its tanh approximation.
+struct ActivationName {
+  Activation kind;
+  const char* name;
+};
+inline constexpr ActivationName kActivationNames[] = {
+    {Activation::kReLU, "relu"}, {Activation::kSiLU, "silu"}, {Activation::kGELU, "gelu"},
+    {Activation::kGELUTanh, "gelu_tanh"}};
+
 inline Activation parse_activation(std::optional<c10::string_view> name, const char* op) {
   if (!name.has_value()) return Activation::kNone;
   const c10::string_view n = *name;
-  if (n == "relu") return Activation::kReLU;
-  if (n == "silu") return Activation::kSiLU;
-  if (n == "gelu") return Activation::kGELU;
-  if (n == "gelu_tanh") return Activation::kGELUTanh;
-  TORCH_CHECK_VALUE(false, op, ": activation must be None, 'relu', 'silu', 'gelu' or 'gelu_tanh', got '",
-                    std::string(n.data(), n.size()), "'");
+  std::string accepted = "None";
+  for (const ActivationName& a : kActivationNames) {
+    if (n == a.name) return a.kind;
+    accepted += std::string(", '") + a.name + "'";
+  }
+  TORCH_CHECK_VALUE(false, op, ": activation must be one of ", accepted, "; got '", std::string(n.data(), n.size()),
+                    "'");
 }
 
 namespace detail {

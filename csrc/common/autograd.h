@@ -14,8 +14,11 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
+
+#include "common/op.h"
 
 namespace batchops::autograd {
 
@@ -24,12 +27,6 @@ using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using OptName = std::optional<c10::string_view>;  // an activation name, as the schemas take it
-
-// An op's typed handle; call it from a function-local static so the lookup happens once.
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 // Activation names cross Function::apply as std::string (a string_view argument would dangle in
 // the saved context) and are kept in the context as an IValue (None or a string).
@@ -98,5 +95,74 @@ inline variable_list call_backward_op(at::TensorList inputs, const std::function
 
 // Unrequested gradients come back from the ops as empty tensors; autograd wants undefined ones.
 inline at::Tensor requested(const at::Tensor& grad, bool wanted) { return wanted ? grad : at::Tensor(); }
+
+// ---------------------------------------------------------------------------------------
+// The Autograd kernels, generic over an op's signature (common/op.h), so that no op restates it.
+
+namespace detail {
+// Function::apply's arguments: activation names cross as std::string (see name_string).
+template <typename T>
+decltype(auto) for_apply(T&& value) {
+  return std::forward<T>(value);
+}
+inline std::optional<std::string> for_apply(std::optional<c10::string_view> name) { return name_string(name); }
+
+// An op's results from / to a variable_list.
+template <typename Ret>
+struct Results;
+template <>
+struct Results<at::Tensor> {
+  static at::Tensor from(variable_list&& v) { return std::move(v[0]); }
+  static variable_list to(at::Tensor&& t) { return {std::move(t)}; }
+};
+template <typename... Ts>
+struct Results<std::tuple<Ts...>> {
+  static std::tuple<Ts...> from(variable_list&& v) { return from(std::move(v), std::index_sequence_for<Ts...>{}); }
+  static variable_list to(std::tuple<Ts...>&& t) {
+    return std::apply([](auto&&... x) { return variable_list{std::move(x)...}; }, std::move(t));
+  }
+
+ private:
+  template <size_t... I>
+  static std::tuple<Ts...> from(variable_list&& v, std::index_sequence<I...>) {
+    return {std::move(v[I])...};
+  }
+};
+
+// The tensor arguments of a call, in order (an absent optional one as an undefined tensor).
+inline void collect_tensor(std::vector<at::Tensor>& out, const at::Tensor& t) { out.push_back(t); }
+inline void collect_tensor(std::vector<at::Tensor>& out, const std::optional<at::Tensor>& t) {
+  out.push_back(value_or_undefined(t));
+}
+template <typename T>
+void collect_tensor(std::vector<at::Tensor>&, const T&) {}
+}  // namespace detail
+
+// A forward op's Autograd kernel: runs `Function` (a torch::autograd::Function whose forward
+// takes the op's arguments, names as std::string) and returns its outputs as the op's results.
+//   impl_op<MyForwardOp>(m, &FunctionKernel<MyFunction, MyForwardOp::Sig>::call);
+template <typename Function, typename Sig>
+struct FunctionKernel;
+template <typename Function, typename Ret, typename... Args>
+struct FunctionKernel<Function, Ret(Args...)> {
+  static Ret call(Args... args) { return detail::Results<Ret>::from(Function::apply(detail::for_apply(args)...)); }
+};
+
+// A backward op's Autograd kernel: the op below autograd, refusing a gradient of its gradient
+// with Op::double_backward_error (call_backward_op).
+//   impl_op<MyBackwardOp>(m, &NoDoubleBackwardKernel<MyBackwardOp>::call);
+template <typename Op, typename Sig = typename Op::Sig>
+struct NoDoubleBackwardKernel;
+template <typename Op, typename Ret, typename... Args>
+struct NoDoubleBackwardKernel<Op, Ret(Args...)> {
+  static Ret call(Args... args) {
+    std::vector<at::Tensor> tensors;
+    (detail::collect_tensor(tensors, args), ...);
+    variable_list out = call_backward_op(
+        tensors, [&]() -> variable_list { return detail::Results<Ret>::to(op_handle<Op>().call(args...)); },
+        Op::double_backward_error);
+    return detail::Results<Ret>::from(std::move(out));
+  }
+};
 
 }  // namespace batchops::autograd

@@ -23,36 +23,6 @@ namespace {
 using namespace batchops::autograd;
 using Mask = std::array<bool, 3>;
 
-const std::string kDoubleBackwardError =
-    "batchops.linear / batchops.grouped_linear: double backward (a gradient of the gradient) is not supported. "
-    "Use torch.nn.functional.linear (per group) and the activation separately where second derivatives are needed.";
-
-using ForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, OptName, bool);
-using GroupedForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                             const OptTensor&, OptName, bool);
-using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                                       const Tensor&, const Tensor&, OptName, Mask);
-using GroupedBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                              const OptTensor&, const OptTensor&, const Tensor&,
-                                                              const Tensor&, OptName, Mask, const OptTensor&);
-
-const auto& forward_op() {
-  static const auto op = typed_op<ForwardSig>("batchops::linear_forward");
-  return op;
-}
-const auto& grouped_forward_op() {
-  static const auto op = typed_op<GroupedForwardSig>("batchops::grouped_linear_forward");
-  return op;
-}
-const auto& backward_op() {
-  static const auto op = typed_op<BackwardSig>("batchops::linear_backward");
-  return op;
-}
-const auto& grouped_backward_op() {
-  static const auto op = typed_op<GroupedBackwardSig>("batchops::grouped_linear_backward");
-  return op;
-}
-
 Activation kind(const std::optional<std::string>& act) { return parse_activation(name_view(act), "batchops.linear"); }
 
 // Forward's part shared by both Functions, after the op ran: what backward needs besides the
@@ -91,7 +61,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     Tensor output, saved;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(output, saved) = forward_op().call(input, weight, bias, name_view(activation), save_for_backward);
+      std::tie(output, saved) =
+          op_handle<LinearForwardOp>().call(input, weight, bias, name_view(activation), save_for_backward);
     }
     ctx->save_for_backward({input, weight, value_or_undefined(bias), relu(activation) ? output : Tensor(), saved});
     save_context(ctx, activation, save_for_backward, saved);
@@ -108,8 +79,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     check_saved(ctx, act);
     const Tensor out = output_or_empty(output, input);
     // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
-    auto [gi, gw, gb] = backward_op().call(grad_output, input, weight, optional_if_defined(bias), out, saved,
-                                           name_view(act), mask);
+    auto [gi, gw, gb] = op_handle<LinearBackwardOp>().call(grad_output, input, weight, optional_if_defined(bias),
+                                                           out, saved, name_view(act), mask);
     return {requested(gi, mask[0]), requested(gw, mask[1]), requested(gb, mask[2]), Tensor(), Tensor()};
   }
 };
@@ -122,7 +93,8 @@ struct GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFun
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(output, saved, offsets) =
-          grouped_forward_op().call(input, weight, bias, group_sizes, name_view(activation), save_for_backward);
+          op_handle<GroupedLinearForwardOp>().call(input, weight, bias, group_sizes, name_view(activation),
+                                                  save_for_backward);
     }
     // The device offsets too: backward then neither uploads host sizes nor sums device sizes again.
     ctx->save_for_backward({input, weight, value_or_undefined(bias), value_or_undefined(group_sizes),
@@ -142,65 +114,20 @@ struct GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFun
     const auto act = saved_name(ctx, "activation");
     check_saved(ctx, act);
     const Tensor out = output_or_empty(output, input);
-    auto [gi, gw, gb] = grouped_backward_op().call(grad_output, input, weight, optional_if_defined(bias),
-                                                   optional_if_defined(sizes), out, saved, name_view(act), mask,
-                                                   offsets);
+    auto [gi, gw, gb] =
+        op_handle<GroupedLinearBackwardOp>().call(grad_output, input, weight, optional_if_defined(bias),
+                                                  optional_if_defined(sizes), out, saved, name_view(act), mask, offsets);
     return {requested(gi, mask[0]), requested(gw, mask[1]), requested(gb, mask[2]), Tensor(), Tensor(), Tensor()};
   }
 };
 
-// --- the Autograd kernels, with the schemas' signatures ---------------------------------
-
-std::tuple<Tensor, Tensor> linear_forward_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                                                   OptName activation, bool save_for_backward) {
-  auto out = LinearFunction::apply(input, weight, bias, name_string(activation), save_for_backward);
-  return {out[0], out[1]};
-}
-
-std::tuple<Tensor, Tensor, Tensor> grouped_linear_forward_autograd(const Tensor& input, const Tensor& weight,
-                                                                   const OptTensor& bias, const OptTensor& group_sizes,
-                                                                   OptName activation, bool save_for_backward) {
-  auto out = GroupedLinearFunction::apply(input, weight, bias, group_sizes, name_string(activation),
-                                          save_for_backward);
-  return {out[0], out[1], out[2]};
-}
-
-std::tuple<Tensor, Tensor, Tensor> linear_backward_autograd(const Tensor& grad_output, const Tensor& input,
-                                                            const Tensor& weight, const OptTensor& bias,
-                                                            const Tensor& output, const Tensor& saved,
-                                                            OptName activation, Mask mask) {
-  auto g = call_backward_op({grad_output, input, weight, value_or_undefined(bias), output, saved},
-                            [&]() -> variable_list {
-                              auto [gi, gw, gb] = backward_op().call(grad_output, input, weight, bias, output, saved,
-                                                                     activation, mask);
-                              return {gi, gw, gb};
-                            },
-                            kDoubleBackwardError);
-  return {g[0], g[1], g[2]};
-}
-
-std::tuple<Tensor, Tensor, Tensor> grouped_linear_backward_autograd(
-    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const OptTensor& bias,
-    const OptTensor& group_sizes, const Tensor& output, const Tensor& saved, OptName activation, Mask mask,
-    const OptTensor& group_offsets) {
-  auto g = call_backward_op({grad_output, input, weight, value_or_undefined(bias), output, saved},
-                            [&]() -> variable_list {
-                              auto [gi, gw, gb] = grouped_backward_op().call(grad_output, input, weight, bias,
-                                                                             group_sizes, output, saved, activation,
-                                                                             mask, group_offsets);
-                              return {gi, gw, gb};
-                            },
-                            kDoubleBackwardError);
-  return {g[0], g[1], g[2]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchops, Autograd, m) {
-  m.impl("linear_forward", &linear_forward_autograd);
-  m.impl("grouped_linear_forward", &grouped_linear_forward_autograd);
-  m.impl("linear_backward", &linear_backward_autograd);
-  m.impl("grouped_linear_backward", &grouped_linear_backward_autograd);
+  impl_op<LinearForwardOp>(m, &FunctionKernel<LinearFunction, LinearForwardOp::Sig>::call);
+  impl_op<GroupedLinearForwardOp>(m, &FunctionKernel<GroupedLinearFunction, GroupedLinearForwardOp::Sig>::call);
+  impl_op<LinearBackwardOp>(m, &NoDoubleBackwardKernel<LinearBackwardOp>::call);
+  impl_op<GroupedLinearBackwardOp>(m, &NoDoubleBackwardKernel<GroupedLinearBackwardOp>::call);
 }
 
 }  // namespace batchops

@@ -134,7 +134,7 @@ void ragged_product(const at::Tensor& out, const at::Tensor& x, const at::Tensor
 }
 
 
-std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
+std::tuple<at::Tensor, at::Tensor> forward_cpu(LinearPlan& p) {
   const auto opts = p.x.options();
   const bool save_derivative = plan_saves_derivative(p);
   if (p.mode == LinearMode::kDense && p.act == Activation::kNone) {
@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   return {linear_shaped(z, p.out_sizes), save_derivative ? linear_shaped(derivative, p.out_sizes) : at::empty({0}, opts)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(LinearBackwardPlan& b) {
   LinearPlan& p = b.fwd;
   const auto opts = p.x.options();
   const auto dtype = p.x.scalar_type();
@@ -320,10 +320,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
           b.mask[1] ? grad_weight : linear_undefined_grad(p.x), b.mask[2] ? grad_bias : linear_undefined_grad(p.x)};
 }
 
+// The kernels for the shared entry points (entry_points.h).
+struct CpuLinear {
+  using Guard = NoDeviceGuard;
+  static std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) { return forward_cpu(p); }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) { return backward_cpu(b); }
+};
+
 }  // namespace
 
-using CpuLinearOps = LinearEntryPoints<NoDeviceGuard, &forward, &backward>;
-
-TORCH_LIBRARY_IMPL(batchops, CPU, m) { BATCHOPS_REGISTER_LINEAR(m, CpuLinearOps); }
+TORCH_LIBRARY_IMPL(batchops, CPU, m) { register_linear_ops<CpuLinear>(m); }
 
 }  // namespace batchops

@@ -389,7 +389,7 @@ unsigned elementwise_blocks(int64_t total) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, int64_t(sms) * 8)));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
+std::tuple<at::Tensor, at::Tensor> forward_cuda(LinearPlan& p) {
   const auto opts = p.x.options();
   const bool save_derivative = plan_saves_derivative(p);
   const std::optional<at::Tensor> bias = p.bias.defined() ? std::optional<at::Tensor>(p.bias) : std::nullopt;
@@ -467,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) {
   return {linear_shaped(y, p.out_sizes), save_derivative ? linear_shaped(saved, p.out_sizes) : at::empty({0}, opts)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(LinearBackwardPlan& b) {
   LinearPlan& p = b.fwd;
   const auto opts = p.x.options();
   const bool need_dz = p.act != Activation::kNone;
@@ -565,10 +565,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) {
           b.mask[2] ? grad_bias : linear_undefined_grad(p.x)};
 }
 
+// The kernels for the shared entry points (entry_points.h).
+struct CudaLinear {
+  using Guard = c10::cuda::CUDAGuard;
+  static std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p) { return forward_cuda(p); }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b) { return backward_cuda(b); }
+};
+
 }  // namespace
 
-using CudaLinearOps = LinearEntryPoints<c10::cuda::CUDAGuard, &forward, &backward>;
-
-TORCH_LIBRARY_IMPL(batchops, CUDA, m) { BATCHOPS_REGISTER_LINEAR(m, CudaLinearOps); }
+TORCH_LIBRARY_IMPL(batchops, CUDA, m) { register_linear_ops<CudaLinear>(m); }
 
 }  // namespace batchops

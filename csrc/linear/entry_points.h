@@ -1,24 +1,25 @@
-// The four linear ops' entry points, written once for both devices: check and plan (plan.cpp),
-// then the device's forward / backward. cpu.cpp and cuda.cu register
-// LinearEntryPoints<their guard, their forward, their backward>.
+// The four linear ops' entry points, written once for both devices: device guard, check and
+// plan (plan.cpp), the device's kernels. A device supplies only those, as a struct:
+//
+//   struct CpuLinear {
+//     using Guard = NoDeviceGuard;
+//     static std::tuple<at::Tensor, at::Tensor> forward(LinearPlan& p);                  // output, saved
+//     static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(LinearBackwardPlan& b);  // grads
+//   };
+//   TORCH_LIBRARY_IMPL(batchops, CPU, m) { register_linear_ops<CpuLinear>(m); }
 #pragma once
 
-#include <c10/core/Device.h>
+#include <torch/library.h>
 
+#include "common/op.h"
 #include "linear/linear.h"
 
 namespace batchops {
 
-// The CPU needs no device guard; CUDA passes c10::cuda::CUDAGuard.
-struct NoDeviceGuard {
-  explicit NoDeviceGuard(c10::Device) {}
-};
-
-using LinearForwardFn = std::tuple<at::Tensor, at::Tensor> (*)(LinearPlan&);
-using LinearBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(LinearBackwardPlan&);
-
-template <typename Guard, LinearForwardFn Forward, LinearBackwardFn Backward>
+template <typename Device>
 struct LinearEntryPoints {
+  using Guard = typename Device::Guard;
+
   static std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias,
                                                            std::optional<c10::string_view> activation,
@@ -26,7 +27,7 @@ struct LinearEntryPoints {
     Guard guard(input.device());
     auto p = plan_linear(input, weight, bias, activation);
     p.save_for_backward = save_for_backward;
-    return Forward(p);
+    return Device::forward(p);
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
@@ -36,7 +37,7 @@ struct LinearEntryPoints {
     Guard guard(input.device());
     auto b = plan_linear_backward(grad_output, input, weight, bias, std::nullopt, output, saved, activation,
                                   output_mask, /*grouped=*/false);
-    return Backward(b);
+    return Device::backward(b);
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_forward(
@@ -46,7 +47,7 @@ struct LinearEntryPoints {
     Guard guard(input.device());
     auto p = plan_grouped_linear(input, weight, bias, group_sizes, activation);
     p.save_for_backward = save_for_backward;
-    auto [output, saved] = Forward(p);
+    auto [output, saved] = Device::forward(p);
     return {output, saved, plan_group_offsets(p)};  // made by Forward where it needed them
   }
 
@@ -58,17 +59,17 @@ struct LinearEntryPoints {
     Guard guard(input.device());
     auto b = plan_linear_backward(grad_output, input, weight, bias, group_sizes, output, saved, activation,
                                   output_mask, /*grouped=*/true, group_offsets);
-    return Backward(b);
+    return Device::backward(b);
   }
 };
 
-// m.impl for all four ops of one device.
-#define BATCHOPS_REGISTER_LINEAR(m, ENTRY)                                   \
-  do {                                                                       \
-    (m).impl("linear_forward", &ENTRY::linear_forward);                      \
-    (m).impl("linear_backward", &ENTRY::linear_backward);                    \
-    (m).impl("grouped_linear_forward", &ENTRY::grouped_linear_forward);      \
-    (m).impl("grouped_linear_backward", &ENTRY::grouped_linear_backward);    \
-  } while (0)
+template <typename Device>
+void register_linear_ops(torch::Library& m) {
+  using Entry = LinearEntryPoints<Device>;
+  impl_op<LinearForwardOp>(m, &Entry::linear_forward);
+  impl_op<LinearBackwardOp>(m, &Entry::linear_backward);
+  impl_op<GroupedLinearForwardOp>(m, &Entry::grouped_linear_forward);
+  impl_op<GroupedLinearBackwardOp>(m, &Entry::grouped_linear_backward);
+}
 
 }  // namespace batchops

@@ -26,11 +26,79 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common/activation.h"
 
 namespace batchops {
+
+// ---------------------------------------------------------------------------------------
+// The ops (common/op.h): name, schema and C++ signature, said once. schema.cpp defines them,
+// entry_points.h implements them for both devices, autograd.cpp adds the Autograd kernels and
+// batchops/ops/linear.py the fake ones.
+
+// output = act(input @ weight^T + bias). `saved`: see the top of this file.
+struct LinearForwardOp {
+  static constexpr const char* name = "linear_forward";
+  static constexpr const char* schema =
+      "linear_forward(Tensor input, Tensor weight, Tensor? bias, str? activation, bool save_for_backward=True) "
+      "-> (Tensor output, Tensor saved)";
+  using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& input, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 std::optional<c10::string_view> activation, bool save_for_backward);
+};
+
+inline constexpr const char* kLinearDoubleBackwardError =
+    "batchops.linear / batchops.grouped_linear: double backward (a gradient of the gradient) is not supported. "
+    "Use torch.nn.functional.linear (per group) and the activation separately where second derivatives are needed.";
+
+// output_mask: grad_input, grad_weight, grad_bias; unrequested ones are empty.
+struct LinearBackwardOp {
+  static constexpr const char* name = "linear_backward";
+  static constexpr const char* schema =
+      "linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
+      "Tensor saved, str? activation, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)";
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& output, const at::Tensor& saved,
+      std::optional<c10::string_view> activation, std::array<bool, 3> output_mask);
+  static constexpr const char* double_backward_error = kLinearDoubleBackwardError;
+};
+
+// Grouped: weight (G, out, in), bias (G, out). Without group_sizes the input is (G, ..., in);
+// with them it is (total_rows, in), rows ordered by group, group_sizes (G) integers on the
+// CPU or the input's device. group_offsets: the groups' row offsets, int64 (G + 1) on the
+// input's device; backward takes them (optional) instead of uploading host sizes, or checking
+// and summing device sizes, a second time.
+struct GroupedLinearForwardOp {
+  static constexpr const char* name = "grouped_linear_forward";
+  static constexpr const char* schema =
+      "grouped_linear_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? group_sizes, str? activation, "
+      "bool save_for_backward=True) -> (Tensor output, Tensor saved, Tensor group_offsets)";
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+      const std::optional<at::Tensor>& group_sizes, std::optional<c10::string_view> activation,
+      bool save_for_backward);
+};
+
+struct GroupedLinearBackwardOp {
+  static constexpr const char* name = "grouped_linear_backward";
+  static constexpr const char* schema =
+      "grouped_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? group_sizes, Tensor output, Tensor saved, str? activation, bool[3] output_mask, "
+      "Tensor? group_offsets=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)";
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_sizes, const at::Tensor& output,
+      const at::Tensor& saved, std::optional<c10::string_view> activation, std::array<bool, 3> output_mask,
+      const std::optional<at::Tensor>& group_offsets);
+  static constexpr const char* double_backward_error = kLinearDoubleBackwardError;
+};
+
+// ---------------------------------------------------------------------------------------
+// Plans
 
 enum class LinearMode { kDense, kUniform, kRagged };
 

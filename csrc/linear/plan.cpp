@@ -3,6 +3,7 @@
 // RuntimeError for shape, dtype and device mismatches, torch.split_with_sizes RuntimeError for
 // bad split sizes, and NotImplementedError for an unsupported dtype.
 #include "linear/linear.h"
+#include "common/checks.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_assert_async.h>
@@ -16,17 +17,9 @@
 namespace batchops {
 namespace {
 
-void check_dtype(const char* op, const at::Tensor& input) {
-  const auto t = input.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-                              ": input must be float32, float64, float16 or bfloat16, got ", t);
-}
-
 void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
-              input.device(), " (expected all tensors to be on the same device)");
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but input has dtype ", input.scalar_type(), " (expected the same dtype)");
+  check_same_device(op, name, t, input);
+  check_same_dtype(op, name, t, input);
 }
 
 std::vector<int64_t> offsets_from_sizes(const char* op, const at::Tensor& sizes_cpu, int64_t rows) {
@@ -63,7 +56,7 @@ LinearPlan plan_linear(const at::Tensor& input, const at::Tensor& weight, const 
   p.op = "batchops.linear";
   p.mode = LinearMode::kDense;
   p.act = parse_activation(activation, p.op);
-  check_dtype(p.op, input);
+  check_floating_input(p.op, input);
   TORCH_CHECK(input.dim() >= 1, p.op, ": input must have at least 1 dimension, got a 0-D tensor");
   TORCH_CHECK(weight.dim() == 2, p.op, ": weight must be 2-D (out_features, in_features), got shape ",
               weight.sizes());
@@ -97,7 +90,7 @@ LinearPlan plan_grouped_linear(const at::Tensor& input, const at::Tensor& weight
   LinearPlan p;
   p.op = "batchops.grouped_linear";
   p.act = parse_activation(activation, p.op);
-  check_dtype(p.op, input);
+  check_floating_input(p.op, input);
   TORCH_CHECK(weight.dim() == 3, p.op, ": weight must be 3-D (num_groups, out_features, in_features), got shape ",
               weight.sizes());
   check_like_input(p.op, "weight", weight, input);

@@ -13,18 +13,12 @@
 #include <optional>
 
 #include "common/autograd.h"
+#include "packing/packing.h"
 
 namespace batchops {
 namespace {
 
 using namespace batchops::autograd;
-
-using GatherSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const c10::Scalar&);
-
-const auto& gather_op() {
-  static const auto op = typed_op<GatherSig>("batchops::gather_rows");
-  return op;
-}
 
 struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& index,
@@ -32,7 +26,7 @@ struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction>
     Tensor output;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      output = gather_op().call(input, index, inverse_index, fill);
+      output = op_handle<GatherRowsOp>().call(input, index, inverse_index, fill);
     }
     ctx->save_for_backward({index, value_or_undefined(inverse_index)});
     ctx->saved_data["input_rows"] = input.sym_size(0);  // symbolic under torch.compile
@@ -46,7 +40,7 @@ struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction>
     const auto s = ctx->get_saved_variables();
     const Tensor &index = s[0], &inverse_index = s[1];
     if (inverse_index.defined()) {
-      result[0] = gather_op().call(grad, inverse_index, index, 0);
+      result[0] = op_handle<GatherRowsOp>().call(grad, inverse_index, index, 0);
     } else {
       auto sizes = grad.sym_sizes().vec();
       sizes[0] = ctx->saved_data["input_rows"].toSymInt();
@@ -62,13 +56,10 @@ struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction>
   }
 };
 
-Tensor gather_rows_autograd(const Tensor& input, const Tensor& index, const OptTensor& inverse_index,
-                            const c10::Scalar& fill) {
-  return GatherRowsFunction::apply(input, index, inverse_index, fill)[0];
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchops, Autograd, m) { m.impl("gather_rows", &gather_rows_autograd); }
+TORCH_LIBRARY_IMPL(batchops, Autograd, m) {
+  impl_op<GatherRowsOp>(m, &FunctionKernel<GatherRowsFunction, GatherRowsOp::Sig>::call);
+}
 
 }  // namespace batchops

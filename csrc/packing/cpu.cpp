@@ -5,15 +5,13 @@
 #include <cstring>
 
 #include "common/cpu_memory.h"
+#include "packing/entry_points.h"
 #include "packing/packing.h"
 
 namespace batchops {
 namespace {
 
-at::Tensor gather_rows_cpu(const at::Tensor& input, const at::Tensor& index,
-                           const std::optional<at::Tensor>& inverse_index, const at::Scalar& fill) {
-  auto p = plan_gather_rows(input, index, inverse_index, fill);
-  if (p.output.numel() == 0) return p.output;
+void gather_rows_cpu(GatherRowsPlan& p) {
   advise_huge_pages(p.output);
   const auto* src = static_cast<const char*>(p.input.const_data_ptr());
   const auto* fill_row = static_cast<const char*>(p.fill_row.const_data_ptr());
@@ -30,11 +28,16 @@ at::Tensor gather_rows_cpu(const at::Tensor& input, const at::Tensor& index,
       std::memcpy(dst + i * row_bytes, r >= 0 ? src + r * row_bytes : fill_row, row_bytes);
     }
   });
-  return p.output;
 }
+
+// The kernel for the shared entry point (entry_points.h).
+struct CpuPacking {
+  using Guard = NoDeviceGuard;
+  static void gather_rows(GatherRowsPlan& p) { gather_rows_cpu(p); }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchops, CPU, m) { m.impl("gather_rows", &gather_rows_cpu); }
+TORCH_LIBRARY_IMPL(batchops, CPU, m) { register_packing_ops<CpuPacking>(m); }
 
 }  // namespace batchops

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "packing/entry_points.h"
 #include "packing/packing.h"
 
 namespace batchops {
@@ -36,11 +37,7 @@ void launch(const GatherRowsPlan& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor gather_rows_cuda(const at::Tensor& input, const at::Tensor& index,
-                            const std::optional<at::Tensor>& inverse_index, const at::Scalar& fill) {
-  c10::cuda::CUDAGuard guard(input.device());
-  auto p = plan_gather_rows(input, index, inverse_index, fill);
-  if (p.output.numel() == 0) return p.output;
+void gather_rows_cuda(GatherRowsPlan& p) {
   // The widest unit dividing the row size and every base address.
   const auto addresses = reinterpret_cast<uintptr_t>(p.input.const_data_ptr()) |
                          reinterpret_cast<uintptr_t>(p.fill_row.const_data_ptr()) |
@@ -56,11 +53,16 @@ at::Tensor gather_rows_cuda(const at::Tensor& input, const at::Tensor& index,
   } else {
     launch<uint8_t>(p);
   }
-  return p.output;
 }
+
+// The kernel for the shared entry point (entry_points.h).
+struct CudaPacking {
+  using Guard = c10::cuda::CUDAGuard;
+  static void gather_rows(GatherRowsPlan& p) { gather_rows_cuda(p); }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchops, CUDA, m) { m.impl("gather_rows", &gather_rows_cuda); }
+TORCH_LIBRARY_IMPL(batchops, CUDA, m) { register_packing_ops<CudaPacking>(m); }
 
 }  // namespace batchops

@@ -12,6 +12,20 @@
 
 namespace batchops {
 
+// The op (common/op.h): name, schema and C++ signature, said once. schema.cpp defines it,
+// entry_points.h implements it for both devices, autograd.cpp adds the Autograd kernel and
+// batchops/ops/packing.py the fake one.
+// out[i] = index[i] >= 0 ? input[index[i]] : fill, rows = input's first dimension.
+// inverse_index (input row -> output row or -1) is not read by the kernel: autograd uses it
+// to make the backward one more gather instead of a scatter-add.
+struct GatherRowsOp {
+  static constexpr const char* name = "gather_rows";
+  static constexpr const char* schema =
+      "gather_rows(Tensor input, Tensor index, Tensor? inverse_index, Scalar fill) -> Tensor";
+  using Sig = at::Tensor(const at::Tensor& input, const at::Tensor& index,
+                         const std::optional<at::Tensor>& inverse_index, const at::Scalar& fill);
+};
+
 struct GatherRowsPlan {
   at::Tensor input;  // contiguous, viewed as (rows, row_bytes)
   at::Tensor index;  // contiguous int64

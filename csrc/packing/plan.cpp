@@ -1,4 +1,5 @@
 #include "packing/packing.h"
+#include "common/checks.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,8 +13,7 @@ GatherRowsPlan plan_gather_rows(const at::Tensor& input, const at::Tensor& index
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension (rows, *), got a 0-d tensor");
   TORCH_CHECK(index.dim() == 1, op, ": index must be 1-D, got shape ", index.sizes());
   TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
-  TORCH_CHECK(index.device() == input.device(), op, ": index is on ", index.device(), " but input is on ",
-              input.device());
+  check_same_device(op, "index", index, input);
   if (inverse_index.has_value() && inverse_index->defined()) {
     TORCH_CHECK(inverse_index->dim() == 1 && inverse_index->numel() == input.size(0), op,
                 ": inverse_index must be 1-D with one entry per input row (", input.size(0), "), got shape ",

@@ -1,0 +1,52 @@
+// How an op is said once (see csrc/ADDING_AN_OP.md).
+//
+// Each op has a descriptor in its folder's header: its name, its schema and its C++ signature,
+// side by side:
+//
+//   struct GatherRowsOp {
+//     static constexpr const char* name = "gather_rows";
+//     static constexpr const char* schema = "gather_rows(Tensor input, ...) -> Tensor";
+//     using Sig = at::Tensor(const at::Tensor& input, ...);
+//   };
+//
+// The folder's schema.cpp defines it (define_op), every device registers the one entry point
+// with that signature (impl_op: a kernel of any other type does not compile, and the
+// dispatcher checks the kernel against the schema when the library loads), and autograd calls
+// it through op_handle. Device files supply only kernels that run a plan; the entry points
+// (check and plan, device guard, kernel, results) are written once per op for both devices.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/Device.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace batchops {
+
+// A device's guard for its entry points: the CPU needs none; CUDA uses c10::cuda::CUDAGuard.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(c10::Device) {}
+};
+
+template <typename Op>
+void define_op(torch::Library& m) {
+  m.def(Op::schema);
+}
+
+// Registers `kernel` for the device (or dispatch key) of `m`'s TORCH_LIBRARY_IMPL block.
+template <typename Op>
+void impl_op(torch::Library& m, typename Op::Sig* kernel) {
+  m.impl(Op::name, kernel);
+}
+
+// The op's typed dispatcher handle, looked up once.
+template <typename Op>
+const c10::TypedOperatorHandle<typename Op::Sig>& op_handle() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow((std::string("batchops::") + Op::name).c_str(), "")
+                                 .template typed<typename Op::Sig>();
+  return handle;
+}
+
+}  // namespace batchops

@@ -8,6 +8,8 @@ norm (conv-bn folding, convert_sync_batchnorm) would silently drop the fused act
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -16,7 +18,7 @@ from batchops import functional as F
 from batchops.nn._compat import NORM_TAKES_BIAS, emulate_bias_flag, make_norm
 from batchops.ops.common import check_activation
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm", "replace_norm"]
 
 
 class _BatchNorm(_NormBase):
@@ -114,7 +116,11 @@ _TO_BATCHOPS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.Bat
 _TO_TORCH = {v: k for k, v in _TO_BATCHOPS.items()}
 
 
-def _swap(module: nn.Module, cls: type) -> nn.Module:
+def replace_norm(module: nn.Module, cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """A ``cls`` batch norm that takes the place of ``module`` (any torch or batchops batch norm):
+    built with its num_features, eps, momentum, affine, track_running_stats and bias, then
+    ``args`` and ``kwargs``; its parameters and buffers are ``module``'s own, shared, not copied,
+    so optimizer state and devices carry over; its train/eval mode and qconfig are ``module``'s."""
     new = make_norm(
         cls,
         module.num_features,
@@ -122,10 +128,10 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
         module.momentum,
         module.affine,
         module.track_running_stats,
+        *args,
         bias=module.bias is not None or not module.affine,
+        **kwargs,
     )
-    # Share parameters and buffers (as SyncBatchNorm.convert_sync_batchnorm does): optimizer
-    # state and devices carry over untouched.
     if module.affine:
         new.weight = module.weight
         new.bias = module.bias
@@ -144,7 +150,7 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     module; like SyncBatchNorm.convert_sync_batchnorm, use the return value."""
     out = module
     if type(module) in _TO_BATCHOPS:
-        out = _swap(module, _TO_BATCHOPS[type(module)])
+        out = replace_norm(module, _TO_BATCHOPS[type(module)])
     for name, child in module.named_children():
         out.add_module(name, convert_batchnorm(child))
     return out
@@ -160,7 +166,7 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
                 f"revert_batchnorm: {type(module).__name__} with activation={module.activation!r} has no "
                 "torch.nn equivalent; set activation=None first or keep the batchops module"
             )
-        out = _swap(module, _TO_TORCH[type(module)])
+        out = replace_norm(module, _TO_TORCH[type(module)])
     for name, child in module.named_children():
         out.add_module(name, revert_batchnorm(child))
     return out

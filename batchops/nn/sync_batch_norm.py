@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from batchops.nn.batch_norm import _BatchNorm
+from batchops.nn.batch_norm import _BatchNorm, replace_norm
 from batchops.ops.batch_norm import batch_norm_backward, batch_norm_backward_elemt, batch_norm_forward, batch_norm_stats
 
 __all__ = ["SyncBatchNorm"]
@@ -240,26 +240,7 @@ class SyncBatchNorm(_BatchNorm):
         qconfig too. Returns the converted module: use the return value."""
         out = module
         if isinstance(module, (_TorchBatchNorm, _BatchNorm)):
-            out = cls(
-                module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
-                process_group,
-                bias=module.bias is not None or not module.affine,
-                activation=getattr(module, "activation", None),
-            )
-            if module.affine:
-                with torch.no_grad():
-                    out.weight = module.weight
-                    out.bias = module.bias
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-            out.train(module.training)
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+            out = replace_norm(module, cls, process_group, activation=getattr(module, "activation", None))
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out

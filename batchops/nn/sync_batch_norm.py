@@ -66,6 +66,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
+        # batch_norm_forward's arguments in its order (as functional.batch_norm passes them), less
+        # training (always) and momentum_tensor (momentum is either), then the process group.
         input,
         weight,
         bias,
@@ -111,7 +113,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias, residual, save_mean, save_invstd, total = ctx.saved_tensors
+        *saved, total = ctx.saved_tensors
+        # Both backward kernels take the forward's saved state in this order, after grad_output.
+        input, weight, bias, residual, save_mean, save_invstd = saved
         need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
         need_weight = need_weight and weight is not None
         need_bias = need_bias and bias is not None
@@ -123,16 +127,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # Eval mode: grad_weight = sum(g * xhat), grad_bias = sum(g), local to this rank
             # (zeros for an empty batch, which still joins the all_reduce below).
             _, sum_gxhat, sum_g, _ = batch_norm_backward(
-                grad_output,
-                input,
-                weight,
-                bias,
-                residual,
-                save_mean,
-                save_invstd,
-                False,
-                ctx.activation,
-                [False, True, True, False],
+                grad_output, *saved, False, ctx.activation, [False, True, True, False]
             )
             if need_weight:
                 grad_weight = sum_gxhat
@@ -145,17 +140,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 mean_g, mean_gxhat = sums[:C].to(save_mean.dtype), sums[C:].to(save_mean.dtype)
         if need_input or need_residual:
             gi, gz = batch_norm_backward_elemt(
-                grad_output,
-                input,
-                weight,
-                bias,
-                residual,
-                save_mean,
-                save_invstd,
-                mean_g,
-                mean_gxhat,
-                ctx.activation,
-                [need_input, need_residual],
+                grad_output, *saved, mean_g, mean_gxhat, ctx.activation, [need_input, need_residual]
             )
             grad_input = gi if need_input else None
             grad_residual = gz if need_residual else None

@@ -65,6 +65,8 @@ def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.batchops.batch_norm_stats(input)
 
 
+# The same leading arguments as batch_norm_backward: both ops' schemas take the forward's saved
+# state (csrc/batch_norm/batch_norm.h), so the signatures look alike but the ops differ.
 def batch_norm_backward_elemt(
     grad_output: Tensor,
     input: Tensor,
@@ -102,18 +104,18 @@ def _stats_fake(input):
     return input.new_empty((C,), dtype=stat), input.new_empty((C,), dtype=stat)
 
 
+def _input_like(input, requested: bool = True):
+    """What the kernels return for an input-shaped output: the input's shape and dtype in the
+    kernels' memory format, or an empty tensor when the output mask did not request it."""
+    if not requested:
+        return input.new_empty((0,))
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=kernel_memory_format(input))
+
+
 def _backward_elemt_fake(
     grad_output, input, weight, bias, residual, save_mean, save_invstd, mean_g, mean_gxhat, activation, output_mask
 ):
-    fmt = kernel_memory_format(input)
-
-    def full():
-        return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
-
-    def none():
-        return input.new_empty((0,))
-
-    return (full() if output_mask[0] else none(), full() if output_mask[1] else none())
+    return _input_like(input, output_mask[0]), _input_like(input, output_mask[1])
 
 
 def _forward_fake(
@@ -121,7 +123,7 @@ def _forward_fake(
 ):
     C = input.shape[1]
     stat = stat_dtype(input.dtype)
-    output = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=kernel_memory_format(input))
+    output = _input_like(input)
     save_mean = input.new_empty((C,), dtype=stat)
     save_invstd = input.new_empty((C,), dtype=stat)
     if training and running_mean is not None:
@@ -138,19 +140,17 @@ def _backward_fake(
 ):
     C = input.shape[1]
     stat = stat_dtype(input.dtype)
-    fmt = kernel_memory_format(input)
 
-    def full():
-        return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
-
-    def none():
-        return input.new_empty((0,))
+    def per_channel(param, requested):  # grad_weight / grad_bias, in the parameter's dtype
+        if not requested:
+            return input.new_empty((0,))
+        return input.new_empty((C,), dtype=param.dtype if param is not None else stat)
 
     return (
-        full() if output_mask[0] else none(),
-        input.new_empty((C,), dtype=weight.dtype if weight is not None else stat) if output_mask[1] else none(),
-        input.new_empty((C,), dtype=bias.dtype if bias is not None else stat) if output_mask[2] else none(),
-        full() if output_mask[3] else none(),
+        _input_like(input, output_mask[0]),
+        per_channel(weight, output_mask[1]),
+        per_channel(bias, output_mask[2]),
+        _input_like(input, output_mask[3]),
     )
 
 

@@ -164,6 +164,8 @@ struct BatchNormForwardPlan {
   at::ScalarType running_dtype = at::kFloat;
 };
 
+// The plans (plan.cpp) take the ops' arguments as the descriptors above say them: the entry
+// points pass them straight through, which is why these declarations repeat those lists.
 BatchNormForwardPlan plan_batch_norm_forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                              const std::optional<at::Tensor>& bias,
                                              const std::optional<at::Tensor>& residual,

@@ -13,8 +13,6 @@
 // in a fixed order, so results do not depend on the thread count.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -187,23 +185,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(LinearPlan& p) {
       epilogue(b);
     });
   } else {
-    if (p.rows > 0) {
-      if (p.mode == LinearMode::kDense) {
-        if (bias_in_product) {
-          at::addmm_out(z, p.bias, p.x, p.weight.t());
-        } else {
-          at::mm_out(z, p.x, p.weight.t());
-        }
-      } else {
-        const int64_t B = p.G > 0 ? p.rows / p.G : 0;
-        auto z3 = z.view({p.G, B, p.N});
-        if (bias_in_product) {
-          at::baddbmm_out(z3, p.bias.view({p.G, 1, p.N}), p.x.view({p.G, B, p.K}), p.weight.transpose(1, 2));
-        } else {
-          at::bmm_out(z3, p.x.view({p.G, B, p.K}), p.weight.transpose(1, 2));
-        }
-      }
-    }
+    linear_product_out(p, z, bias_in_product);
     if (need_epilogue) {
       for (size_t i = 0; i < blocks.size(); ++i) cost[i] = double(blocks[i].end - blocks[i].begin);
       parallel_balanced(cost, [&](int64_t i) { epilogue(blocks[i]); });
@@ -287,17 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(LinearBackwardPlan& 
       for (size_t i = 0; i < blocks.size(); ++i) cost[i] = double(blocks[i].end - blocks[i].begin);
       parallel_balanced(cost, epilogue);
     }
-    if (p.mode == LinearMode::kDense) {
-      if (b.mask[0]) at::mm_out(grad_input, dz, p.weight);
-      if (b.mask[1]) at::mm_out(grad_weight, dz.t(), p.x);
-    } else {
-      const int64_t B = p.G > 0 ? p.rows / p.G : 0;
-      if (b.mask[0]) {
-        auto gi = grad_input.view({p.G, B, p.K});
-        at::bmm_out(gi, dz.view({p.G, B, p.N}), p.weight);
-      }
-      if (b.mask[1]) at::bmm_out(grad_weight, dz.view({p.G, B, p.N}).transpose(1, 2), p.x.view({p.G, B, p.K}));
-    }
+    linear_backward_products_out(p, dz, b.mask[0] ? grad_input : at::Tensor(),
+                                 b.mask[1] ? grad_weight : at::Tensor());
   }
 
   at::Tensor grad_bias;

@@ -19,13 +19,9 @@
 // are bitwise reproducible (no float atomics).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_addmm_activation.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -435,20 +431,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(LinearPlan& p) {
     // bias would flip relu's mask wherever x W^T + b is within a rounding of 0.
     const bool bias_in_product = !activation_saves_derivative(p.act) && p.bias.defined();
     at::Tensor z = save_derivative ? saved : y;
-    if (p.mode == LinearMode::kDense) {
-      if (bias_in_product) {
-        at::addmm_out(z, p.bias, p.x, p.weight.t());
-      } else {
-        at::mm_out(z, p.x, p.weight.t());
-      }
-    } else {
-      auto z3 = z.view({p.G, p.rows / p.G, p.N});
-      if (bias_in_product) {
-        at::baddbmm_out(z3, p.bias.view({p.G, 1, p.N}), p.x.view({p.G, p.rows / p.G, p.K}), p.weight.transpose(1, 2));
-      } else {
-        at::bmm_out(z3, p.x.view({p.G, p.rows / p.G, p.K}), p.weight.transpose(1, 2));
-      }
-    }
+    linear_product_out(p, z, bias_in_product);
     if (p.act == Activation::kNone) {
       return {linear_shaped(y, p.out_sizes), at::empty({0}, opts)};
     }
@@ -512,16 +495,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(LinearBackwardPlan&
   }
 
   at::Tensor grad_input, grad_weight;
-  if (p.mode == LinearMode::kDense) {
-    if (b.mask[0]) grad_input = at::mm(dz, p.weight);
-    if (b.mask[1]) grad_weight = at::mm(dz.t(), p.x);
-  } else if (p.mode == LinearMode::kUniform) {
-    const int64_t B = p.G > 0 ? p.rows / p.G : 0;
-    if (b.mask[0]) grad_input = at::bmm(dz.view({p.G, B, p.N}), p.weight);
-    if (b.mask[1]) grad_weight = at::bmm(dz.view({p.G, B, p.N}).transpose(1, 2), p.x.view({p.G, B, p.K}));
+  if (b.mask[0]) grad_input = at::empty({p.rows, p.K}, opts);
+  if (b.mask[1]) grad_weight = at::empty(p.weight.sizes(), opts);
+  if (p.mode != LinearMode::kRagged) {
+    linear_backward_products_out(p, dz, grad_input, grad_weight);
   } else {
-    if (b.mask[0]) grad_input = at::empty({p.rows, p.K}, opts);
-    if (b.mask[1]) grad_weight = at::empty(p.weight.sizes(), opts);
     const at::Tensor tiles = tile_prefix(offsets, p.G, kTileM);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "batchops.grouped_linear_backward",
                                     [&] {

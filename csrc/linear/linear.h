@@ -170,6 +170,13 @@ inline bool plan_saves_derivative(const LinearPlan& p) {
 // as one by AccumulateGrad. matmul returns its reshaped results the same way.
 inline at::Tensor linear_shaped(const at::Tensor& t, at::IntArrayRef sizes) { return at::_unsafe_view(t, sizes); }
 
+// The products of dense and uniform groups, by ATen's BLAS for both devices (products.cpp):
+// z = x W^T (+ bias when with_bias), z (rows, N); and grad_input = dz W, grad_weight = dz^T x
+// into those of the two outputs that are defined (requested).
+void linear_product_out(const LinearPlan& p, at::Tensor z, bool with_bias);
+void linear_backward_products_out(const LinearPlan& p, const at::Tensor& dz, at::Tensor grad_input,
+                                  at::Tensor grad_weight);
+
 // Empty results for outputs that were not requested, in one place.
 at::Tensor linear_undefined_grad(const at::Tensor& like);
 

@@ -89,7 +89,8 @@ inline float vector_tanhf(float x) {
 }  // namespace detail
 
 // exp / erf / tanh for the activations: CUDA's own functions on the device and for double,
-// the vectorisable float versions above in CPU code.
+// the vectorisable float versions above in CPU code. Three look-alike functions on purpose: a
+// macro generating them would hide from the reader which math a kernel runs.
 template <typename T>
 C10_HOST_DEVICE inline T act_exp(T x) {
 #if defined(__CUDA_ARCH__)

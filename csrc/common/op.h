@@ -14,6 +14,9 @@
 // dispatcher checks the kernel against the schema when the library loads), and autograd calls
 // it through op_handle. Device files supply only kernels that run a plan; the entry points
 // (check and plan, device guard, kernel, results) are written once per op for both devices.
+// Descriptors, entry points and register_*_ops functions look alike across ops by design
+// (the same few fields and steps with each op's own types); `duplicates` lists them as
+// same-shape pairs.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchops.data.sampler_contract import ResumableDistributedSampler, check_int
+from batchops._checks import check_int, check_real
+from batchops.data.sampler_contract import ResumableDistributedSampler
 
 __all__ = ["CurriculumSampler", "PACING_FUNCTIONS"]
 
@@ -44,12 +45,7 @@ def _name(arg: str) -> str:
 
 
 def _check_real(arg: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{_name(arg)} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{_name(arg)} must be finite, got {value}")
-    return value
+    return check_real(_name(arg), value, finite=True)
 
 
 def _to_numpy(arg: str, values: Any) -> np.ndarray:

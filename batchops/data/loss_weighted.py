@@ -9,15 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchops.data.sampler_contract import ResumableDistributedSampler, check_int
+from batchops._checks import check_int, check_real
+from batchops.data.sampler_contract import ResumableDistributedSampler
 
 __all__ = ["LossWeightedSampler"]
 
 
 def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"LossWeightedSampler: {name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    return check_real(f"LossWeightedSampler: {name}", value)
 
 
 def _as_numpy(name: str, value: Any) -> np.ndarray:

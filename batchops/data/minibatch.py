@@ -17,17 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchops._checks import check_int
 from batchops.data.sampler_contract import ResumableDistributedSampler
 
 __all__ = ["ShuffledBatchSampler", "minibatches", "minibatch_gd_linear_regression"]
-
-
-def _int_arg(owner: str, arg: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {arg} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {arg} must be at least {minimum}, got {value}")
-    return int(value)
 
 
 class ShuffledBatchSampler(ResumableDistributedSampler[list[int]]):
@@ -63,8 +56,8 @@ class ShuffledBatchSampler(ResumableDistributedSampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        self.n = _int_arg("ShuffledBatchSampler", "n", n, 0)
-        self.batch_size = _int_arg("ShuffledBatchSampler", "batch_size", batch_size, 1)
+        self.n = check_int("ShuffledBatchSampler: n", n, 0)
+        self.batch_size = check_int("ShuffledBatchSampler: batch_size", batch_size, 1)
         super().__init__(shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
 
     def global_items(self, epoch: int) -> list[list[int]]:
@@ -115,7 +108,7 @@ def minibatches(
     sizes = [int(a.shape[0]) for a in arrays]
     if len(set(sizes)) != 1:
         raise ValueError(f"minibatches: arrays must have the same first dimension, got {sizes}")
-    batch_size = _int_arg("minibatches", "batch_size", batch_size, 1)
+    batch_size = check_int("minibatches: batch_size", batch_size, 1)
     sampler = ShuffledBatchSampler(
         sizes[0], batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, num_replicas=1, rank=0
     )
@@ -213,8 +206,8 @@ def minibatch_gd_linear_regression(
         raise ValueError(f"{owner}: X has {X.shape[0]} rows but y has {y.shape[0]}")
     if X.shape[0] == 0:
         raise ValueError(f"{owner}: X has no rows")
-    batch_size = _int_arg(owner, "batch_size", batch_size, 1)
-    epochs = _int_arg(owner, "epochs", epochs, 0)
+    batch_size = check_int(f"{owner}: batch_size", batch_size, 1)
+    epochs = check_int(f"{owner}: epochs", epochs, 0)
     if callable(lr):
         lr_at = lr
     elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):

@@ -26,26 +26,17 @@ class does the rest, the same way for every sampler:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from torch.utils.data import Sampler
 
+from batchops._checks import check_int
+
 __all__ = ["ResumableDistributedSampler", "resolve_replicas"]
 
 T = TypeVar("T")
-
-
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as an int: a TypeError for anything but an integer (bools included), a
-    ValueError below ``minimum``. Shared by the samplers' argument checks."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
 
 
 def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

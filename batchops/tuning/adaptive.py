@@ -53,6 +53,8 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from batchops._checks import check_int
+
 __all__ = ["AdaptiveBatchSize", "LR_RULES"]
 
 LR_RULES = ("linear", "sqrt", "adascale", "constant")
@@ -60,11 +62,7 @@ _GROWTHS = ("noise_scale", "fixed")
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"AdaptiveBatchSize: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"AdaptiveBatchSize: {name} must be at least {minimum}, got {value}")
-    return int(value)
+    return check_int(f"AdaptiveBatchSize: {name}", value, minimum)
 
 
 def _round_half_up(x: float) -> int:

@@ -53,7 +53,6 @@ import copy
 import dataclasses
 import gc
 import math
-import numbers
 import os
 import threading
 import time
@@ -61,6 +60,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from batchops._checks import check_int, check_real
 
 __all__ = [
     "OOM_MESSAGES",
@@ -314,20 +315,11 @@ def _free_memory() -> None:
 
 # ----------------------------------------------------------------------------- argument checks
 def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"find_batch_size: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"find_batch_size: {name} must be at least {minimum}, got {value}")
-    return int(value)
+    return check_int(f"find_batch_size: {name}", value, minimum)
 
 
 def _real_arg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"find_batch_size: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"find_batch_size: {name} must be finite, got {value}")
-    return value
+    return check_real(f"find_batch_size: {name}", value, finite=True, expected="a number")
 
 
 def _resolve_device(device: Any, model: torch.nn.Module | None) -> torch.device:

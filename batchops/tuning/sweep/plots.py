@@ -36,6 +36,22 @@ def _log(ax: Any, axis: str, values: Iterable[float | None], base: float = 10) -
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=base)
 
 
+def _finish_log_log(ax: Any, has_data: bool, empty_note: str, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log scales when the panel has data, else `empty_note` in its middle; then the labels,
+    title, grid and, when something is labelled, the legend."""
+    if has_data:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def _loss_axes(ax: Any, result: SweepResult, xkey: str, xlabel: str, logx: bool) -> None:
     ys = []
     for r, color in zip(result.runs, _colors(len(result.runs))):
@@ -112,17 +128,14 @@ def _tradeoff_axes(ax: Any, result: SweepResult) -> None:
         samples = [r.samples_to_target for r in reached]
         ax.set_xlim(min(steps + [s_min]) / 1.5, max(steps) * 1.5)
         ax.set_ylim(min(samples + [e_min]) / 1.5, max(samples) * 1.5)
-    if reached:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no run reached the target", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("optimizer steps to target")
-    ax.set_ylabel("samples to target")
-    ax.set_title("steps vs samples trade-off", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    _finish_log_log(
+        ax,
+        bool(reached),
+        "no run reached the target",
+        "optimizer steps to target",
+        "samples to target",
+        "steps vs samples trade-off",
+    )
 
 
 def _to_target_vs_batch_axes(ax: Any, result: SweepResult) -> None:
@@ -201,17 +214,14 @@ def _noise_axes(ax: Any, result: SweepResult) -> None:
             ax.scatter([r.samples_to_target], [r.noise_scale_at_target], color=color, marker="*", s=80, zorder=3)
             xs.append(r.samples_to_target)
             ys.append(r.noise_scale_at_target)
-    if xs:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no noise scale measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("samples seen")
-    ax.set_ylabel("B_simple = tr(Sigma) / |G|^2 (EMA)")
-    ax.set_title("gradient noise scale during training (stars: at the target)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    _finish_log_log(
+        ax,
+        bool(xs),
+        "no noise scale measured",
+        "samples seen",
+        "B_simple = tr(Sigma) / |G|^2 (EMA)",
+        "gradient noise scale during training (stars: at the target)",
+    )
 
 
 def plot_all(result: SweepResult, files: dict[str, str]) -> None:

@@ -1,4 +1,6 @@
-"""Shared test configuration: device parametrization, seeding, and the compiled-kernel guard.
+"""Shared test configuration: fixtures, hooks and markers (device parametrization, seeding, and
+the compiled-kernel guard). Names test modules import (DEVICES, ACTIVATIONS, TORCH_ACT,
+RecordOps, ...) live in tests/helpers.py.
 
 Use `@pytest.mark.parametrize("device", DEVICES)` (or the `device` fixture) to run a test on
 the CPU and, when a GPU is present, on CUDA. CUDA params carry `pytest.mark.cuda` and are
@@ -15,35 +17,10 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchops
-import batchops.ops.common
 
-CUDA_AVAILABLE = torch.cuda.is_available()
-
-# The activation names every batchops op takes (from the kernels' table), and torch's reference
-# for each (test_package checks that every activation has one).
-ACTIVATIONS = list(batchops.ops.common.ACTIVATIONS)
-TORCH_ACT = {
-    None: lambda t: t,
-    "relu": F.relu,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-}
-
-
-def dtype_id(dtype: torch.dtype) -> str:
-    """ "float32" for torch.float32: readable test ids."""
-    return str(dtype).replace("torch.", "")
-
-
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
-]
+from tests.helpers import CUDA_AVAILABLE, DEVICES
 
 
 def pytest_configure(config):
@@ -100,21 +77,3 @@ def kernels(request):
             f"a CUDA device is available but batchops._C was built without CUDA kernels (build_info: {info})",
             pytrace=False,
         )
-
-
-class RecordOps(TorchDispatchMode):
-    """`with RecordOps() as rec:` records every op call that reaches the dispatcher, C++ callers
-    such as the ops' autograd kernels included: rec.calls is [(op, args)], rec.ops their short
-    names ("gather_rows", "mm", ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple] = []
-
-    @property
-    def ops(self) -> list[str]:
-        return [func.overloadpacket.__name__ for func, _ in self.calls]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((func, args))
-        return func(*args, **(kwargs or {}))

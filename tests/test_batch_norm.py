@@ -19,8 +19,8 @@ import batchops
 from batchops import functional as BF
 from batchops.nn._compat import make_norm  # torch 2.11's constructors lack bias=
 
-from conftest import ACTIVATIONS, DEVICES, TORCH_ACT
-from conftest import dtype_id as _dtype_id
+from tests.helpers import ACTIVATIONS, DEVICES, TORCH_ACT
+from tests.helpers import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 

@@ -9,7 +9,6 @@ on ordinary arithmetic).
 
 from __future__ import annotations
 
-import pathlib
 import shlex
 import shutil
 import subprocess
@@ -17,7 +16,8 @@ import subprocess
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 BUILD_NINJA = ROOT / "build" / f"temp-torch{torch.__version__}" / "build.ninja"
 
 PROBE = r"""

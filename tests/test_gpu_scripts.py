@@ -4,13 +4,13 @@ as dry runs on the CPU: a GPU is lent rarely and briefly, so their Python must a
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.usefixtures("kernels")
 
 

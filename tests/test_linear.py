@@ -19,8 +19,8 @@ from torch import nn
 import batchops
 from batchops import functional as BF
 
-from conftest import ACTIVATIONS, DEVICES, TORCH_ACT, RecordOps
-from conftest import dtype_id as _dtype_id
+from tests.helpers import ACTIVATIONS, DEVICES, TORCH_ACT, RecordOps
+from tests.helpers import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 

@@ -24,7 +24,7 @@ from batchops.data.memmap import (
     write_memmap_dataset,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _features(n, row_shape, dtype, seed=0):
@@ -470,6 +470,6 @@ def test_imports_without_extension(tmp_path):
         f"ds = write_memmap_dataset({str(tmp_path)!r}, np.ones((4, 2), np.float32), np.arange(4))\n"
         "assert ds.__getitems__([3, 1]).tensors[1].tolist() == [3, 1]\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

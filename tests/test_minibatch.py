@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 
 from batchops.data.minibatch import ShuffledBatchSampler, minibatch_gd_linear_regression, minibatches
 
-from conftest import DEVICES
+from tests.helpers import DEVICES
 
 
 # ----------------------------------------------------------------------------- ShuffledBatchSampler

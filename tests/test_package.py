@@ -67,7 +67,7 @@ def test_activation_lists_come_from_the_kernels():
     torch reference in the tests, and the C++ op refuses a name outside it as Python does."""
     from batchops.ops.common import ACTIVATIONS
 
-    from conftest import TORCH_ACT
+    from tests.helpers import TORCH_ACT
 
     assert ACTIVATIONS == (None, *batchops._extension.compiled_module().activations)
     assert set(TORCH_ACT) == set(ACTIVATIONS)

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 import batchops
 
-from conftest import DEVICES, RecordOps
+from tests.helpers import DEVICES, RecordOps
 
 pytestmark = pytest.mark.usefixtures("kernels")
 

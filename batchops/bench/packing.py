@@ -183,6 +183,7 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
 
         def case(op, layout, mode, build, kind, sorted_lengths=False):
             nbytes, rule = _bytes(kind, shape, dtype, sorted_lengths)
+            # Case's fields by name, as every benchmark module fills them; only the values are this op's.
             return Case(
                 op=op,
                 shape=tuple(shape),

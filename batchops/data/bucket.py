@@ -77,6 +77,7 @@ class BucketBatchSampler(ResumableDistributedSampler[list[int]]):
         *,
         max_tokens: int | None = None,
         batch_size: int | None = None,
+        # The sampler contract's keywords, restated in every sampler so that its signature shows them.
         shuffle: bool = True,
         seed: int = 0,
         num_replicas: int | None = None,

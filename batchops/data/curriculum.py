@@ -146,6 +146,7 @@ class CurriculumSampler(ResumableDistributedSampler[int]):
         class_labels: Any = None,
         num_samples_per_epoch: int | None = None,
         batch_size: int | None = None,
+        # The sampler contract's keywords, restated in every sampler so that its signature shows them.
         shuffle: bool = True,
         seed: int = 0,
         num_replicas: int | None = None,

@@ -60,6 +60,7 @@ class GroupedLinear(nn.Module):
     def __init__(
         self,
         num_groups: int,
+        # nn.Linear's arguments, as Linear takes them: both modules follow torch's constructor.
         in_features: int,
         out_features: int,
         bias: bool = True,

@@ -159,6 +159,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(
         self,
+        # torch.nn.SyncBatchNorm's arguments (batch norm's, plus process_group), then batchops' own.
         num_features: int,
         eps: float = 1e-5,
         momentum: float | None = 0.1,

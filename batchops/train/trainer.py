@@ -925,6 +925,7 @@ def fit(
     optimizer: torch.optim.Optimizer,
     train_loader: Iterable[Any],
     *,
+    # Trainer.fit's keywords, restated so that the one-call form has the method's signature.
     epochs: int = 1,
     eval_loader: Iterable[Any] | None = None,
     max_steps: int | None = None,

@@ -360,7 +360,7 @@ def main(argv=None) -> int:
             f"packed path, {'cuDNN' if device.type == 'cuda' else 'one LSTM cell per time step on the CPU'}, "
             f"against its padded path{'' if device.type == 'cuda' else ', one fused oneDNN kernel'})"
         )
-    # One machine-readable line per loader (tests/test_examples.py reads them).
+    # One machine-readable line per loader (tests/examples/test_nlp_sequence_classification.py reads them).
     for key, name in (
         ("bucketed", "bucketed+packed"),
         ("plain", "plain padded"),

@@ -6,7 +6,7 @@
 #   kernels    every op has a CUDA kernel (.ci/check_cuda_kernels.py)   ( 30 s)
 #   tests      the cuda-marked tests, one pytest process per test module with
 #              CUDA_LAUNCH_BLOCKING=1, so a fatal CUDA error in one module cannot hide the
-#              others' results; no --maxfail                             (120 s in all; tests-<module>.log)
+#              others' results; no --maxfail                (120 s in all; tests-<folder>-<module>.log)
 #   sanitizer  compute-sanitizer memcheck and racecheck over scripts/gpu_smoke.py, which calls
 #              every kernel once; "Device not supported" is reported and skipped (2 x 40 s)
 #   bench      scripts/gpu_quick_bench.py, the headline shapes; its results file grows row by
@@ -60,8 +60,17 @@ else
 
   if has_stage tests; then
     deadline=$(( $(date +%s) + 120 ))
-    for module in $(grep -l "cuda" tests/test_*.py); do
-      name=$(basename "$module" .py)
+    # Every test module under tests/ and its folders that mentions cuda, the ops' (tests/ops/)
+    # first, as the 120 s may not reach the last; each log is named after the module's path
+    # (tests/ops/test_linear.py: tests-ops-test_linear.log), as basenames may repeat.
+    modules=$(
+      grep -rl --include="test_*.py" "cuda" tests/ops | sort
+      grep -rl --include="test_*.py" "cuda" tests | sort
+    )
+    for module in $(echo "$modules" | awk '!seen[$0]++'); do
+      name=${module#tests/}
+      name=${name%.py}
+      name=${name//\//-}
       left=$(( deadline - $(date +%s) ))
       if [ $left -le 5 ]; then note "tests $name: not run (the stage's 120 s were spent)"; continue; fi
       CUDA_LAUNCH_BLOCKING=1 timeout $left $PY -m pytest "$module" -m cuda -q -rfE --timeout 120 \

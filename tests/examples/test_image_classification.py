@@ -11,7 +11,8 @@ import pytest
 
 import batchops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 SCRIPT = os.path.join(ROOT, "examples", "image_classification.py")
 
 pytestmark = [pytest.mark.usefixtures("kernels"), pytest.mark.slow]

@@ -1,5 +1,5 @@
 """batchops.bench's shared parts: statistics, output checks, measuring a case, the table and its
-file (no timing assertions). The `batchops bench` command itself is tested in test_cli.py."""
+file (no timing assertions). The `batchops bench` command itself is tested in tests/cli/test_cli.py."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 
 import batchops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.usefixtures("kernels"), pytest.mark.slow]
 

@@ -1,5 +1,5 @@
 """The `batchops` command line: info, bench (no timing assertions), help. The benchmark parts are
-tested in test_bench.py, the device helpers in test_environment.py."""
+tested in tests/bench/test_bench.py, the device helpers in tests/test_environment.py."""
 
 import os
 import platform

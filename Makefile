@@ -7,7 +7,14 @@ PYTHON ?= python3
 TORCH ?= 2.14.1
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEPS := torch==$(TORCH) numpy ninja setuptools wheel pytest pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn ruff
+# torchvision (the model benchmark's and tests' architectures) must be the release built for
+# this torch; an unknown TORCH gets none and the model rows are skipped.
+TORCHVISION_FOR_2.14.1 := 0.29.1
+TORCHVISION_FOR_2.11.0 := 0.26.0
+TORCHVISION ?= $(TORCHVISION_FOR_$(TORCH))
+DEPS := torch==$(TORCH) $(if $(TORCHVISION),torchvision==$(TORCHVISION)) numpy ninja setuptools wheel pytest \
+	pytest-timeout hypothesis psutil matplotlib tqdm scikit-learn ruff
+DEPS_STAMP := $(VENV)/.deps-torch-$(TORCH)-torchvision-$(TORCHVISION)
 # CUDA sources build whenever nvcc and torch's CUDA build are present (BATCHOPS_CUDA=auto).
 export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
@@ -18,16 +25,16 @@ PYTEST_ARGS ?= -q --timeout 300 --durations 15
 
 .PHONY: setup build bench test test-quick lint gpu-check clean
 
-setup: $(VENV)/.deps-torch-$(TORCH) $(BUILT)
+setup: $(DEPS_STAMP) $(BUILT)
 
-$(VENV)/.deps-torch-$(TORCH):
+$(DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(DEPS)
 	rm -f $(VENV)/.deps-torch-*
 	touch $@
 
 # Not --no-deps: pip checks batchops' torch range against the installed torch and keeps it.
-$(BUILT): $(VENV)/.deps-torch-$(TORCH) $(SOURCES)
+$(BUILT): $(DEPS_STAMP) $(SOURCES)
 	@mkdir -p build && rm -f build/.built-for-*
 	$(BIN)/python scripts/build.py $(BIN)/pip install --no-build-isolation -e .
 	$(BIN)/python -c "import batchops, sys; i = batchops.build_info(); print(i); sys.exit(0 if i['extension_loaded'] else 1)"
@@ -46,7 +53,7 @@ test-quick: setup
 	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # ruff, configured in pyproject.toml (CI runs this).
-lint: $(VENV)/.deps-torch-$(TORCH)
+lint: $(DEPS_STAMP)
 	$(BIN)/python -m ruff --version > /dev/null 2>&1 || $(BIN)/pip install -q ruff
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .

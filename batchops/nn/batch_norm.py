@@ -18,10 +18,20 @@ from batchops import functional as F
 from batchops.nn._compat import NORM_TAKES_BIAS, emulate_bias_flag, make_norm
 from batchops.ops.common import check_activation
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm", "replace_norm"]
+__all__ = [
+    "BatchNormBase",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert_batchnorm",
+    "revert_batchnorm",
+    "replace_norm",
+]
 
 
-class _BatchNorm(_NormBase):
+class BatchNormBase(_NormBase):
+    """What batchops' BatchNorm1d/2d/3d and SyncBatchNorm share (torch's _BatchNorm, on our kernels)."""
+
     _expected_dims: tuple[int, ...] = ()
 
     def __init__(
@@ -93,20 +103,20 @@ class _BatchNorm(_NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(BatchNormBase):
     """torch.nn.BatchNorm1d on batchops kernels; forward(input, residual=None) returns
     activation(bn(input) + residual)."""
 
     _expected_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNormBase):
     """torch.nn.BatchNorm2d on batchops kernels (NCHW and channels-last natively)."""
 
     _expected_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(BatchNormBase):
     """torch.nn.BatchNorm3d on batchops kernels (NCDHW and channels-last-3d natively)."""
 
     _expected_dims = (5,)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from batchops.nn.batch_norm import _BatchNorm, replace_norm
+from batchops.nn.batch_norm import BatchNormBase, replace_norm
 from batchops.ops.batch_norm import batch_norm_backward, batch_norm_backward_elemt, batch_norm_forward, batch_norm_stats
 
 __all__ = ["SyncBatchNorm"]
@@ -147,7 +147,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(BatchNormBase):
     """torch.nn.SyncBatchNorm on batchops kernels, for any input of 2 to 5 dimensions (N, C, *).
 
     forward(input, residual=None) returns activation(bn(input) + residual), the statistics taken
@@ -225,7 +225,7 @@ class SyncBatchNorm(_BatchNorm):
         convert_sync_batchnorm does, so optimizer state carries over; train/eval mode and
         qconfig too. Returns the converted module: use the return value."""
         out = module
-        if isinstance(module, (_TorchBatchNorm, _BatchNorm)):
+        if isinstance(module, (_TorchBatchNorm, BatchNormBase)):
             out = replace_norm(module, cls, process_group, activation=getattr(module, "activation", None))
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))

@@ -1,4 +1,5 @@
-"""Import-time behaviour: the package without its compiled module, a stale build, autocast."""
+"""Import-time behaviour: the package without its compiled module, a stale build, what
+build_info reports, autocast."""
 
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ def test_stale_build_is_reported():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.usefixtures("kernels")
+def test_build_info():
+    info = batchops.build_info()
+    for key in ("cuda_kernels", "cuda_archs", "built_with_torch", "running_torch"):
+        assert key in info, key
+    assert info["built_with_torch"] == torch.__version__
+    assert info["running_torch"] == torch.__version__
+    assert isinstance(info["cuda_kernels"], bool)
+    assert isinstance(info["cuda_archs"], list)
+    assert info["extension_loaded"] is True and info["error"] is None
+    if info["cuda_kernels"]:
+        assert info["cuda_archs"], "CUDA kernels built but no arch recorded"
 
 
 @pytest.mark.skipif(not batchops.extension_available(), reason="needs the compiled module")

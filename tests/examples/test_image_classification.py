@@ -3,49 +3,25 @@ under torchrun with two gloo ranks (the env:// path of batchops.train)."""
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
 
-import batchops
+from tests.helpers import example_path, example_results, run_example
 
-from tests.helpers import ROOT
-
-SCRIPT = os.path.join(ROOT, "examples", "image_classification.py")
+SCRIPT = example_path("image_classification.py")
 
 pytestmark = [pytest.mark.usefixtures("kernels"), pytest.mark.slow]
 
 
-def _env():
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(batchops.__file__)))
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
+def _run(cmd, timeout=120):
+    return run_example(cmd, timeout=timeout, env={"OMP_NUM_THREADS": "1"})
 
 
 def _result(stdout: str) -> dict:
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    lines = example_results(stdout)
     assert len(lines) == 1, stdout  # printed by rank 0 only
-    return {k: float(v) for k, v in (f.split("=", 1) for f in lines[0].split()[1:])}
-
-
-def _run(cmd, timeout=120):
-    """Run in a session of its own, so that on a timeout torchrun's workers go too."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return {k: float(v) for k, v in lines[0].items()}
 
 
 def test_image_classification_single_process(tmp_path):

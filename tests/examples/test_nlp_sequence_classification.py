@@ -1,47 +1,27 @@
-"""The examples under examples/ run end to end (their --quick mode, in a subprocess)."""
+"""examples/nlp_sequence_classification.py runs end to end (its --quick mode, in a subprocess):
+the bucketed+packed loader against the plain padded one."""
 
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-import batchops
-
-from tests.helpers import ROOT
+from tests.helpers import example_path, example_results, run_example
 
 pytestmark = [pytest.mark.usefixtures("kernels"), pytest.mark.slow]
-
-
-def _env():
-    # The package may be used from the checkout without being installed.
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(batchops.__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
 
 
 def _results(stdout: str) -> dict[str, dict[str, float]]:
     """{loader: {key: value}} from the example's `RESULT loader=... key=value ...` lines."""
     out = {}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            fields = dict(f.split("=", 1) for f in line.split()[1:])
-            loader = fields.pop("loader")
-            out[loader] = {k: float(v) for k, v in fields.items()}
+    for fields in example_results(stdout):
+        loader = fields.pop("loader")
+        out[loader] = {k: float(v) for k, v in fields.items()}
     return out
 
 
 def test_nlp_sequence_classification_quick():
-    script = os.path.join(ROOT, "examples", "nlp_sequence_classification.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--quick", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_example([sys.executable, example_path("nlp_sequence_classification.py"), "--quick", "--device", "cpu"])
     results = _results(proc.stdout)
     assert {"bucketed", "plain"} <= set(results), proc.stdout
     for loader, r in results.items():

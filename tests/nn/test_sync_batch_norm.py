@@ -11,21 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import batchops
 from batchops.nn.sync_batch_norm import SyncBatchNorm, _SyncBatchNormFunction
 from batchops.testing import run_ranks
 
+from tests.helpers import DEVICES, TORCH_ACT
+
 pytestmark = pytest.mark.usefixtures("kernels")
 
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
-]
 f64 = torch.float64
-TORCH_ACT = {None: lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}
 
 # Ranked cases: per-rank batch sizes, the rest of the shape, and the module's options.
 CASES = [

@@ -19,7 +19,7 @@ import batchops
 from batchops import functional as BF
 from batchops.nn._compat import make_norm  # torch 2.11's constructors lack bias=
 
-from tests.helpers import ACTIVATIONS, DEVICES, TORCH_ACT
+from tests.helpers import ACTIVATIONS, DEVICES, ISA_LEVELS, TORCH_ACT, cap_cpu_isa
 from tests.helpers import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -1331,28 +1331,8 @@ def test_deterministic_across_thread_counts(layout):
 
 
 # ---------------------------------------------------------------------------------------
-# Build information
-
-
-def test_build_info():
-    info = batchops.build_info()
-    for key in ("cuda_kernels", "cuda_archs", "built_with_torch", "running_torch"):
-        assert key in info, key
-    assert info["built_with_torch"] == torch.__version__
-    assert info["running_torch"] == torch.__version__
-    assert isinstance(info["cuda_kernels"], bool)
-    assert isinstance(info["cuda_archs"], list)
-    assert info["extension_loaded"] is True and info["error"] is None
-    if info["cuda_kernels"]:
-        assert info["cuda_archs"], "CUDA kernels built but no arch recorded"
-
-
-# ---------------------------------------------------------------------------------------
-# CPU instruction-set levels: every compiled level (baseline, AVX2, AVX-512) is checked on
-# machines that have it; BATCHOPS_CPU_ISA caps the level used.
-
-ISA_LEVELS = ["default", "avx2", "avx512"]
-ISA_ORDER = {name: i for i, name in enumerate(ISA_LEVELS)}
+# CPU instruction-set levels (tests.helpers.cap_cpu_isa): every compiled level is checked on
+# machines that have it.
 
 
 @pytest.mark.parametrize("value", ["avx", "AVX2", "sse9"])
@@ -1375,11 +1355,7 @@ def test_cpu_isa_rejects_unknown_values(monkeypatch, value):
 )
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=_dtype_id)
 def test_cpu_isa_levels(monkeypatch, isa, shape, fmt, dtype):
-    best = batchops.build_info()["cpu_kernel_isa"]
-    if ISA_ORDER[isa] > ISA_ORDER[best]:
-        pytest.skip(f"this processor supports CPU kernels up to {best}")
-    monkeypatch.setenv("BATCHOPS_CPU_ISA", isa)
-    assert batchops.build_info()["cpu_kernel_isa"] == isa
+    cap_cpu_isa(monkeypatch, isa)
     inputs = make_inputs(shape, "cpu", dtype, residual=True, param_dtype=f32)
     if fmt is not None:
         for key in ("x", "z", "gy"):

@@ -19,7 +19,7 @@ from torch import nn
 import batchops
 from batchops import functional as BF
 
-from tests.helpers import ACTIVATIONS, DEVICES, TORCH_ACT, RecordOps
+from tests.helpers import ACTIVATIONS, DEVICES, ISA_LEVELS, TORCH_ACT, RecordOps, cap_cpu_isa
 from tests.helpers import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -1315,22 +1315,15 @@ def test_deterministic_repeat(device):
 
 
 # ---------------------------------------------------------------------------------------
-# CPU instruction-set levels: BATCHOPS_CPU_ISA caps the level the epilogues use (read at
-# each call); every level the processor has is checked.
-
-ISA_LEVELS = ["default", "avx2", "avx512"]
-ISA_ORDER = {name: i for i, name in enumerate(ISA_LEVELS)}
+# CPU instruction-set levels (tests.helpers.cap_cpu_isa, which caps the level the epilogues
+# use): every level the processor has is checked.
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=_dtype_id)
 @pytest.mark.parametrize("mode", ["dense", "uniform", "ragged"])
 def test_cpu_isa_levels(monkeypatch, isa, dtype, mode):
-    best = batchops.build_info()["cpu_kernel_isa"]
-    if ISA_ORDER[isa] > ISA_ORDER[best]:
-        pytest.skip(f"this processor supports CPU kernels up to {best}")
-    monkeypatch.setenv("BATCHOPS_CPU_ISA", isa)
-    assert batchops.build_info()["cpu_kernel_isa"] == isa
+    cap_cpu_isa(monkeypatch, isa)
     N = 37  # vector body plus a remainder at every width
     if mode == "dense":
         inputs, impls, kw = dense_inputs((50, 13), N, "cpu", dtype), (ours_linear, torch_linear), {}

@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import PackedSequence
 import batchops
 
 from tests.helpers import DEVICES, RecordOps
+from tests.helpers import dtype_id as _dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -31,10 +32,6 @@ DTYPES = [f32, f64, f16, bf16, torch.int64, torch.bool]
 TRAILING = [pytest.param((), id="feat()"), pytest.param((5,), id="feat(5)"), pytest.param((3, 2), id="feat(3,2)")]
 CUDA_ONLY = [p for p in DEVICES if p.id == "cuda"]
 CPU_ONLY = [p for p in DEVICES if p.id == "cpu"]
-
-
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,11 +13,14 @@ from batchops.nn import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    FusionReport,
     GroupedLinear,
     Linear,
     SyncBatchNorm,
     convert_batchnorm,
+    fuse,
     revert_batchnorm,
+    unfuse,
 )
 from batchops.packing import pack_padded_sequence, pad, pad_packed_sequence, unpad
 
@@ -37,6 +40,9 @@ __all__ = [
     "GroupedLinear",
     "convert_batchnorm",
     "revert_batchnorm",
+    "fuse",
+    "unfuse",
+    "FusionReport",
     "pack_padded_sequence",
     "pad_packed_sequence",
     "unpad",

@@ -1,4 +1,5 @@
 from batchops.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+from batchops.nn.fuse import FusionReport, fuse, unfuse
 from batchops.nn.linear import GroupedLinear, Linear
 from batchops.nn.sync_batch_norm import SyncBatchNorm
 
@@ -11,4 +12,7 @@ __all__ = [
     "Linear",
     "GroupedLinear",
     "SyncBatchNorm",
+    "fuse",
+    "unfuse",
+    "FusionReport",
 ]

@@ -28,7 +28,7 @@ import torch
 
 from batchops.bench.case import REFERENCE, Case
 
-__all__ = ["OP", "LAYOUTS", "shapes_for", "dtypes_for", "cases", "NOTES"]
+__all__ = ["OP", "LAYOUTS", "shapes_for", "dtypes_for", "batch_norm_case", "cases", "NOTES"]
 
 OP = "batch_norm"
 
@@ -138,7 +138,9 @@ def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, trai
     return build
 
 
-def _case(shape, layout, dtype, mode, variant, training=True) -> Case:
+def batch_norm_case(shape, layout, dtype, mode, variant, training=True) -> Case:
+    """One case: batchops.BatchNorm2d (variant: plain, relu or residual_relu) against torch's
+    composition at `shape` in `layout`, timed in `mode` (forward, backward, full; eval: forward)."""
     names = {"plain": "BatchNorm2d", "relu": "BatchNorm2d+ReLU", "residual_relu": "BatchNorm2d+add+ReLU"}
     op = names[variant] + ("" if training else " (eval)")
     if training:
@@ -166,10 +168,10 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
         for shape in shapes_for(device, quick, smoke):
             for layout in LAYOUTS:
                 for mode in ("forward", "backward", "full"):
-                    out.append(_case(shape, layout, dtype, mode, "plain"))
-                out.append(_case(shape, layout, dtype, "full", "relu"))
-                out.append(_case(shape, layout, dtype, "full", "residual_relu"))
-                out.append(_case(shape, layout, dtype, "forward", "plain", training=False))
+                    out.append(batch_norm_case(shape, layout, dtype, mode, "plain"))
+                out.append(batch_norm_case(shape, layout, dtype, "full", "relu"))
+                out.append(batch_norm_case(shape, layout, dtype, "full", "residual_relu"))
+                out.append(batch_norm_case(shape, layout, dtype, "forward", "plain", training=False))
     return out
 
 

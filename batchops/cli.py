@@ -1,6 +1,6 @@
 """The `batchops` console script (also `python -m batchops`).
 
-batchops bench [--device cpu|cuda|auto] [--quick] [--op batch_norm] [--out DIR]
+batchops bench [--device cpu|cuda|auto] [--quick] [--op batch_norm] [--op models] [--reps N] [--out DIR]
 batchops info
 batchops sweep [--batch-sizes 16,32,64,128,256] [--epochs N] [--lr-rule sqrt] [--out DIR] [--quick]
 """
@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from batchops.bench import DEFAULT_OUT_DIR, OPS
+    from batchops.bench import DEFAULT_OPS, DEFAULT_OUT_DIR, OPS
 
     parser = argparse.ArgumentParser(
         prog="batchops", description="batchops: fused batch-processing kernels for PyTorch"
@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark batchops against torch and write a markdown table",
         description="Time batchops against torch (interleaved, in one process), print a markdown "
-        "table and write it to OUT/<device-tag>-<YYYY-MM-DD>.md.",
+        "table and write it to OUT/<device-tag>-<YYYY-MM-DD>.md. `--op models` times whole training "
+        "steps of real architectures (torchvision's resnet18, resnet50 and mobilenet_v3_small, a "
+        "TransformerEncoderLayer, an LSTM classifier on packed batches), eager and torch.compile, with a "
+        "profiler breakdown of where the time goes; it takes minutes and is not part of the default run "
+        "(e.g. `batchops bench --op models --out benchmarks/results/models`).",
     )
     bench.add_argument(
         "--device",
@@ -38,7 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer samples (CI smoke runs)")
     bench.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, 3 samples: tests
     bench.add_argument(
-        "--op", action="append", choices=sorted(OPS), dest="ops", help="op to benchmark (repeatable; default: all)"
+        "--op",
+        action="append",
+        choices=sorted(OPS),
+        dest="ops",
+        help=f"op to benchmark (repeatable; default: {', '.join(DEFAULT_OPS)}; 'models' only when asked for: "
+        "whole training steps, minutes, needs torchvision)",
+    )
+    bench.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples per provider and case, instead of sizing them to a time budget (fewer repeats of slow cases)",
     )
     bench.add_argument(
         "--out",
@@ -168,7 +184,7 @@ def _info() -> int:
 def _bench(args: argparse.Namespace) -> int:
     from batchops import bench
 
-    ops = tuple(dict.fromkeys(args.ops)) if args.ops else tuple(bench.OPS)
+    ops = tuple(dict.fromkeys(args.ops)) if args.ops else bench.DEFAULT_OPS
     try:
         text, path = bench.run(
             ops,
@@ -177,6 +193,7 @@ def _bench(args: argparse.Namespace) -> int:
             smoke=args.smoke,
             out_dir=None if args.no_write else args.out,
             default_malloc=args.default_malloc,
+            reps=args.reps,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except (RuntimeError, ValueError) as exc:

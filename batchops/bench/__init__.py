@@ -9,7 +9,8 @@ that module and add it to OPS; the rest is shared:
 * case.py: Case, the providers and modes (what a benchmark module builds);
 * measure.py: run_case, one case checked (checks.py), timed and measured into a Row;
 * timing.py: interleaved timing, peak memory, copy bandwidth, the CPU's malloc and contention;
-* stats.py, formatting.py, report.py: the statistics, how they print, the table and its file;
+* profiling.py: where a case's time goes by op family (for cases with profile_calls);
+* stats.py, formatting.py, report.py: the statistics, how they print, the tables and their file;
 * batchops.environment: the device and the machine facts every results file records.
 """
 
@@ -21,11 +22,11 @@ from collections.abc import Callable, Sequence
 
 from batchops.bench.formatting import dtype_name
 from batchops.bench.measure import Row, run_case
-from batchops.bench.report import format_table, write_results
+from batchops.bench.report import format_breakdown, format_table, write_results
 from batchops.bench.timing import CpuContention, TimingSettings, copy_bandwidth, reuse_freed_cpu_memory
 from batchops.environment import environment_lines, resolve_device, utcnow
 
-__all__ = ["OPS", "DEFAULT_OUT_DIR", "run", "settings_for"]
+__all__ = ["OPS", "DEFAULT_OPS", "DEFAULT_OUT_DIR", "run", "settings_for"]
 
 OPS = {
     "batch_norm": "batchops.bench.batch_norm",
@@ -33,12 +34,27 @@ OPS = {
     "linear": "batchops.bench.linear",
     "memmap": "batchops.bench.memmap",
     "prefetch": "batchops.bench.prefetch",
+    "models": "batchops.bench.models",
 }
+# What a run without ops measures: all but whole-model training steps, which take minutes
+# (torch.compile's compilation included) and need torchvision; ask for them with "models".
+DEFAULT_OPS = tuple(op for op in OPS if op != "models")
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 
 
-def settings_for(quick: bool = False, smoke: bool = False) -> TimingSettings:
+def settings_for(quick: bool = False, smoke: bool = False, reps: int | None = None) -> TimingSettings:
+    """The timing settings of a run; `reps` fixes the samples per provider (instead of sizing
+    them to the time budget), for fewer repeats of slow cases."""
+    settings = _settings(quick, smoke)
+    if reps is not None:
+        if reps < 1:
+            raise ValueError(f"reps must be a positive number of samples, got {reps}")
+        settings.min_reps = settings.max_reps = reps
+    return settings
+
+
+def _settings(quick: bool, smoke: bool) -> TimingSettings:
     if smoke:  # tests: tiny shapes, three samples, a small copy
         return TimingSettings(
             warmup_s=0.0, min_warmup=1, budget_s=0.0, min_reps=3, max_reps=3, copy_bytes=4 * 2**20, copy_reps=3
@@ -60,10 +76,12 @@ def run(
     smoke: bool = False,
     log: Callable[[str], None] | None = None,
     default_malloc: bool = False,
+    reps: int | None = None,
 ) -> tuple[str, str | None]:
     """Run the benchmarks of `ops` on `device` ("cpu", "cuda" or "auto"). Returns the markdown
     report and the path it was written to (out_dir/<device-tag>-<YYYY-MM-DD>.md, with
-    "-<op>-<op>..." before ".md" when `ops` is not all of OPS; None when out_dir is None).
+    "-<op>-<op>..." before ".md" when `ops` is not DEFAULT_OPS; None when out_dir is None).
+    `reps` fixes the samples per provider (see settings_for).
     `log`, when given, receives one line per finished case. On the CPU the run first fixes
     glibc's malloc thresholds (batchops.bench.timing.reuse_freed_cpu_memory) unless `default_malloc`.
 
@@ -84,7 +102,7 @@ def run(
             "--device cuda, but batchops._C was built without CUDA kernels; rebuild with a "
             "CUDA toolkit (see README.md, 'Build options') or use --device cpu"
         )
-    settings = settings_for(quick, smoke)
+    settings = settings_for(quick, smoke, reps)
     when = utcnow()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -114,6 +132,9 @@ def run(
     copy_bw = copy_bw.combined(copy_bandwidth(dev, settings))
     for op, module, rows in all_rows:
         tables += [f"## {op}", "", format_table(rows, copy_bw), ""]
+        breakdown = format_breakdown(rows)
+        if breakdown:
+            tables += [f"### {op}: where the time goes (torch.profiler, ms per call by op family)", "", breakdown, ""]
         notes = getattr(module, "NOTES", "")
         if notes:
             tables += [notes, ""]
@@ -139,8 +160,12 @@ def run(
     sections += [
         f"- timing: providers interleaved in one process, alternating order each round; "
         f"{'CUDA events after warm-up, L2 flushed before each sample' if dev.type == 'cuda' else 'time.perf_counter'}; "
-        f"warm-up {settings.warmup_s:g} s, {settings.min_warmup} calls or more; samples per provider (n) sized to "
-        f"about {settings.budget_s:g} s per case, within [{settings.min_reps}, {settings.max_reps}]",
+        f"warm-up {settings.warmup_s:g} s, {settings.min_warmup} calls or more; samples per provider (n) "
+        + (
+            f"fixed at {settings.min_reps}"
+            if settings.min_reps == settings.max_reps
+            else f"sized to about {settings.budget_s:g} s per case, within [{settings.min_reps}, {settings.max_reps}]"
+        ),
         "- ratio = batchops median / torch median (lower is better); GB/s = batchops bytes / batchops median; "
         '"of copy BW" = that as a fraction of the copy bandwidth above (it can pass 100% when a case\'s tensors fit in '
         "the last-level cache, as they are reused from call to call); peak memory = "
@@ -150,9 +175,9 @@ def run(
     ]
     sections += tables
     text = "\n".join(sections)
-    # A run of some ops only gets their names in the file name, so that it does not overwrite
-    # the day's full run.
-    suffix = "" if set(ops) == set(OPS) else "-" + "-".join(ops)
+    # A run of other ops than the default ones gets their names in the file name, so that it
+    # does not overwrite the day's full run.
+    suffix = "" if set(ops) == set(DEFAULT_OPS) else "-" + "-".join(ops)
     path = write_results(text, out_dir, dev, when, suffix) if out_dir is not None else None
     return text, path
 

@@ -1,5 +1,5 @@
-"""The benchmark's markdown: the table of measured rows and the results file it is written to
-(out_dir/<device-tag>-<date><suffix>.md)."""
+"""The benchmark's markdown: the table of measured rows, the breakdown of profiled rows by op
+family, and the results file they are written to (out_dir/<device-tag>-<date><suffix>.md)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from batchops.bench.case import PROVIDERS
 from batchops.bench.formatting import dtype_name, fmt_bytes, fmt_ms
 from batchops.bench.measure import Row
+from batchops.bench.profiling import FAMILIES
 from batchops.bench.timing import CopyBandwidth
 from batchops.environment import device_tag
 
-__all__ = ["format_table", "results_path", "write_results"]
+__all__ = ["format_table", "format_breakdown", "results_path", "write_results"]
 
 
 def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
@@ -47,6 +48,32 @@ def format_table(rows: Iterable[Row], copy_bw: CopyBandwidth | None) -> str:
             f"| {c.bytes_rule or '-'} ({fmt_bytes(c.bytes_moved) if c.bytes_moved else '-'}) "
             f"| {f'{bw / 1e9:.1f}' if bw is not None else '-'} | {frac} | {gflops} | {peak} | {n} | {row.note} |"
         )
+    return "\n".join(lines)
+
+
+def format_breakdown(rows: Iterable[Row]) -> str:
+    """Where the time goes, for the rows that were profiled: one line per case and provider with
+    its first call (one-time costs such as compilation included), the profiled ms per call, and
+    ms (share) per op family; families that are zero throughout are left out. "" when no row
+    was profiled."""
+    profiled = [row for row in rows if row.families]
+    if not profiled:
+        return ""
+    families = [f for f in FAMILIES if any(fam.get(f, 0.0) > 0 for row in profiled for fam in row.families.values())]
+    header = "| case | provider | first call ms | profiled ms per call | " + " | ".join(families) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in profiled:
+        c = row.case
+        label = f"{c.op} {c.layout} {dtype_name(c.dtype)} {c.mode}"
+        for provider, fam in row.families.items():
+            total = sum(fam.values())
+            first = row.first_ms.get(provider)
+            cells = [f"{fam.get(f, 0.0):.1f} ({fam.get(f, 0.0) / total:.0%})" if total > 0 else "-" for f in families]
+            lines.append(
+                f"| {label} | {provider} | {f'{first:.0f}' if first is not None else '-'} | {total:.1f} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 

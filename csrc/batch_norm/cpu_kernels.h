@@ -38,34 +38,49 @@ constexpr int64_t kPiece = 4096;
 // Row blocks are larger: each ends in a per-channel merge (a division per channel), and
 // 64 KiB of float rows still fits in L2 for the second statistics pass.
 constexpr int64_t kRowBlock = 16384;
+constexpr int64_t kMinBlockRows = 32;
 
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
-// Planar view (N, C, inner): each (n, c) run split into pieces of at most kPiece elements.
-// Piece t = (c * N + n) * per_run + p, so one channel's pieces are consecutive.
+// Planar view (N, C, inner). A piece holds at most kPiece elements of one channel: a long
+// (n, c) run (inner >= kPiece) is split into pieces of kPiece; short runs are grouped, up to
+// kPiece / inner consecutive n of one channel per piece, so that small spatial sizes (7x7,
+// 4x4) do not pay a piece's fixed costs (a reduction, a merge, a call) per run of 16-49 values.
+// Piece t = c * per_channel() + k, so one channel's pieces are consecutive.
+struct Piece {
+  int64_t off, len, runs, stride;  // `runs` runs of `len` elements, the first at `off`, `stride` apart
+};
+
 struct PlanarPieces {
-  int64_t N, C, inner, per_run;
+  int64_t N, C, inner, per_run, runs_per_piece, groups;
   explicit PlanarPieces(const BatchNormLayout& l)
-      : N(l.N), C(l.C), inner(l.inner), per_run(std::max<int64_t>(1, (l.inner + kPiece - 1) / kPiece)) {}
-  int64_t count() const { return C * N * per_run; }
-  int64_t per_channel() const { return N * per_run; }
-  // Element offset and length of piece t (its channel is t / per_channel()).
-  std::pair<int64_t, int64_t> locate(int64_t t) const {
-    const int64_t p = t % per_run;
-    const int64_t cn = t / per_run;
-    const int64_t n = cn % N;
-    const int64_t c = cn / N;
-    const int64_t start = p * kPiece;
-    return {(n * C + c) * inner + start, std::min(kPiece, inner - start)};
+      : N(l.N),
+        C(l.C),
+        inner(l.inner),
+        per_run(std::max<int64_t>(1, (l.inner + kPiece - 1) / kPiece)),
+        runs_per_piece(l.inner >= kPiece ? 1 : std::max<int64_t>(1, kPiece / std::max<int64_t>(l.inner, 1))),
+        groups((l.N + runs_per_piece - 1) / runs_per_piece) {}
+  int64_t per_channel() const { return groups * per_run; }
+  int64_t count() const { return C * per_channel(); }
+  // Piece t (its channel is t / per_channel()).
+  Piece locate(int64_t t) const {
+    const int64_t c = t / per_channel();
+    const int64_t k = t % per_channel();
+    const int64_t n0 = (k / per_run) * runs_per_piece;
+    const int64_t start = (k % per_run) * kPiece;
+    return {(n0 * C + c) * inner + start, std::min(kPiece, inner - start), std::min(runs_per_piece, N - n0),
+            C * inner};
   }
 };
 
-// Rows view (M, C): blocks of about kRowBlock elements.
+// Rows view (M, C): blocks of about kRowBlock elements, and of at least kMinBlockRows rows:
+// each block's statistics end in a Chan merge per channel (divisions in double), which with
+// 8-row blocks of 2048 channels (resnet50's 4x4 layers) cost more than the data passes.
 struct RowBlocks {
   int64_t M, C, rows_per_block, count;
   explicit RowBlocks(const BatchNormLayout& l)
-      : M(l.per_channel()), C(l.C), rows_per_block(std::max<int64_t>(1, kRowBlock / std::max<int64_t>(l.C, 1))) {
+      : M(l.per_channel()), C(l.C), rows_per_block(std::max<int64_t>(kMinBlockRows, kRowBlock / std::max<int64_t>(l.C, 1))) {
     count = (M + rows_per_block - 1) / rows_per_block;
   }
   int64_t begin(int64_t b) const { return b * rows_per_block; }
@@ -93,6 +108,49 @@ WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
     const acc d = static_cast<acc>(x[i]) - shift;
     sd += d;
     sdd += d * d;
+  }
+  WelfordData<double> w;
+  w.count = n;
+  w.mean = double(shift) + double(sd) / double(n);
+  w.m2 = std::max(0.0, double(sdd) - double(sd) * double(sd) / double(n));
+  return w;
+}
+
+// The same over a piece. Several short runs: column sums kept across the runs (one reduction
+// per piece, not per run), in float for float input like run_stats.
+template <typename scalar_t>
+WelfordData<double> piece_stats(const scalar_t* x, const Piece& pc) {
+  if (pc.runs == 1) return run_stats(x + pc.off, pc.len);
+  using acc = opmath_t<scalar_t>;
+  acc col[kPiece / 2], col2[kPiece / 2];  // runs >= 2, so len <= kPiece / 2
+  const int64_t len = pc.len;
+  std::fill(col, col + len, acc(0));
+  for (int64_t r = 0; r < pc.runs; ++r) {
+    const scalar_t* xr = x + pc.off + r * pc.stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) col[i] += static_cast<acc>(xr[i]);
+  }
+  acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += col[i];
+  const int64_t n = len * pc.runs;
+  const acc shift = s / acc(n);
+  std::fill(col, col + len, acc(0));
+  std::fill(col2, col2 + len, acc(0));
+  for (int64_t r = 0; r < pc.runs; ++r) {
+    const scalar_t* xr = x + pc.off + r * pc.stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const acc d = static_cast<acc>(xr[i]) - shift;
+      col[i] += d;
+      col2[i] += d * d;
+    }
+  }
+  acc sd = 0, sdd = 0;
+#pragma omp simd reduction(+ : sd, sdd)
+  for (int64_t i = 0; i < len; ++i) {
+    sd += col[i];
+    sdd += col2[i];
   }
   WelfordData<double> w;
   w.count = n;
@@ -137,8 +195,7 @@ template <typename scalar_t>
 WelfordData<double> planar_channel_stats(const scalar_t* x, const PlanarPieces& pieces, int64_t c) {
   WelfordData<double> w;
   for (int64_t k = 0; k < pieces.per_channel(); ++k) {
-    const auto [off, len] = pieces.locate(c * pieces.per_channel() + k);
-    w = welford_merge(w, run_stats(x + off, len));
+    w = welford_merge(w, piece_stats(x, pieces.locate(c * pieces.per_channel() + k)));
   }
   return w;
 }
@@ -155,10 +212,7 @@ std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const Batc
     parts = pieces.per_channel();
     partial.resize(pieces.count());  // [c][k]
     at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const auto [off, len] = pieces.locate(t);
-        partial[t] = run_stats(x + off, len);
-      }
+      for (int64_t t = begin; t < end; ++t) partial[t] = piece_stats(x, pieces.locate(t));
     });
   } else {
     RowBlocks blocks(l);
@@ -250,6 +304,41 @@ inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar
     }
   }
   return {double(sg), double(sgx)};
+}
+
+// The same over a piece; several short runs keep column sums across them (see piece_stats).
+template <typename scalar_t, Activation A, bool kResidual>
+inline std::pair<double, double> grad_sums_piece(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
+                                                 const Piece& pc, Affine<opmath_t<scalar_t>> a) {
+  if (pc.runs == 1) return grad_sums_span<scalar_t, A, kResidual>(dy, x, z, pc.off, pc.len, a);
+  using acc = opmath_t<scalar_t>;
+  acc csg[kPiece / 2], csgx[kPiece / 2], g[kPiece / 2];  // runs >= 2, so len <= kPiece / 2
+  const int64_t len = pc.len;
+  std::fill(csg, csg + len, acc(0));
+  std::fill(csgx, csgx + len, acc(0));
+  for (int64_t r = 0; r < pc.runs; ++r) {
+    const int64_t off = pc.off + r * pc.stride;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) g[j] = upstream_grad<acc, A, kResidual>(dy[off + j], x[off + j], z, off + j, a);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      csg[j] += g[j];
+      csgx[j] += g[j] * (static_cast<acc>(x[off + j]) - a.mean);
+    }
+  }
+  acc sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+  for (int64_t j = 0; j < len; ++j) {
+    sg += csg[j];
+    sgx += csgx[j];
+  }
+  return {double(sg), double(sgx)};
+}
+
+// fn(off, len) for each run of a piece: the elementwise passes.
+template <typename F>
+inline void for_each_run(const Piece& pc, F&& fn) {
+  for (int64_t r = 0; r < pc.runs; ++r) fn(pc.off + r * pc.stride, pc.len);
 }
 
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
@@ -355,8 +444,8 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
         finalize(c, empty ? WelfordData<double>() : planar_channel_stats(x, pieces, c));
         const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
         for (int64_t k = 0; k < pieces.per_channel() && !empty; ++k) {
-          const auto [off, len] = pieces.locate(c * pieces.per_channel() + k);
-          forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a);
+          for_each_run(pieces.locate(c * pieces.per_channel() + k),
+                       [&](int64_t off, int64_t len) { forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a); });
         }
       }
     });
@@ -379,8 +468,9 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
     PlanarPieces pieces(l);
     at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const auto [off, len] = pieces.locate(t);
-        forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[t / pieces.per_channel()]);
+        const auto a = affine[t / pieces.per_channel()];
+        for_each_run(pieces.locate(t),
+                     [&](int64_t off, int64_t len) { forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a); });
       }
     });
   } else {
@@ -446,15 +536,14 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
         const int64_t first = c * pieces.per_channel();
         double sg = 0, sgx = 0;
         for (int64_t k = 0; k < pieces.per_channel() && need_sums; ++k) {
-          const auto [off, len] = pieces.locate(first + k);
-          const auto [g, gx] = grad_sums_span<scalar_t, A, kResidual>(dy, x, z, off, len, a);
+          const auto [g, gx] = grad_sums_piece<scalar_t, A, kResidual>(dy, x, z, pieces.locate(first + k), a);
           sg += g;
           sgx += gx;
         }
         const auto kc = finalize(c, sg, sgx);
         for (int64_t k = 0; k < pieces.per_channel() && !empty && apply; ++k) {
-          const auto [off, len] = pieces.locate(first + k);
-          apply.span(dy, x, z, dx, dz, off, len, a, kc);
+          for_each_run(pieces.locate(first + k),
+                       [&](int64_t off, int64_t len) { apply.span(dy, x, z, dx, dz, off, len, a, kc); });
         }
       }
     });
@@ -469,8 +558,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     std::vector<std::pair<double, double>> partial(pieces.count());
     at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const auto [off, len] = pieces.locate(t);
-        partial[t] = grad_sums_span<scalar_t, A, kResidual>(dy, x, z, off, len, affine[t / pieces.per_channel()]);
+        partial[t] = grad_sums_piece<scalar_t, A, kResidual>(dy, x, z, pieces.locate(t), affine[t / pieces.per_channel()]);
       }
     });
     for (int64_t t = 0; t < pieces.count(); ++t) {
@@ -515,9 +603,9 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     PlanarPieces pieces(l);
     at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const auto [off, len] = pieces.locate(t);
         const int64_t c = t / pieces.per_channel();
-        apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]);
+        for_each_run(pieces.locate(t),
+                     [&](int64_t off, int64_t len) { apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]); });
       }
     });
   } else {

@@ -26,7 +26,7 @@ from batchops.bench.report import format_breakdown, format_table, write_results
 from batchops.bench.timing import CpuContention, TimingSettings, copy_bandwidth, reuse_freed_cpu_memory
 from batchops.environment import environment_lines, resolve_device, utcnow
 
-__all__ = ["OPS", "DEFAULT_OPS", "DEFAULT_OUT_DIR", "run", "settings_for"]
+__all__ = ["OPS", "LONG_OPS", "DEFAULT_OPS", "DEFAULT_OUT_DIR", "run", "settings_for"]
 
 OPS = {
     "batch_norm": "batchops.bench.batch_norm",
@@ -34,11 +34,14 @@ OPS = {
     "linear": "batchops.bench.linear",
     "memmap": "batchops.bench.memmap",
     "prefetch": "batchops.bench.prefetch",
+    "batch_norm_resnet50": "batchops.bench.batch_norm_shapes",
     "models": "batchops.bench.models",
 }
-# What a run without ops measures: all but whole-model training steps, which take minutes
-# (torch.compile's compilation included) and need torchvision; ask for them with "models".
-DEFAULT_OPS = tuple(op for op in OPS if op != "models")
+# What a run without ops measures: all but the long ones, asked for by name: whole-model
+# training steps ("models": minutes, torch.compile's compilation included, needs torchvision)
+# and batch norm at all 12 of resnet50's layer shapes ("batch_norm_resnet50": 48 cases).
+LONG_OPS = ("batch_norm_resnet50", "models")
+DEFAULT_OPS = tuple(op for op in OPS if op not in LONG_OPS)
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 
@@ -135,6 +138,9 @@ def run(
         breakdown = format_breakdown(rows)
         if breakdown:
             tables += [f"### {op}: where the time goes (torch.profiler, ms per call by op family)", "", breakdown, ""]
+        summary = getattr(module, "summary", None)  # optional: a module's own summary of its rows
+        if summary is not None:
+            tables += [f"### {op}: summary", "", summary(rows), ""]
         notes = getattr(module, "NOTES", "")
         if notes:
             tables += [notes, ""]

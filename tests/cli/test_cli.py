@@ -102,3 +102,19 @@ def test_bench_without_extension_fails_with_the_build_hint(monkeypatch, tmp_path
     err = capsys.readouterr().err
     assert "pip install --no-build-isolation" in err
     assert not list(tmp_path.iterdir())
+
+
+@needs_extension
+def test_bench_batch_norm_resnet50_prints_its_summary(tmp_path, capsys):
+    """The resnet50-shapes benchmark runs on request and ends its table with the geometric mean
+    and the worst ratio per mode and layout (the issue's targets)."""
+    out_dir = tmp_path / "results"
+    args = ["bench", "--device", "cpu", "--smoke", "--default-malloc", "--op", "batch_norm_resnet50"]
+    assert cli.main([*args, "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "### batch_norm_resnet50: summary" in text
+    summary = [line for line in text.splitlines() if line.startswith("| training forward+backward")]
+    assert {line.split("|")[2].strip() for line in summary} == {"NCHW", "channels_last"}
+    from batchops.bench import DEFAULT_OPS
+
+    assert "batch_norm_resnet50" not in DEFAULT_OPS  # 48 cases: only when asked for

@@ -50,7 +50,7 @@ def _smoke_cases() -> list:
 
 def test_the_models_op_is_available_but_not_in_the_default_run():
     assert OPS["models"] == "batchops.bench.models"
-    assert "models" not in DEFAULT_OPS and set(DEFAULT_OPS) | {"models"} == set(OPS)
+    assert "models" not in DEFAULT_OPS and set(DEFAULT_OPS) < set(OPS)  # asked for by name only
     names = [(c.op, c.layout, c.mode) for c in models.cases(CPU, smoke=True)]
     assert {op for op, _, _ in names} == set(models.MODELS)
     assert ("resnet18", "channels_last", "step") in names  # the convnets in both layouts

@@ -159,10 +159,10 @@ WelfordData<double> piece_stats(const scalar_t* x, const Piece& pc) {
   return w;
 }
 
-// The same per channel for a block of rows; out[c] receives channel c's statistics.
+// The same per channel for a block of rows: mean[c] and m2[c] of channel c over the block.
 template <typename scalar_t>
-void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t<scalar_t>>& scratch,
-                WelfordData<double>* out) {
+void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t<scalar_t>>& scratch, double* mean,
+                double* m2) {
   using acc = opmath_t<scalar_t>;
   scratch.assign(3 * C, acc(0));
   acc* s = scratch.data();
@@ -184,9 +184,8 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
     }
   }
   for (int64_t c = 0; c < C; ++c) {
-    out[c].count = rows;
-    out[c].mean = double(s[c]) + double(sd[c]) / double(rows);
-    out[c].m2 = std::max(0.0, double(sdd[c]) - double(sd[c]) * double(sd[c]) / double(rows));
+    mean[c] = double(s[c]) + double(sd[c]) / double(rows);
+    m2[c] = std::max(0.0, double(sdd[c]) - double(sd[c]) * double(sd[c]) / double(rows));
   }
 }
 
@@ -215,19 +214,47 @@ std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const Batc
       for (int64_t t = begin; t < end; ++t) partial[t] = piece_stats(x, pieces.locate(t));
     });
   } else {
+    // Blocks combined per channel in block order, without a Chan merge (a division) per block
+    // and channel: mean = sum_b n_b mean_b / M, m2 = sum_b (m2_b + n_b (mean_b - mean)^2), in
+    // double, with channels innermost (contiguous, vectorised). With 512 channels in 98 blocks
+    // (resnet50's 14x14 layers) the chained merges took longer than the data passes.
     RowBlocks blocks(l);
-    parts = blocks.count;
-    std::vector<WelfordData<double>> by_block(blocks.count * C);  // [b][c]
+    std::vector<double> block_mean(blocks.count * C), block_m2(blocks.count * C);  // [b][c]
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
       std::vector<opmath_t<scalar_t>> scratch;
       for (int64_t b = begin; b < end; ++b) {
-        rows_stats(x + blocks.begin(b) * C, blocks.end(b) - blocks.begin(b), C, scratch, by_block.data() + b * C);
+        rows_stats(x + blocks.begin(b) * C, blocks.end(b) - blocks.begin(b), C, scratch, block_mean.data() + b * C,
+                   block_m2.data() + b * C);
       }
     });
-    partial.resize(by_block.size());  // transpose to [c][b]
-    for (int64_t b = 0; b < blocks.count; ++b) {
-      for (int64_t c = 0; c < C; ++c) partial[c * parts + b] = by_block[b * C + c];
-    }
+    at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+      const int64_t width = end - begin;
+      std::vector<double> mean(width, 0.0), m2(width, 0.0);
+      for (int64_t b = 0; b < blocks.count; ++b) {
+        const double n_b = double(blocks.end(b) - blocks.begin(b));
+        const double* bm = block_mean.data() + b * C + begin;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) mean[j] += n_b * bm[j];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) mean[j] /= double(blocks.M);
+      for (int64_t b = 0; b < blocks.count; ++b) {
+        const double n_b = double(blocks.end(b) - blocks.begin(b));
+        const double* bm = block_mean.data() + b * C + begin;
+        const double* bv = block_m2.data() + b * C + begin;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const double d = bm[j] - mean[j];
+          m2[j] += bv[j] + n_b * d * d;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        stats[begin + j].count = blocks.M;
+        stats[begin + j].mean = mean[j];
+        stats[begin + j].m2 = m2[j];
+      }
+    });
+    return stats;
   }
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {

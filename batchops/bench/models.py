@@ -185,7 +185,8 @@ def _torch_packing():
 class PackedLSTMClassifier(nn.Module):
     """The NLP example's LSTMClassifier on its packed path, with the packing functions as a
     parameter: `pack` and `pad` have the signatures of torch.nn.utils.rnn.pack_padded_sequence
-    and pad_packed_sequence (torch's by default; batchops' are drop-ins)."""
+    and pad_packed_sequence (torch's by default; batchops' are drop-ins). Rebuilt here rather
+    than imported: the example is a script, and a benchmark must not depend on examples/."""
 
     def __init__(
         self,

@@ -93,6 +93,16 @@ bool channel_major(const BatchNormLayout& l) { return !l.rows && l.C >= 4 * at::
 // ---------------------------------------------------------------------------------------
 // Statistics
 
+// Count, mean and m2 from sums of d = x - shift over n values: sd = sum(d), sdd = sum(d^2).
+template <typename acc>
+WelfordData<double> shifted_stats(acc shift, acc sd, acc sdd, int64_t n) {
+  WelfordData<double> w;
+  w.count = n;
+  w.mean = double(shift) + double(sd) / double(n);
+  w.m2 = std::max(0.0, double(sdd) - double(sd) * double(sd) / double(n));
+  return w;
+}
+
 // Shifted two-pass statistics of one L1-resident run: mean = shift + sum(d)/n and
 // m2 = sum(d^2) - sum(d)^2/n with d = x - shift, accurate for large means (x = 1e4 + noise).
 template <typename scalar_t>
@@ -109,11 +119,7 @@ WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
     sd += d;
     sdd += d * d;
   }
-  WelfordData<double> w;
-  w.count = n;
-  w.mean = double(shift) + double(sd) / double(n);
-  w.m2 = std::max(0.0, double(sdd) - double(sd) * double(sd) / double(n));
-  return w;
+  return shifted_stats(shift, sd, sdd, n);
 }
 
 // The same over a piece. Several short runs: column sums kept across the runs (one reduction
@@ -152,11 +158,7 @@ WelfordData<double> piece_stats(const scalar_t* x, const Piece& pc) {
     sd += col[i];
     sdd += col2[i];
   }
-  WelfordData<double> w;
-  w.count = n;
-  w.mean = double(shift) + double(sd) / double(n);
-  w.m2 = std::max(0.0, double(sdd) - double(sd) * double(sd) / double(n));
-  return w;
+  return shifted_stats(shift, sd, sdd, n);
 }
 
 // The same per channel for a block of rows: mean[c] and m2[c] of channel c over the block.

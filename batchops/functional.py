@@ -23,9 +23,9 @@ def _verify_batch_size(size: torch.Size) -> None:
 # How batch norm meets torch.compile. "torch" (the default): while dynamo traces, batch norm is
 # written as torch's own F.batch_norm (+ add, + activation), which inductor decomposes and fuses
 # with its neighbours; to inductor batchops' op is a wall it cannot fuse across, and a compiled
-# resnet18 step with it in the graph measured 1.12x torch's compiled step, against 1.02x with the
-# decomposition (README, "torch.compile"). "batchops": keep batchops' op in the compiled graph.
-# Eager calls always run batchops' kernels.
+# resnet18 step with it in the graph was slower than with the decomposition (numbers:
+# benchmarks/results/compile/). "batchops": keep batchops' op in the compiled graph. Eager calls
+# always run batchops' kernels.
 _COMPILED_BATCH_NORM = "torch"
 _COMPILED_BATCH_NORM_MODES = ("torch", "batchops")
 

@@ -1,4 +1,4 @@
-"""Batch norm cases: batchops.BatchNorm2d against torch.nn.BatchNorm2d (DESIGN.md, "Numbers to beat").
+"""Batch norm cases: batchops.BatchNorm2d against torch.nn.BatchNorm2d (targets: README, "Benchmarks").
 
 Both modules hold the same state (torch's, loaded into ours), so they compute the same thing.
 Before timing, each case checks both providers once against torch's composition in float64

@@ -364,6 +364,23 @@ inline std::pair<double, double> grad_sums_piece(const scalar_t* dy, const scala
   return {double(sg), double(sgx)};
 }
 
+// fn(off, len, c) for every (n, c) run of the planar view, in parallel and in memory order:
+// the elementwise passes outside channel-major mode. Each element's result does not depend on
+// the order, and walking memory front to back (about kPiece values per task at least) is what
+// the prefetchers serve best; pieces in channel order jump by C * inner between runs.
+template <typename F>
+void planar_runs_in_memory_order(const BatchNormLayout& l, F&& fn) {
+  const int64_t inner = l.inner, C = l.C;
+  at::parallel_for(0, l.N * C, std::max<int64_t>(1, kPiece / std::max<int64_t>(inner, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     int64_t c = begin % C;
+                     for (int64_t nc = begin; nc < end; ++nc) {
+                       fn(nc * inner, inner, c);
+                       if (++c == C) c = 0;
+                     }
+                   });
+}
+
 // fn(off, len) for each run of a piece: the elementwise passes.
 template <typename F>
 inline void for_each_run(const Piece& pc, F&& fn) {
@@ -494,13 +511,8 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
   std::vector<Affine<acc>> affine(C);
   for (int64_t c = 0; c < C; ++c) affine[c] = affine_of<acc>(c, save_mean, save_invstd, w, b);
   if (!l.rows) {
-    PlanarPieces pieces(l);
-    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const auto a = affine[t / pieces.per_channel()];
-        for_each_run(pieces.locate(t),
-                     [&](int64_t off, int64_t len) { forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a); });
-      }
+    planar_runs_in_memory_order(l, [&](int64_t off, int64_t len, int64_t c) {
+      forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[c]);
     });
   } else {
     const Affine<acc>* af = affine.data();
@@ -629,13 +641,8 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   for (int64_t c = 0; c < C; ++c) coeffs[c] = finalize(c, sum_g[c], sum_gxmu[c]);
   if (empty || !apply) return;
   if (!l.rows) {
-    PlanarPieces pieces(l);
-    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t c = t / pieces.per_channel();
-        for_each_run(pieces.locate(t),
-                     [&](int64_t off, int64_t len) { apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]); });
-      }
+    planar_runs_in_memory_order(l, [&](int64_t off, int64_t len, int64_t c) {
+      apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]);
     });
   } else {
     const Affine<acc>* af = affine.data();

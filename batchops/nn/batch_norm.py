@@ -26,6 +26,8 @@ __all__ = [
     "convert_batchnorm",
     "revert_batchnorm",
     "replace_norm",
+    "BATCHOPS_FOR_TORCH",
+    "TORCH_FOR_BATCHOPS",
 ]
 
 
@@ -122,8 +124,9 @@ class BatchNorm3d(BatchNormBase):
     _expected_dims = (5,)
 
 
-_TO_BATCHOPS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-_TO_TORCH = {v: k for k, v in _TO_BATCHOPS.items()}
+# torch's batch norm classes and batchops' drop-ins, both ways (convert/revert here, fuse/unfuse).
+BATCHOPS_FOR_TORCH = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+TORCH_FOR_BATCHOPS = {v: k for k, v in BATCHOPS_FOR_TORCH.items()}
 
 
 def replace_norm(module: nn.Module, cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
@@ -159,8 +162,8 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     batchops equivalent, keeping parameters, buffers and train/eval mode. Returns the new
     module; like SyncBatchNorm.convert_sync_batchnorm, use the return value."""
     out = module
-    if type(module) in _TO_BATCHOPS:
-        out = replace_norm(module, _TO_BATCHOPS[type(module)])
+    if type(module) in BATCHOPS_FOR_TORCH:
+        out = replace_norm(module, BATCHOPS_FOR_TORCH[type(module)])
     for name, child in module.named_children():
         out.add_module(name, convert_batchnorm(child))
     return out
@@ -170,13 +173,13 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
     """The reverse of convert_batchnorm: batchops batch norms become torch's. A fused
     activation has no torch equivalent inside BatchNorm, so those raise a ValueError."""
     out = module
-    if type(module) in _TO_TORCH:
+    if type(module) in TORCH_FOR_BATCHOPS:
         if module.activation is not None:
             raise ValueError(
                 f"revert_batchnorm: {type(module).__name__} with activation={module.activation!r} has no "
                 "torch.nn equivalent; set activation=None first or keep the batchops module"
             )
-        out = replace_norm(module, _TO_TORCH[type(module)])
+        out = replace_norm(module, TORCH_FOR_BATCHOPS[type(module)])
     for name, child in module.named_children():
         out.add_module(name, revert_batchnorm(child))
     return out

@@ -86,7 +86,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from batchops._extension import extension_available
-from batchops.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, replace_norm
+from batchops.nn.batch_norm import (
+    TORCH_FOR_BATCHOPS,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormBase,
+    replace_norm,
+)
 from batchops.nn.linear import Linear
 from batchops.nn.sync_batch_norm import SyncBatchNorm
 
@@ -102,22 +109,10 @@ __all__ = [
 
 # The batch norms fuse takes, and the batchops class each one becomes. Exact types only: a
 # subclass may have its own forward.
+_BN_TO_TORCH: dict[type, type] = {**TORCH_FOR_BATCHOPS, SyncBatchNorm: nn.SyncBatchNorm}  # unfuse's way back
 _BN_TO_BATCHOPS: dict[type, type] = {
-    nn.BatchNorm1d: BatchNorm1d,
-    nn.BatchNorm2d: BatchNorm2d,
-    nn.BatchNorm3d: BatchNorm3d,
-    nn.SyncBatchNorm: SyncBatchNorm,
-    BatchNorm1d: BatchNorm1d,
-    BatchNorm2d: BatchNorm2d,
-    BatchNorm3d: BatchNorm3d,
-    SyncBatchNorm: SyncBatchNorm,
-}
-# ... and the way back.
-_BN_TO_TORCH: dict[type, type] = {
-    BatchNorm1d: nn.BatchNorm1d,
-    BatchNorm2d: nn.BatchNorm2d,
-    BatchNorm3d: nn.BatchNorm3d,
-    SyncBatchNorm: nn.SyncBatchNorm,
+    **{torch_cls: ours for ours, torch_cls in _BN_TO_TORCH.items()},
+    **{ours: ours for ours in _BN_TO_TORCH},
 }
 _CONV_BN = {nn.Conv1d: (nn.BatchNorm1d, BatchNorm1d), nn.Conv2d: (nn.BatchNorm2d, BatchNorm2d)}
 _CONV_BN[nn.Conv3d] = (nn.BatchNorm3d, BatchNorm3d)

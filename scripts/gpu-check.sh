@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # `make gpu-check`: what a lent GPU machine (an H200 with torch 2.11.0+cu130, Python 3.12, no
-# package index, 15 minutes of device time a session) should do, in one call of at most about
-# 8 minutes. Stages, each bounded by `timeout`:
+# package index, 15 minutes of device time a session) should do, in one call of at most 9
+# minutes (the device tool stops a command at 10). Stages, each bounded by `timeout`:
 #   build      build in place for the visible GPU, MAX_JOBS=16          (180 s; log: gpu-build.log)
 #   kernels    every op has a CUDA kernel (.ci/check_cuda_kernels.py)   ( 30 s)
 #   tests      the cuda-marked tests, one pytest process per test module with
 #              CUDA_LAUNCH_BLOCKING=1, so a fatal CUDA error in one module cannot hide the
 #              others' results; no --maxfail                (120 s in all; tests-<folder>-<module>.log)
 #   sanitizer  compute-sanitizer memcheck and racecheck over scripts/gpu_smoke.py, which calls
-#              every kernel once; "Device not supported" is reported and skipped (2 x 40 s)
+#              every kernel once; "Device not supported" is reported and skipped (2 x 30 s)
 #   bench      scripts/gpu_quick_bench.py, the headline shapes; its results file grows row by
-#              row, so a time-out keeps what was measured               ( 75 s; quick-bench.md)
+#              row, so a time-out keeps what was measured               ( 60 s; quick-bench.md)
+#   models     scripts/gpu_model_bench.py: resnet50 (then resnet18) training steps with AMP,
+#              channels-last first, batchops.fuse against torch with cuDNN; row by row
+#                                                                        ( 90 s; models.md)
 # Select stages with GPU_CHECK_STAGES="tests bench" (or as arguments): a second call on the
 # still-warm machine skips the build (`ignored build outputs are kept between calls`).
 # Everything goes to $OUT (the device tool brings it back) or, without $OUT, to
@@ -19,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${*:-${GPU_CHECK_STAGES:-build kernels tests sanitizer bench}}
+STAGES=${*:-${GPU_CHECK_STAGES:-build kernels tests sanitizer bench models}}
 OUT=${OUT:-benchmarks/results/gpu-check-$(date -u +%Y-%m-%d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -48,7 +51,7 @@ if has_stage build; then
 fi
 
 if [ -z "$gpu" ]; then
-  note "no GPU visible: kernels, tests, sanitizer and bench stages skipped"
+  note "no GPU visible: kernels, tests, sanitizer, bench and models stages skipped"
 else
   if has_stage kernels; then
     if timeout 30 $PY .ci/check_cuda_kernels.py > "$OUT/kernels.log" 2>&1; then
@@ -87,7 +90,7 @@ else
   if has_stage sanitizer; then
     if command -v compute-sanitizer > /dev/null; then
       for tool in memcheck racecheck; do
-        timeout 40 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/gpu_smoke.py \
+        timeout 30 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/gpu_smoke.py \
           > "$OUT/sanitizer-$tool.log" 2>&1
         status=$?
         if grep -q "Device not supported" "$OUT/sanitizer-$tool.log"; then
@@ -104,8 +107,13 @@ else
   fi
 
   if has_stage bench; then
-    timeout 75 $PY scripts/gpu_quick_bench.py "$OUT/quick-bench.md" > "$OUT/quick-bench.log" 2>&1
+    timeout 60 $PY scripts/gpu_quick_bench.py "$OUT/quick-bench.md" > "$OUT/quick-bench.log" 2>&1
     note "bench: exit $? with $(grep -c '^| [A-Za-z]' "$OUT/quick-bench.md" 2>/dev/null || echo 0) rows in quick-bench.md"
+  fi
+
+  if has_stage models; then
+    timeout 90 $PY scripts/gpu_model_bench.py "$OUT/models.md" > "$OUT/models.log" 2>&1
+    note "models: exit $? with $(grep -c '^| resnet' "$OUT/models.md" 2>/dev/null || echo 0) rows in models.md"
   fi
 fi
 
@@ -113,4 +121,5 @@ echo
 echo "===== gpu-check summary ($(date -u +%H:%M:%SZ)) ====="
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/quick-bench.md" ] && tail -n 14 "$OUT/quick-bench.md"
+[ -f "$OUT/models.md" ] && grep '^| resnet' "$OUT/models.md"
 exit 0

@@ -792,7 +792,9 @@ def test_one_gather_each_way_no_nonzero(device, name):
         assert leaf.grad is not None
         for phase, rec in (("forward", forward), ("backward", backward)):
             assert rec.ops.count("gather_rows") == 1, f"{phase}: {rec.ops}"
-            assert not FORBIDDEN_OPS & set(rec.ops), f"{phase} uses {FORBIDDEN_OPS & set(rec.ops)}: {rec.ops}"
+            # on the CPU unpad(mask) finds the kept tokens with nonzero: no device to wait for
+            forbidden = FORBIDDEN_OPS - ({"nonzero"} if device == "cpu" and name == "unpad_mask" else set())
+            assert not forbidden & set(rec.ops), f"{phase} uses {forbidden & set(rec.ops)}: {rec.ops}"
         counts.append(len(forward.ops))
     # 12x more steps and rows: a per-length or per-step loop would add ops, a fixed plan does not
     assert counts[1] <= counts[0] + 2, counts

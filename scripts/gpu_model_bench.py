@@ -11,30 +11,22 @@ usage: python scripts/gpu_model_bench.py OUT.md [--device cuda|cpu] [--tiny] [--
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
 import sys
 
 import torch
+from gpu_results import open_results, parse_args, write_row
 
 from batchops.bench import settings_for
 from batchops.bench.case import Skip
 from batchops.bench.measure import run_case
 from batchops.bench.models import model_case, torchvision_or_skip
-from batchops.environment import device_name, git_revision
 
 # Most important first: the stage may be cut off by its time cap.
 CASES = (("resnet50", "channels_last"), ("resnet50", "NCHW"), ("resnet18", "channels_last"), ("resnet18", "NCHW"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--reps", type=int, default=15)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], default_reps=15, argv=argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_model_bench: no CUDA device", file=sys.stderr)
         return 2
@@ -46,30 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     settings = settings_for(smoke=args.tiny, reps=args.reps)
     size = "smoke" if args.tiny else "default"
-    with open(args.out, "a") as f:
-        f.write(
-            f"\n# Model training steps: {device_name(device)}, torch {torch.__version__}, "
-            f"batchops {git_revision() or 'unknown'}, {datetime.date.today().isoformat()}\n\n"
-            "One training step (forward, cross-entropy, backward, optimizer), eager, batchops.fuse(model) "
-            "against the same model with torch's modules; AMP (bfloat16 autocast) on CUDA; medians of "
-            f"{args.reps} interleaved samples; ratio = batchops / torch (lower is better).\n\n"
-            "| model | layout | input | batchops ms | torch ms | ratio | note |\n|---|---|---|---:|---:|---:|---|\n"
-        )
-        f.flush()
+    preamble = (
+        "One training step (forward, cross-entropy, backward, optimizer), eager, batchops.fuse(model) "
+        "against the same model with torch's modules; AMP (bfloat16 autocast) on CUDA; medians of "
+        f"{args.reps} interleaved samples; ratio = batchops / torch (lower is better)."
+    )
+    columns = ["model", "layout", "input", "batchops ms", "torch ms", "ratio", "note"]
+    with open_results(args.out, "Model training steps", device, preamble, columns) as f:
         for name, layout in CASES:
             case = model_case(name, device, layout, size=size)
             case.profile_calls = 0
             row = run_case(case, device, settings)
             shape = "x".join(map(str, case.shape))
             if row.ratio is None:
-                line = f"| {name} | {layout} | {shape} | | | | {row.note} |"
+                write_row(f, [name, layout, shape, "", "", "", row.note])
             else:
                 ours, theirs = row.times["batchops"].median, row.times["torch"].median
-                line = f"| {name} | {layout} | {shape} | {ours:.2f} | {theirs:.2f} | {row.ratio:.2f} | {row.note} |"
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            print(line, flush=True)
+                write_row(f, [name, layout, shape, f"{ours:.2f}", f"{theirs:.2f}", f"{row.ratio:.2f}", row.note])
     return 0
 
 

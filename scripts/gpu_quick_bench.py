@@ -9,18 +9,15 @@ usage: python scripts/gpu_quick_bench.py OUT.md [--device cuda|cpu] [--tiny] [--
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
 import sys
 
 import torch
 import torch.nn.functional as TF
+from gpu_results import open_results, parse_args, write_row
 
 import batchops
 from batchops import functional as F
 from batchops.bench.timing import TimingSettings, time_interleaved
-from batchops.environment import device_name, git_revision
 
 
 def compare(device: torch.device, ours, theirs, reps: int) -> tuple[float, float]:
@@ -129,36 +126,25 @@ def cases(device: str, tiny: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--reps", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], default_reps=20, argv=argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_quick_bench: no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    name = device_name(device)
-    commit = git_revision() or "unknown"
-    with open(args.out, "a") as f:
-        f.write(
-            f"\n# Quick benchmark: {name}, torch {torch.__version__}, batchops {commit}, "
-            f"{datetime.date.today().isoformat()}\n\n"
-            "Medians of interleaved timings (batchops.bench.timing.time_interleaved); ratio = batchops / torch (lower is better).\n\n"
-            "| case | shape | batchops ms | torch ms | ratio |\n|---|---|---:|---:|---:|\n"
-        )
-        f.flush()
+    preamble = (
+        "Medians of interleaved timings (batchops.bench.timing.time_interleaved); "
+        "ratio = batchops / torch (lower is better)."
+    )
+    with open_results(
+        args.out, "Quick benchmark", device, preamble, ["case", "shape", "batchops ms", "torch ms", "ratio"]
+    ) as f:
         for case, shape, ours, theirs in cases(args.device, args.tiny):
             try:
                 a, b = compare(device, ours, theirs, args.reps)
-                row = f"| {case} | {shape} | {a:.3f} | {b:.3f} | {a / b:.2f} |"
+                cells = [case, shape, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}"]
             except Exception as exc:  # one failing case must not hide the others
-                row = f"| {case} | {shape} | error: {type(exc).__name__}: {str(exc)[:120]} | | |"
-            f.write(row + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            print(row, flush=True)
+                cells = [case, shape, f"error: {type(exc).__name__}: {str(exc)[:120]}", "", ""]
+            write_row(f, cells)
     return 0
 
 

@@ -118,6 +118,8 @@ _CONV_BN = {nn.Conv1d: (nn.BatchNorm1d, BatchNorm1d), nn.Conv2d: (nn.BatchNorm2d
 _CONV_BN[nn.Conv3d] = (nn.BatchNorm3d, BatchNorm3d)
 
 _KERNEL_DEVICES = ("cpu", "cuda")
+# The kernels' dispatch (AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16): common/cpu_dtypes.h,
+# the CUDA files): a model in another dtype is left unfused, with the reason in the report.
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # An activation in a graph, by function: the batchops name, given the call's arguments.

@@ -17,6 +17,7 @@
 
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/entry_points.h"
+#include "common/cuda_launch.h"
 
 namespace batchops {
 namespace {
@@ -277,16 +278,8 @@ __global__ void backward_apply(const scalar_t* x, const scalar_t* dy, scalar_t* 
   }
 }
 
-dim3 elementwise_grid(int64_t numel) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = (numel + 255) / 256;
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 32))));
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
+// The elementwise passes: up to 32 blocks of 256 threads per SM, grid-stride beyond.
+dim3 elementwise_grid(int64_t numel) { return dim3(grid_stride_blocks(numel, 256, 32)); }
 
 void forward_cuda(BatchNormForwardPlan& p) {
   const auto& l = p.layout;

@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/cuda_launch.h"
 #include "linear/entry_points.h"
 #include "linear/linear.h"
 
@@ -375,15 +376,8 @@ at::Tensor tile_prefix(const at::Tensor& offsets, int64_t G, int64_t per) {
   return at::cat({at::zeros({1}, offsets.options()), sizes.add(per - 1).div(per, "floor").cumsum(0)});
 }
 
-template <typename scalar_t>
-const scalar_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
-unsigned elementwise_blocks(int64_t total) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, int64_t(sms) * 8)));
-}
+// The epilogue passes: up to 8 blocks of 256 threads per SM, grid-stride beyond.
+unsigned elementwise_blocks(int64_t total) { return grid_stride_blocks(total, 256, 8); }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(LinearPlan& p) {
   const auto opts = p.x.options();

@@ -75,8 +75,8 @@ struct PlanarPieces {
 };
 
 // Rows view (M, C): blocks of about kRowBlock elements, and of at least kMinBlockRows rows:
-// each block's statistics end in a Chan merge per channel (divisions in double), which with
-// 8-row blocks of 2048 channels (resnet50's 4x4 layers) cost more than the data passes.
+// each block ends in per-channel partial results written out and combined per channel, which
+// with 8-row blocks of 2048 channels (resnet50's 4x4 layers) cost more than the data passes.
 struct RowBlocks {
   int64_t M, C, rows_per_block, count;
   explicit RowBlocks(const BatchNormLayout& l)
@@ -708,10 +708,17 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     return;
   }
 
-  std::vector<Affine<acc>> affine(C);
-  for_each_channel(C, [&](int64_t c) { affine[c] = affine_of<acc>(c, mean, invstd, w, b); });
+  // The channel constants, as structs for the planar passes or as columns for the rows passes.
+  std::vector<Affine<acc>> affine(l.rows ? 0 : C);
   AffineColumns<acc> columns(l.rows ? C : 0);
-  if (l.rows) for_each_channel(C, [&](int64_t c) { columns.set(c, affine[c]); });
+  for_each_channel(C, [&](int64_t c) {
+    const auto a = affine_of<acc>(c, mean, invstd, w, b);
+    if (l.rows) {
+      columns.set(c, a);
+    } else {
+      affine[c] = a;
+    }
+  });
   std::vector<double> sum_g(C, 0.0), sum_gxmu(C, 0.0);
   if (need_sums && !l.rows) {
     PlanarPieces pieces(l);
@@ -755,16 +762,22 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
       }
     });
   }
-  std::vector<BackwardCoeffs<acc>> coeffs(C);
-  for_each_channel(C, [&](int64_t c) { coeffs[c] = finalize(c, sum_g[c], sum_gxmu[c]); });
+  std::vector<BackwardCoeffs<acc>> coeffs(l.rows ? 0 : C);
+  CoeffColumns<acc> coeff_columns(l.rows ? C : 0);
+  for_each_channel(C, [&](int64_t c) {
+    const auto k = finalize(c, sum_g[c], sum_gxmu[c]);
+    if (l.rows) {
+      coeff_columns.set(c, k);
+    } else {
+      coeffs[c] = k;
+    }
+  });
   if (empty || !apply) return;
   if (!l.rows) {
     planar_runs_in_memory_order(l, [&](int64_t off, int64_t len, int64_t c) {
       apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]);
     });
   } else {
-    CoeffColumns<acc> coeff_columns(C);
-    for_each_channel(C, [&](int64_t c) { coeff_columns.set(c, coeffs[c]); });
     at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) { apply.rows(dy, x, z, dx, dz, begin, end, C, columns, coeff_columns); });
   }

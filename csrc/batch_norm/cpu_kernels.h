@@ -1,17 +1,17 @@
 // Batch norm on the CPU.
 //
-// Work is cut into fixed pieces (at most kPiece elements of one (n, c) run in the planar
-// view, or a block of rows in the channels-last view) whose partial results are merged in a
-// fixed order, so results do not depend on the thread count. A planar piece fits in L1/L2, so
-// the shifted two-pass statistics inside it cost no extra memory traffic; row blocks (channels-
-// last) use Welford's one-pass update instead (see rows_stats).
+// Work is cut into fixed parts (at most kPiece elements of one (n, c) run in the planar
+// view, or a block of rows in the channels-last view) whose partial results are combined per
+// channel in a fixed order, so results do not depend on the thread count. A planar part fits in
+// L1/L2, so the shifted two-pass statistics inside it cost no extra memory traffic; row blocks
+// (channels-last) use Welford's one-pass update instead (see rows_stats).
 //
-// Planar inputs with enough channels are processed channel by channel: a channel's
-// statistics pass and its apply pass run back to back while its data is still in L2, so
-// forward reads x from memory about once and backward reads (dy, x) about once, as torch's
-// own channel-parallel backward does. With few channels the passes run over the whole
-// tensor instead. Both orders compute the same pieces merged in the same order: the results
-// are bitwise identical.
+// Every pass walks memory front to back, in both views. Planar inputs used to be processed
+// channel by channel (a channel's statistics and apply passes back to back, its data still in
+// L2, as torch's channel-parallel kernels do); in a training step, where the tensors arrive
+// cold, one channel's N runs C * inner apart left the passes waiting on memory latency with
+// nothing for the prefetchers to follow. In resnet50's step (16x3x112x112, NCHW, AMD EPYC) our
+// batch norm ops took 97 ms that way and 57 ms streaming (torch's batch norm and ReLU: ~100).
 // This header is compiled once per CPU instruction set (cpu.cpp, cpu_avx2.cpp, cpu_avx512.cpp),
 // each time inside its own namespace BATCHOPS_CPU_NS; cpu.cpp picks one at run time.
 #pragma once
@@ -43,36 +43,42 @@ constexpr int64_t kMinBlockRows = 32;
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
-// Planar view (N, C, inner). A piece holds at most kPiece elements of one channel: a long
-// (n, c) run (inner >= kPiece) is split into pieces of kPiece; short runs are grouped, up to
-// kPiece / inner consecutive n of one channel per piece, so that small spatial sizes (7x7,
-// 4x4) do not pay a piece's fixed costs (a reduction, a merge, a call) per run of 16-49 values.
-// Piece t = c * per_channel() + k, so one channel's pieces are consecutive.
-struct Piece {
-  int64_t off, len, runs, stride;  // `runs` runs of `len` elements, the first at `off`, `stride` apart
+// Planar view (N, C, inner): parts of at most kPiece elements of one (n, c) run, each run cut
+// into per_run parts (one unless inner > kPiece). Parts are computed in memory order; their
+// results are stored by slot = n * per_run + k (k: the part within its run), [slot][c], and
+// combined per channel in slot order.
+struct PlanarParts {
+  int64_t N, C, inner, per_run;
+  explicit PlanarParts(const BatchNormLayout& l)
+      : N(l.N), C(l.C), inner(l.inner), per_run(std::max<int64_t>(1, (l.inner + kPiece - 1) / kPiece)) {}
+  int64_t slots() const { return N * per_run; }                          // parts per channel
+  int64_t len(int64_t slot) const { return std::min(kPiece, inner - (slot % per_run) * kPiece); }
 };
 
-struct PlanarPieces {
-  int64_t N, C, inner, per_run, runs_per_piece, groups;
-  explicit PlanarPieces(const BatchNormLayout& l)
-      : N(l.N),
-        C(l.C),
-        inner(l.inner),
-        per_run(std::max<int64_t>(1, (l.inner + kPiece - 1) / kPiece)),
-        runs_per_piece(l.inner >= kPiece ? 1 : std::max<int64_t>(1, kPiece / std::max<int64_t>(l.inner, 1))),
-        groups((l.N + runs_per_piece - 1) / runs_per_piece) {}
-  int64_t per_channel() const { return groups * per_run; }
-  int64_t count() const { return C * per_channel(); }
-  // Piece t (its channel is t / per_channel()).
-  Piece locate(int64_t t) const {
-    const int64_t c = t / per_channel();
-    const int64_t k = t % per_channel();
-    const int64_t n0 = (k / per_run) * runs_per_piece;
-    const int64_t start = (k % per_run) * kPiece;
-    return {(n0 * C + c) * inner + start, std::min(kPiece, inner - start), std::min(runs_per_piece, N - n0),
-            C * inner};
-  }
-};
+// fn(off, len, c, slot) for every part of the planar view, in parallel and in memory order
+// (at least about kPiece values per task): the planar view's data passes.
+template <typename F>
+void for_planar_parts(const BatchNormLayout& l, F&& fn) {
+  const PlanarParts parts(l);
+  const int64_t C = l.C, inner = l.inner, per_run = parts.per_run;
+  const int64_t part_len = std::min(kPiece, std::max<int64_t>(inner, 1));
+  at::parallel_for(0, l.N * C * per_run, std::max<int64_t>(1, kPiece / part_len), [&](int64_t begin, int64_t end) {
+    int64_t nc = begin / per_run, k = begin % per_run;
+    int64_t n = nc / C, c = nc % C;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = k * kPiece;
+      fn(nc * inner + start, std::min(kPiece, inner - start), c, n * per_run + k);
+      if (++k == per_run) {
+        k = 0;
+        ++nc;
+        if (++c == C) {
+          c = 0;
+          ++n;
+        }
+      }
+    }
+  });
+}
 
 // Rows view (M, C): blocks of about kRowBlock elements, and of at least kMinBlockRows rows:
 // each block ends in per-channel partial results written out and combined per channel, which
@@ -86,9 +92,6 @@ struct RowBlocks {
   int64_t begin(int64_t b) const { return b * rows_per_block; }
   int64_t end(int64_t b) const { return std::min(M, (b + 1) * rows_per_block); }
 };
-
-// Channel by channel only pays when there are channels enough to keep every thread busy.
-bool channel_major(const BatchNormLayout& l) { return !l.rows && l.C >= 4 * at::get_num_threads(); }
 
 // fn(c) for every channel, in parallel from 1024 channels up: the per-channel steps between the
 // data passes (merging partial results, finalising, the constants of the next pass) ran on one
@@ -132,7 +135,7 @@ WelfordData<double> shifted_stats(acc shift, acc sd, acc sdd, int64_t n) {
   return w;
 }
 
-// Shifted two-pass statistics of one L1-resident run: mean = shift + sum(d)/n and
+// Shifted two-pass statistics of one L1-resident part: mean = shift + sum(d)/n and
 // m2 = sum(d^2) - sum(d)^2/n with d = x - shift, accurate for large means (x = 1e4 + noise).
 template <typename scalar_t>
 WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
@@ -147,45 +150,6 @@ WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
     const acc d = static_cast<acc>(x[i]) - shift;
     sd += d;
     sdd += d * d;
-  }
-  return shifted_stats(shift, sd, sdd, n);
-}
-
-// The same over a piece. Several short runs: column sums kept across the runs (one reduction
-// per piece, not per run), in float for float input like run_stats.
-template <typename scalar_t>
-WelfordData<double> piece_stats(const scalar_t* x, const Piece& pc) {
-  if (pc.runs == 1) return run_stats(x + pc.off, pc.len);
-  using acc = opmath_t<scalar_t>;
-  acc col[kPiece / 2], col2[kPiece / 2];  // runs >= 2, so len <= kPiece / 2
-  const int64_t len = pc.len;
-  std::fill(col, col + len, acc(0));
-  for (int64_t r = 0; r < pc.runs; ++r) {
-    const scalar_t* xr = x + pc.off + r * pc.stride;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) col[i] += static_cast<acc>(xr[i]);
-  }
-  acc s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < len; ++i) s += col[i];
-  const int64_t n = len * pc.runs;
-  const acc shift = s / acc(n);
-  std::fill(col, col + len, acc(0));
-  std::fill(col2, col2 + len, acc(0));
-  for (int64_t r = 0; r < pc.runs; ++r) {
-    const scalar_t* xr = x + pc.off + r * pc.stride;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const acc d = static_cast<acc>(xr[i]) - shift;
-      col[i] += d;
-      col2[i] += d * d;
-    }
-  }
-  acc sd = 0, sdd = 0;
-#pragma omp simd reduction(+ : sd, sdd)
-  for (int64_t i = 0; i < len; ++i) {
-    sd += col[i];
-    sdd += col2[i];
   }
   return shifted_stats(shift, sd, sdd, n);
 }
@@ -229,35 +193,61 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
   }
 }
 
-// One planar channel's statistics: its pieces merged in order.
-template <typename scalar_t>
-WelfordData<double> planar_channel_stats(const scalar_t* x, const PlanarPieces& pieces, int64_t c) {
-  WelfordData<double> w;
-  for (int64_t k = 0; k < pieces.per_channel(); ++k) {
-    w = welford_merge(w, piece_stats(x, pieces.locate(c * pieces.per_channel() + k)));
-  }
-  return w;
+// Per-channel statistics from parts (row blocks, or planar parts by slot) given as mean[p][c] and
+// m2[p][c], combined per channel in part order without a Chan merge (a division) per part and
+// channel: mean = sum_p n_p mean_p / total, m2 = sum_p (m2_p + n_p (mean_p - mean)^2), in double,
+// channels innermost (contiguous, vectorised). With 512 channels in 98 row blocks (resnet50's
+// 14x14 layers) the chained merges took longer than the data passes.
+template <typename Count>
+void combine_part_stats(int64_t parts, Count count_of, int64_t total, int64_t C, const double* part_mean,
+                        const double* part_m2, std::vector<WelfordData<double>>& stats) {
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    const int64_t width = end - begin;
+    std::vector<double> mean(width, 0.0), m2(width, 0.0);
+    for (int64_t p = 0; p < parts; ++p) {
+      const double n_p = double(count_of(p));
+      const double* pm = part_mean + p * C + begin;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) mean[j] += n_p * pm[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) mean[j] /= double(total);
+    for (int64_t p = 0; p < parts; ++p) {
+      const double n_p = double(count_of(p));
+      const double* pm = part_mean + p * C + begin;
+      const double* pv = part_m2 + p * C + begin;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const double d = pm[j] - mean[j];
+        m2[j] += pv[j] + n_p * d * d;
+      }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      stats[begin + j].count = total;
+      stats[begin + j].mean = mean[j];
+      stats[begin + j].m2 = m2[j];
+    }
+  });
 }
 
-// Every channel's statistics, pieces in parallel, then merged per channel in order.
+// Every channel's statistics: planar parts or row blocks in parallel, then combined per
+// channel in order.
 template <typename scalar_t>
 std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const BatchNormLayout& l) {
   const int64_t C = l.C;
   std::vector<WelfordData<double>> stats(C);
-  std::vector<WelfordData<double>> partial;
-  int64_t parts = 0;
   if (!l.rows) {
-    PlanarPieces pieces(l);
-    parts = pieces.per_channel();
-    partial.resize(pieces.count());  // [c][k]
-    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) partial[t] = piece_stats(x, pieces.locate(t));
+    const PlanarParts parts(l);
+    std::vector<double> part_mean(parts.slots() * C), part_m2(parts.slots() * C);  // [slot][c]
+    for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t slot) {
+      const auto w = run_stats(x + off, len);
+      part_mean[slot * C + c] = w.mean;
+      part_m2[slot * C + c] = w.m2;
     });
+    combine_part_stats(
+        parts.slots(), [&](int64_t slot) { return parts.len(slot); }, l.per_channel(), C, part_mean.data(),
+        part_m2.data(), stats);
   } else {
-    // Blocks combined per channel in block order, without a Chan merge (a division) per block
-    // and channel: mean = sum_b n_b mean_b / M, m2 = sum_b (m2_b + n_b (mean_b - mean)^2), in
-    // double, with channels innermost (contiguous, vectorised). With 512 channels in 98 blocks
-    // (resnet50's 14x14 layers) the chained merges took longer than the data passes.
     RowBlocks blocks(l);
     std::vector<double> block_mean(blocks.count * C), block_m2(blocks.count * C);  // [b][c]
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
@@ -267,42 +257,10 @@ std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const Batc
                    block_m2.data() + b * C);
       }
     });
-    at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
-      const int64_t width = end - begin;
-      std::vector<double> mean(width, 0.0), m2(width, 0.0);
-      for (int64_t b = 0; b < blocks.count; ++b) {
-        const double n_b = double(blocks.end(b) - blocks.begin(b));
-        const double* bm = block_mean.data() + b * C + begin;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) mean[j] += n_b * bm[j];
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) mean[j] /= double(blocks.M);
-      for (int64_t b = 0; b < blocks.count; ++b) {
-        const double n_b = double(blocks.end(b) - blocks.begin(b));
-        const double* bm = block_mean.data() + b * C + begin;
-        const double* bv = block_m2.data() + b * C + begin;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const double d = bm[j] - mean[j];
-          m2[j] += bv[j] + n_b * d * d;
-        }
-      }
-      for (int64_t j = 0; j < width; ++j) {
-        stats[begin + j].count = blocks.M;
-        stats[begin + j].mean = mean[j];
-        stats[begin + j].m2 = m2[j];
-      }
-    });
-    return stats;
+    combine_part_stats(
+        blocks.count, [&](int64_t b) { return blocks.end(b) - blocks.begin(b); }, blocks.M, C, block_mean.data(),
+        block_m2.data(), stats);
   }
-  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      WelfordData<double> w;
-      for (int64_t k = 0; k < parts; ++k) w = welford_merge(w, partial[c * parts + k]);
-      stats[c] = w;
-    }
-  });
   return stats;
 }
 
@@ -385,7 +343,7 @@ inline acc upstream_grad(scalar_t dy, scalar_t x, const scalar_t* z, int64_t i, 
   }
 }
 
-// (sum g, sum g * (x - mean)) over one planar piece.
+// (sum g, sum g * (x - mean)) over one planar part.
 template <typename scalar_t, Activation A, bool kResidual>
 inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
                                                 int64_t off, int64_t len, Affine<opmath_t<scalar_t>> a) {
@@ -413,58 +371,6 @@ inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar
   return {double(sg), double(sgx)};
 }
 
-// The same over a piece; several short runs keep column sums across them (see piece_stats).
-template <typename scalar_t, Activation A, bool kResidual>
-inline std::pair<double, double> grad_sums_piece(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
-                                                 const Piece& pc, Affine<opmath_t<scalar_t>> a) {
-  if (pc.runs == 1) return grad_sums_span<scalar_t, A, kResidual>(dy, x, z, pc.off, pc.len, a);
-  using acc = opmath_t<scalar_t>;
-  acc csg[kPiece / 2], csgx[kPiece / 2], g[kPiece / 2];  // runs >= 2, so len <= kPiece / 2
-  const int64_t len = pc.len;
-  std::fill(csg, csg + len, acc(0));
-  std::fill(csgx, csgx + len, acc(0));
-  for (int64_t r = 0; r < pc.runs; ++r) {
-    const int64_t off = pc.off + r * pc.stride;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) g[j] = upstream_grad<acc, A, kResidual>(dy[off + j], x[off + j], z, off + j, a);
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      csg[j] += g[j];
-      csgx[j] += g[j] * (static_cast<acc>(x[off + j]) - a.mean);
-    }
-  }
-  acc sg = 0, sgx = 0;
-#pragma omp simd reduction(+ : sg, sgx)
-  for (int64_t j = 0; j < len; ++j) {
-    sg += csg[j];
-    sgx += csgx[j];
-  }
-  return {double(sg), double(sgx)};
-}
-
-// fn(off, len, c) for every (n, c) run of the planar view, in parallel and in memory order:
-// the elementwise passes outside channel-major mode. Each element's result does not depend on
-// the order, and walking memory front to back (about kPiece values per task at least) is what
-// the prefetchers serve best; pieces in channel order jump by C * inner between runs.
-template <typename F>
-void planar_runs_in_memory_order(const BatchNormLayout& l, F&& fn) {
-  const int64_t inner = l.inner, C = l.C;
-  at::parallel_for(0, l.N * C, std::max<int64_t>(1, kPiece / std::max<int64_t>(inner, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     int64_t c = begin % C;
-                     for (int64_t nc = begin; nc < end; ++nc) {
-                       fn(nc * inner, inner, c);
-                       if (++c == C) c = 0;
-                     }
-                   });
-}
-
-// fn(off, len) for each run of a piece: the elementwise passes.
-template <typename F>
-inline void for_each_run(const Piece& pc, F&& fn) {
-  for (int64_t r = 0; r < pc.runs; ++r) fn(pc.off + r * pc.stride, pc.len);
-}
-
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_element(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
                              int64_t i, Affine<opmath_t<scalar_t>> a, BackwardCoeffs<opmath_t<scalar_t>> k) {
@@ -476,7 +382,7 @@ inline void backward_element(const scalar_t* dy, const scalar_t* x, const scalar
   if constexpr (kGradResidual) dz[i] = static_cast<scalar_t>(g);
 }
 
-// grad_input and/or grad_residual over one planar piece [off, off + len) of one channel.
+// grad_input and/or grad_residual over one planar part [off, off + len) of one channel.
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 void backward_apply_span(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
                          int64_t off, int64_t len, Affine<opmath_t<scalar_t>> a,
@@ -541,8 +447,23 @@ inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t*
   }
 }
 
+// sum_g[c] and sum_gxmu[c] over parts (row blocks, or planar parts by slot) given as
+// partial[p][2][c], in part order: channel ranges in parallel, parts outermost within one
+// (walking one channel down the parts touched a new cache line per part).
+inline void sum_part_grads(int64_t parts, int64_t C, const double* partial, std::vector<double>& sum_g,
+                           std::vector<double>& sum_gxmu) {
+  at::parallel_for(0, C, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t c = begin; c < end; ++c) {
+        sum_g[c] += partial[2 * p * C + c];
+        sum_gxmu[c] += partial[2 * p * C + C + c];
+      }
+    }
+  });
+}
+
 // Which of grad_input / grad_residual the apply pass writes is chosen at run time between
-// these small loops (a call per piece or row range). Instantiating the whole backward once
+// these small loops (a call per part or row range). Instantiating the whole backward once
 // per pair compiled it four times over and was no faster (benchmarks/results/build-time/).
 template <typename scalar_t, Activation A, bool kResidual>
 struct BackwardApply {
@@ -602,21 +523,6 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
     }
   };
 
-  if (p.training && channel_major(l)) {
-    PlanarPieces pieces(l);
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        finalize(c, empty ? WelfordData<double>() : planar_channel_stats(x, pieces, c));
-        const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
-        for (int64_t k = 0; k < pieces.per_channel() && !empty; ++k) {
-          for_each_run(pieces.locate(c * pieces.per_channel() + k),
-                       [&](int64_t off, int64_t len) { forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a); });
-        }
-      }
-    });
-    return;
-  }
-
   if (p.training) {
     const auto stats = empty ? std::vector<WelfordData<double>>(C) : all_channel_stats(x, l);
     for_each_channel(C, [&](int64_t c) { finalize(c, stats[c]); });
@@ -630,7 +536,7 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
   if (!l.rows) {
     std::vector<Affine<acc>> affine(C);
     for_each_channel(C, [&](int64_t c) { affine[c] = affine_of<acc>(c, save_mean, save_invstd, w, b); });
-    planar_runs_in_memory_order(l, [&](int64_t off, int64_t len, int64_t c) {
+    for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
       forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[c]);
     });
   } else {
@@ -686,28 +592,6 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     return BackwardCoeffs<acc>{acc(k.mean_g), acc(k.proj), acc(k.scale)};
   };
 
-  if (channel_major(l)) {
-    PlanarPieces pieces(l);
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const auto a = affine_of<acc>(c, mean, invstd, w, b);
-        const int64_t first = c * pieces.per_channel();
-        double sg = 0, sgx = 0;
-        for (int64_t k = 0; k < pieces.per_channel() && need_sums; ++k) {
-          const auto [g, gx] = grad_sums_piece<scalar_t, A, kResidual>(dy, x, z, pieces.locate(first + k), a);
-          sg += g;
-          sgx += gx;
-        }
-        const auto kc = finalize(c, sg, sgx);
-        for (int64_t k = 0; k < pieces.per_channel() && !empty && apply; ++k) {
-          for_each_run(pieces.locate(first + k),
-                       [&](int64_t off, int64_t len) { apply.span(dy, x, z, dx, dz, off, len, a, kc); });
-        }
-      }
-    });
-    return;
-  }
-
   // The channel constants, as structs for the planar passes or as columns for the rows passes.
   std::vector<Affine<acc>> affine(l.rows ? 0 : C);
   AffineColumns<acc> columns(l.rows ? C : 0);
@@ -721,19 +605,14 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   });
   std::vector<double> sum_g(C, 0.0), sum_gxmu(C, 0.0);
   if (need_sums && !l.rows) {
-    PlanarPieces pieces(l);
-    std::vector<std::pair<double, double>> partial(pieces.count());
-    at::parallel_for(0, pieces.count(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        partial[t] = grad_sums_piece<scalar_t, A, kResidual>(dy, x, z, pieces.locate(t), affine[t / pieces.per_channel()]);
-      }
+    const PlanarParts parts(l);
+    std::vector<double> partial(2 * parts.slots() * C);  // [slot][2][c], as the row blocks' below
+    for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t slot) {
+      const auto [g, gx] = grad_sums_span<scalar_t, A, kResidual>(dy, x, z, off, len, affine[c]);
+      partial[2 * slot * C + c] = g;
+      partial[2 * slot * C + C + c] = gx;
     });
-    for_each_channel(C, [&](int64_t c) {
-      for (int64_t t = c * pieces.per_channel(); t < (c + 1) * pieces.per_channel(); ++t) {
-        sum_g[c] += partial[t].first;
-        sum_gxmu[c] += partial[t].second;
-      }
-    });
+    sum_part_grads(parts.slots(), C, partial.data(), sum_g, sum_gxmu);
   } else if (need_sums) {
     RowBlocks blocks(l);
     std::vector<double> partial(2 * blocks.count * C);  // [b][2][c]
@@ -751,16 +630,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
         std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.begin() + 2 * blk * C);
       }
     });
-    // Channel ranges in parallel, blocks outermost within one (partial is [b][2][c]: walking
-    // one channel down the blocks touched a new cache line per block).
-    at::parallel_for(0, C, 512, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = 0; blk < blocks.count; ++blk) {
-        for (int64_t c = begin; c < end; ++c) {
-          sum_g[c] += partial[2 * blk * C + c];
-          sum_gxmu[c] += partial[2 * blk * C + C + c];
-        }
-      }
-    });
+    sum_part_grads(blocks.count, C, partial.data(), sum_g, sum_gxmu);
   }
   std::vector<BackwardCoeffs<acc>> coeffs(l.rows ? 0 : C);
   CoeffColumns<acc> coeff_columns(l.rows ? C : 0);
@@ -774,7 +644,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   });
   if (empty || !apply) return;
   if (!l.rows) {
-    planar_runs_in_memory_order(l, [&](int64_t off, int64_t len, int64_t c) {
+    for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
       apply.span(dy, x, z, dx, dz, off, len, affine[c], coeffs[c]);
     });
   } else {
@@ -783,7 +653,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   }
 }
 
-// Statistics only (batch_norm_stats): the same pieces, merged in the same order, as the
+// Statistics only (batch_norm_stats): the same parts, merged in the same order, as the
 // training forward, so the result equals what it normalises with.
 template <typename scalar_t>
 void stats_cpu_typed(BatchNormStatsPlan& p) {

@@ -1,0 +1,85 @@
+"""Per-op times inside one model's training step, torch's model against batchops', on the CPU.
+
+    python scripts/model_op_times.py resnet50 NCHW [--steps 5]
+
+Every op of a step is timed by a TorchDispatchMode (time.perf_counter around the call, both
+providers alike), per op and input shape, and summed per step with the slowest 40% of each
+op's calls left out (this VM's scheduler hiccups). Unlike torch.profiler, whose events inflated
+batchops' ops 2-3x inside steps, this ranks ours against torch's: it is how the cold-data cost
+of the channel-by-channel planar batch norm showed (benchmarks/README.md). A diagnostic, not a
+benchmark: the mode itself slows every call by a few microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from batchops.bench import models
+from batchops.bench.timing import reuse_freed_cpu_memory
+
+# Torch's ops that batchops' fused batch norm replaces (batch norm, its activation and their backwards).
+REPLACED = ("native_batch_norm", "threshold_backward", "relu")
+
+
+class OpTimes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, list[float]] = collections.defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        key = str(func)
+        if ("batch_norm" in key or "batchops" in key) and args and isinstance(args[0], torch.Tensor):
+            key += " " + "x".join(map(str, args[0].shape))
+        self.calls[key].append(time.perf_counter() - start)
+        return out
+
+
+def per_step_ms(step, steps: int) -> dict[str, float]:
+    mode = OpTimes()
+    with mode:
+        for _ in range(steps):
+            step()
+    out = {}
+    for key, times in mode.calls.items():
+        kept = sorted(times)[: max(1, len(times) * 3 // 5)]
+        out[key] = sum(kept) / len(kept) * len(times) / steps * 1e3
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=list(models.MODELS))
+    parser.add_argument("layout", nargs="?", help="NCHW or channels_last for the convnets (default: the first)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=30, help="ops listed per provider")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    reuse_freed_cpu_memory()
+    steps = models.model_case(args.model, torch.device("cpu"), args.layout).build(torch.device("cpu"))
+    for step in steps.values():  # warm-up, twice each
+        step()
+        step()
+    totals = {}
+    for provider, step in steps.items():
+        times = per_step_ms(step, args.steps)
+        ours = sum(v for k, v in times.items() if "batchops." in k)
+        replaced = sum(v for k, v in times.items() if any(name in k for name in REPLACED))
+        totals[provider] = ours if provider == "batchops" else replaced
+        print(f"== {provider}: ms per step")
+        for key, ms in sorted(times.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"  {ms:8.2f}  {key}")
+    print(
+        f"batch norm (+ ReLU) ms per step: torch {totals['torch']:.1f} "
+        f"(native_batch_norm*, relu*, threshold_backward), batchops {totals['batchops']:.1f} (its ops)"
+    )
+
+
+if __name__ == "__main__":
+    main()

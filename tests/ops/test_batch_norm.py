@@ -244,9 +244,11 @@ def test_momentum(device, momentum, kind):
 
 # (shape, activation, residual): channels that are not powers of two, few channels with a
 # large H*W (more than one 4096-element piece per (n, c) run), batch 2, 2-D to 5-D, size-1
-# spatial dims, many rows in the (N, C) view (several row blocks).
+# spatial dims, many rows in the (N, C) view (several row blocks), rows wider than one column
+# chunk (2048 channels) with a remainder.
 SHAPES = [
     ((2, 3), None, False),
+    ((9, 2051), "relu", True),
     ((64, 1), "gelu", False),
     ((5, 7), "relu", True),
     ((2, 37), "gelu", False),

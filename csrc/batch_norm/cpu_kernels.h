@@ -34,7 +34,8 @@ namespace batchops {
 namespace BATCHOPS_CPU_NS {
 namespace {
 
-
+// A planar part holds at most kPiece values (16 KiB of float), so its two-pass statistics read it
+// the second time from L1/L2; rows passes also take about kPiece values per task at least.
 constexpr int64_t kPiece = 4096;
 // Row blocks are larger: each ends in per-channel partial results that are combined per channel.
 constexpr int64_t kRowBlock = 16384;
@@ -268,7 +269,7 @@ std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const Batc
 }
 
 // ---------------------------------------------------------------------------------------
-// Elementwise pieces. Channel constants come by value so they live in registers (through
+// Elementwise passes. Channel constants come by value so they live in registers (through
 // references the compiler must assume the output may alias them and reloads each element).
 
 template <typename acc>

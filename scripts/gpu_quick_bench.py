@@ -1,5 +1,5 @@
-"""The headline benchmarks in a minute or two, for `make gpu-check`: batch norm, linear and
-packing at their headline shapes, batchops against torch, interleaved in one process, medians
+"""The headline benchmarks in a minute or two, for `make gpu-check`: batch norm, linear,
+packing and max pool at their headline shapes, batchops against torch, interleaved in one process, medians
 of CUDA-event timings. Each row is appended to the results file as soon as it is measured
 (flushed), so a time-out loses nothing already measured. The full table is `batchops bench`.
 
@@ -123,6 +123,18 @@ def cases(device: str, tiny: bool):
 
     yield ("unpad(lengths)", f"{B}x{T}x{H}", lambda: batchops.packing.unpad(padded, lengths.tolist()), torch_unpad)
     yield ("pad", f"{B}x{T}x{H}", lambda: batchops.packing.pad(tokens, indices, B, T), torch_pad)
+    # resnet's stem pool; the op itself (batchops.MaxPool2d runs torch's on CUDA until this says
+    # ours is as fast).
+    shape = (2, 4, 10, 10) if tiny else (64, 64, 112, 112)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xp = torch.randn(shape, device=device).contiguous(memory_format=layout)
+        gyp = torch.randn_like(TF.max_pool2d(xp, 3, 2, 1))
+        yield (
+            f"max_pool2d 3x3 s2 fwd+bwd, {'NCHW' if layout == torch.contiguous_format else 'channels_last'}",
+            "x".join(map(str, shape)),
+            fwd_bwd(lambda t: torch.ops.batchops.max_pool2d(t, [3], [2], [1], [1], False)[0], xp, gyp),
+            fwd_bwd(lambda t: TF.max_pool2d(t, 3, 2, 1), xp, gyp),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,13 @@ def run(device: str) -> int:
     calls += 2
     F.batch_norm(torch.randn(2, 3, 4, device=device), None, None, training=True)
     calls += 1
+    for channels_last in (False, True):  # both layouts of max pool, a window over the border
+        x = torch.randn(2, 3, 9, 7, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out, idx = ops.max_pool2d(x, [3], [2], [1], [1], True)
+        ops.max_pool2d_backward(torch.randn_like(out), idx, list(x.shape), [3], [2], [1], [1])
+        calls += 2
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"gpu_smoke: {calls} op calls on {device} completed")

@@ -30,7 +30,7 @@ def test_gpu_quick_bench_writes_rows_as_it_goes(tmp_path):
     done = _run(["scripts/gpu_quick_bench.py", str(out), "--device", "cpu", "--tiny", "--reps", "2"])
     assert done.returncode == 0, done.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + 10  # header + every case
+    assert len(rows) == 1 + 12  # header + every case
     assert not any("error:" in row for row in rows), rows
 
 

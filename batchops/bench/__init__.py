@@ -34,6 +34,7 @@ OPS = {
     "linear": "batchops.bench.linear",
     "memmap": "batchops.bench.memmap",
     "prefetch": "batchops.bench.prefetch",
+    "max_pool": "batchops.bench.max_pool",
     "batch_norm_resnet50": "batchops.bench.batch_norm_shapes",
     "models": "batchops.bench.models",
 }

@@ -83,8 +83,8 @@ def test_prepare_batchops_converts_every_batch_norm_and_fuses():
     model, report = models.prepare_batchops(torchvision.models.resnet18(weights=None, num_classes=10))
     norms = [m for m in model.modules() if "BatchNorm" in type(m).__name__]
     assert norms and all(isinstance(m, batchops.BatchNorm2d) for m in norms)
-    assert report.counts == {"bn_act": 9, "bn_add_act": 8}
-    assert models.describe_fusion(report).startswith("fused 9 bn_act, 8 bn_add_act; 4 left unfused")
+    assert report.counts == {"bn_act": 9, "bn_add_act": 8, "max_pool": 1}
+    assert models.describe_fusion(report).startswith("fused 9 bn_act, 8 bn_add_act, 1 max_pool; 4 left unfused")
     _, report = models.prepare_batchops(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10))
     assert re.search(r"left unfused \(\d+ before Hardswish\)", models.describe_fusion(report))
 

@@ -120,13 +120,16 @@ def assert_state_dict_round_trip(model: nn.Module, fused: nn.Module) -> None:
 def test_resnet18_fusion_counts():
     model = resnet(18)
     fused, report = batchops.fuse(model, return_report=True)
-    assert report.counts == {"bn_act": 9, "bn_add_act": 8}
+    assert report.counts == {"bn_act": 9, "bn_add_act": 8, "max_pool": 1}
     assert Fusion("bn_act", ("bn1", "relu"), "relu", "fx") in report.fused  # the stem, through torch.fx
     assert Fusion("bn_add_act", ("layer1.0.bn2", "layer1.0.relu"), "relu", "module") in report.fused
     unfused = {u.module: u.reason for u in report.unfused}
     assert sorted(unfused) == ["fc", "layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"]
     assert "residual" in unfused["layer2.0.downsample.1"]
     assert type(fused.layer1[0]).__name__ == "FusedBasicBlock"  # the blocks' classes and containers stay
+    assert (
+        type(fused.maxpool) is batchops.MaxPool2d and Fusion("max_pool", ("maxpool",), None, "module") in report.fused
+    )
     assert isinstance(fused.layer1[0], type(model.layer1[0]))
     assert list(fused.state_dict()) == list(model.state_dict())
     assert type(model.bn1) is nn.BatchNorm2d  # inplace=False: the model itself is untouched
@@ -136,7 +139,7 @@ def test_resnet18_fusion_counts():
 def test_resnet50_fusion_counts():
     model = resnet(50)
     fused, report = batchops.fuse(model, return_report=True)
-    assert report.counts == {"bn_act": 33, "bn_add_act": 16}
+    assert report.counts == {"bn_act": 33, "bn_add_act": 16, "max_pool": 1}
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 64, 64)
     model.eval()
@@ -168,6 +171,8 @@ def test_batchops_ops_dispatched():
     assert ops["batch_norm_forward"] == ops["batch_norm_backward"] == 17
     assert ops["native_batch_norm"] == 3
     assert ops["relu"] == ops["relu_"] == 0  # every relu went into a batch norm
+    assert ops["max_pool2d"] == ops["max_pool2d_backward"] == 1  # the stem pool: batchops' kernel
+    assert ops["max_pool2d_with_indices"] == 0
     residuals = [args[3] for op, args in rec.calls if op.overloadpacket.__name__ == "batch_norm_forward"]
     assert sum(r is not None for r in residuals) == 8
 
@@ -366,7 +371,7 @@ def test_fold_conv_bn_is_for_eval():
         batchops.fuse(model, fold_conv_bn=True)
     model = model.to(f64).eval()
     folded, report = batchops.fuse(model, fold_conv_bn=True, return_report=True)
-    assert report.counts == {"conv_bn": 20}  # every batch norm of resnet18 follows a convolution
+    assert report.counts == {"conv_bn": 20, "max_pool": 1}  # every batch norm of resnet18 follows a convolution
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 64, 64, dtype=f64)
     with torch.no_grad():

@@ -1,0 +1,89 @@
+"""Max pool cases: batchops.functional.max_pool2d against torch.nn.functional.max_pool2d at
+resnet's stem pool (kernel 3, stride 2, padding 1) on the 64-channel output of its first
+convolution: 16x64x56x56 (batch 16 at 112x112, the model benchmark's resnet input) and
+32x64x112x112 (batch 32 at 224x224), float32, contiguous (NCHW) and channels-last.
+"forward" is the training forward (values and indices: a model that trains needs the
+indices), "full" adds the backward (the input's gradient). batchops.functional.max_pool2d runs
+torch's kernel for channels-last inputs (ours is no faster there), so those rows measure the
+routing, ~1.0. At 32x64x112x112 both sides spend much of their time faulting in the 51 MB of
+indices (above the 32 MiB malloc is set to reuse).
+
+Counting rule for "batchops bytes": S = the input's bytes, O = the output's values (S/4 here).
+Forward: S read, O x 4 bytes of values and O x 8 of int64 indices written: S + 12 O = 1.75 S.
+Backward: O x 4 of gradient and O x 8 of indices read, S written: 1.75 S. Full: 3.5 S. torch
+moves the same bytes; its planar kernel is slow for another reason (csrc/max_pool/cpu.cpp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from batchops.bench.case import Case
+
+__all__ = ["OP", "shapes_for", "cases", "NOTES"]
+
+OP = "max_pool2d"
+WINDOW = (3, 2, 1)  # kernel_size, stride, padding: resnet's stem
+
+
+def shapes_for(device: torch.device, quick: bool = False, smoke: bool = False) -> list[tuple[int, int, int, int]]:
+    if smoke:
+        return [(2, 4, 10, 10)]
+    if quick:
+        return [(16, 64, 56, 56)]
+    return [(16, 64, 56, 56), (32, 64, 112, 112)]
+
+
+def _build(shape, layout: torch.memory_format, mode: str):
+    def build(device: torch.device) -> dict[str, Callable[[], object]]:
+        import batchops
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device).contiguous(memory_format=layout)
+        if mode == "forward":
+            return {
+                "torch": lambda: F.max_pool2d(x, *WINDOW, return_indices=True),
+                "batchops": lambda: batchops.functional.max_pool2d(x, *WINDOW, return_indices=True),
+            }
+        x.requires_grad_(True)
+        out_shape = F.max_pool2d(x.detach(), *WINDOW).shape
+        dy = torch.randn(out_shape, generator=g).to(device).contiguous(memory_format=layout)
+
+        def full(f):
+            return lambda: torch.autograd.grad(f(x, *WINDOW), x, dy)
+
+        return {"torch": full(F.max_pool2d), "batchops": full(batchops.functional.max_pool2d)}
+
+    return build
+
+
+def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> list[Case]:
+    dtype = torch.float32
+    out = []
+    for shape in shapes_for(device, quick, smoke):
+        n, c, h, w = shape
+        in_bytes = n * c * h * w * 4
+        outputs = n * c * ((h + 1) // 2) * ((w + 1) // 2)
+        for layout, layout_name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "channels_last")):
+            for mode in ("forward", "full"):
+                one_way = in_bytes + 12 * outputs
+                out.append(
+                    Case(
+                        op="max_pool2d 3x3 s2 p1",
+                        shape=tuple(shape),
+                        layout=layout_name,
+                        dtype=dtype,
+                        mode=mode,
+                        build=_build(shape, layout, mode),
+                        bytes_moved=one_way if mode == "forward" else 2 * one_way,
+                        bytes_rule="S+12O" if mode == "forward" else "2(S+12O)",
+                        note="" if layout == torch.contiguous_format else "batchops runs torch's kernel here (as fast)",
+                    )
+                )
+    return out
+
+
+NOTES = __doc__.split("\n\n", 1)[1].strip()

@@ -1,0 +1,119 @@
+// 2-D max pooling on the CPU.
+//
+// Planar (NCHW): one plane at a time, one output row at a time. The window is walked one
+// (kh, kw) position after another, and for each position the loop runs along the output row,
+// over the outputs whose window position lies inside the input (a range computed up front, so
+// the loop has no bounds tests and vectorises). Each output therefore sees its window in torch's
+// order (kh, then kw), and keeps a value when it is larger or NaN: the same value and index as
+// torch. torch's own planar kernel walks each output's window with a test per value, 18x slower
+// than its channels-last kernel at resnet's stem (benchmarks/README.md).
+// Channels-last: one output pixel at a time, each window position a contiguous row of C values.
+// The backward adds each output's gradient at its index, plane by plane (planar) or image by
+// image (channels-last): a thread owns whole planes / images, so no two threads add to the same
+// value, and the sums come out the same for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_isa.h"
+#include "max_pool/entry_points.h"
+#include "max_pool/max_pool.h"
+
+#define BATCHOPS_CPU_NS cpu_default
+#include "max_pool/cpu_kernels.h"
+#undef BATCHOPS_CPU_NS
+
+namespace batchops {
+
+#if BATCHOPS_CPU_VARIANTS
+namespace cpu_avx2 {
+void max_pool2d_forward(MaxPool2dPlan& p);
+}  // namespace cpu_avx2
+namespace cpu_avx512 {
+void max_pool2d_forward(MaxPool2dPlan& p);
+}  // namespace cpu_avx512
+#endif
+
+namespace {
+
+// Indices come from the caller: each is checked before it is written through.
+[[noreturn]] C10_NOINLINE void index_error(int64_t index, int64_t plane_size) {
+  TORCH_CHECK_INDEX(false, "batchops.max_pool2d_backward: index ", index, " is out of range for an input plane of ",
+                    plane_size, " values");
+}
+inline void check_index(int64_t index, int64_t plane_size) {
+  if (C10_UNLIKELY(index < 0 || index >= plane_size)) index_error(index, plane_size);
+}
+
+// Accumulates in scalar_t, as torch's CPU backward does (the same sums for reduced dtypes).
+template <typename scalar_t>
+void backward_planar(MaxPool2dPlan& p) {
+  const int64_t planes = p.batch * p.channels, plane_in = p.h.in * p.w.in, plane_out = p.h.out * p.w.out;
+  const scalar_t* go = p.grad_output.const_data_ptr<scalar_t>();
+  const int64_t* indices = p.indices.const_data_ptr<int64_t>();
+  scalar_t* gi = p.grad_input.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / plane_in);
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      scalar_t* g = gi + plane * plane_in;
+      std::fill(g, g + plane_in, scalar_t(0));
+      const scalar_t* dy = go + plane * plane_out;
+      const int64_t* idx = indices + plane * plane_out;
+      for (int64_t o = 0; o < plane_out; ++o) {
+        check_index(idx[o], plane_in);
+        g[idx[o]] += dy[o];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(MaxPool2dPlan& p) {
+  const int64_t C = p.channels, plane_in = p.h.in * p.w.in, plane_out = p.h.out * p.w.out;
+  const scalar_t* go = p.grad_output.const_data_ptr<scalar_t>();
+  const int64_t* indices = p.indices.const_data_ptr<int64_t>();
+  scalar_t* gi = p.grad_input.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* g = gi + n * plane_in * C;
+      std::fill(g, g + plane_in * C, scalar_t(0));
+      for (int64_t o = 0; o < plane_out; ++o) {
+        const scalar_t* dy = go + (n * plane_out + o) * C;
+        const int64_t* idx = indices + (n * plane_out + o) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          check_index(idx[c], plane_in);
+          g[idx[c] * C + c] += dy[c];
+        }
+      }
+    }
+  });
+}
+
+// The kernels for the shared entry points (entry_points.h).
+struct CpuMaxPool {
+  using Guard = NoDeviceGuard;
+  static void forward(MaxPool2dPlan& p) {
+    TORCH_CHECK(p.h.in * p.w.in <= std::numeric_limits<int32_t>::max(), "batchops.max_pool2d: input planes of ",
+                p.h.in, "x", p.w.in, " values are larger than the CPU kernel's 2^31 - 1");
+    cpu_kernel_for(p.input.scalar_type(), BATCHOPS_CPU_KERNELS(max_pool2d_forward))(p);
+  }
+  static void backward(MaxPool2dPlan& p) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.grad_output.scalar_type(),
+                                    "batchops_max_pool2d_backward_cpu", [&] {
+                                      p.channels_last ? backward_channels_last<scalar_t>(p)
+                                                      : backward_planar<scalar_t>(p);
+                                    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchops, CPU, m) { register_max_pool_ops<CpuMaxPool>(m); }
+
+}  // namespace batchops

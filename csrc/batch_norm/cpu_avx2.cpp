@@ -1,7 +1,5 @@
 // The CPU batch norm kernels compiled for AVX2; cpu.cpp calls them when the processor has it.
-// Every header is included before the target pragma so that only the kernels in
-// cpu_kernels.h (in their own namespace, internal linkage) get the wider instructions:
-// inline functions shared with other files stay baseline code.
+// How, and why every header comes first: common/cpu_variant.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,13 +10,6 @@
 #include <vector>
 
 #include "batch_norm/batch_norm.h"
-#include "common/cpu_isa.h"
 
-#if BATCHOPS_CPU_VARIANTS
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2,f16c")
-#define BATCHOPS_CPU_NS cpu_avx2
-#define BATCHOPS_CPU_FLOAT32_ONLY 1  // other dtypes run the baseline build (common/cpu_dtypes.h)
-#include "batch_norm/cpu_kernels.h"
-#pragma GCC pop_options
-#endif
+#define BATCHOPS_CPU_KERNELS_HEADER "batch_norm/cpu_kernels.h"
+#include "common/cpu_variant.h"

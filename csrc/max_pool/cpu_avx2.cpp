@@ -1,18 +1,10 @@
-// The CPU max pool forward compiled for AVX2; cpu.cpp calls it when the processor has it.
-// Every header is included before the target pragma so that only the kernels in
-// cpu_kernels.h get the wider instructions (see batch_norm/cpu_avx2.cpp).
+// The CPU max pool forward compiled for AVX2; cpu.cpp calls them when the processor has it.
+// How, and why every header comes first: common/cpu_variant.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include "common/cpu_isa.h"
 #include "max_pool/max_pool.h"
 
-#if BATCHOPS_CPU_VARIANTS
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2,f16c")
-#define BATCHOPS_CPU_NS cpu_avx2
-#define BATCHOPS_CPU_FLOAT32_ONLY 1  // other dtypes run the baseline build (common/cpu_dtypes.h)
-#include "max_pool/cpu_kernels.h"
-#pragma GCC pop_options
-#endif
+#define BATCHOPS_CPU_KERNELS_HEADER "max_pool/cpu_kernels.h"
+#include "common/cpu_variant.h"

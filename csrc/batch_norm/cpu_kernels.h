@@ -428,26 +428,30 @@ void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* 
 }
 
 // (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of row r, added to
-// sg[c] and sgx[c]. With an activation g goes through an L1 buffer first, as in grad_sums_span.
+// sg[c] and sgx[c].
 template <typename scalar_t, Activation A, bool kResidual>
 inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, int64_t r, int64_t C, int64_t c0,
                           int64_t width, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
-                          const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* g, opmath_t<scalar_t>* sg,
-                          opmath_t<scalar_t>* sgx) {
+                          const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* sg, opmath_t<scalar_t>* sgx) {
   using acc = opmath_t<scalar_t>;
   const int64_t base = r * C;
-  if constexpr (A != Activation::kNone) {
-#pragma omp simd
-    for (int64_t c = c0; c < c0 + width; ++c) {
-      g[c] = upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c,
-                                              Affine<acc>{mean[c], scale[c], shift[c]});
-    }
-  }
+  // One loop, g in a register: 8 loads and 2 stores a value (dy, x, z, the three constants, the
+  // two sums) where g written to scratch and read back in a second loop made 11 and 3. GCC
+  // vectorises it for every activation (unlike grad_sums_span's reduction: no branch around dy).
+  // Fused add + ReLU backward, channels-last, cold inputs, three A/B alternations: 16x1024x7x7
+  // 0.98 -> 0.86 ms (mean of medians), 14x14 and 28x28 unchanged within this host's noise.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    const acc gc = A == Activation::kNone ? static_cast<acc>(dy[base + c]) : g[c];
+    const acc xc = static_cast<acc>(x[base + c]);
+    acc gc;
+    if constexpr (A == Activation::kNone) {
+      gc = static_cast<acc>(dy[base + c]);
+    } else {
+      gc = upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c,
+                                            Affine<acc>{mean[c], scale[c], shift[c]});
+    }
     sg[c] += gc;
-    sgx[c] += gc * (static_cast<acc>(x[base + c]) - mean[c]);
+    sgx[c] += gc * (xc - mean[c]);
   }
 }
 
@@ -621,14 +625,14 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     RowBlocks blocks(l);
     std::vector<double> partial(2 * blocks.count * C);  // [b][2][c]
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc> scratch(3 * C);  // sg, sgx, then g of one row
+      std::vector<acc> scratch(2 * C);  // sg, sgx
       for (int64_t blk = begin; blk < end; ++blk) {
-        std::fill(scratch.begin(), scratch.begin() + 2 * C, acc(0));
+        std::fill(scratch.begin(), scratch.end(), acc(0));
         for_column_chunks(C, [&](int64_t c0, int64_t width) {
           for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
             grad_sums_row<scalar_t, A, kResidual>(dy, x, z, r, C, c0, width, columns.mean.data(),
-                                                  columns.scale.data(), columns.shift.data(), scratch.data() + 2 * C,
-                                                  scratch.data(), scratch.data() + C);
+                                                  columns.scale.data(), columns.shift.data(), scratch.data(),
+                                                  scratch.data() + C);
           }
         });
         std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.begin() + 2 * blk * C);

@@ -8,7 +8,7 @@ from torch import Tensor
 from batchops._extension import extension_available
 from batchops.ops import batch_norm_forward, grouped_linear_forward, linear_forward
 from batchops.ops import max_pool2d as max_pool2d_op
-from batchops.ops.common import check_activation, kernel_memory_format
+from batchops.ops.common import KERNEL_DTYPES, check_activation, kernel_memory_format
 
 __all__ = ["batch_norm", "linear", "grouped_linear", "max_pool2d", "set_compiled_batch_norm", "compiled_batch_norm"]
 
@@ -213,10 +213,6 @@ def grouped_linear(
         ]
 
 
-# The dtypes batchops' max pool kernel computes in.
-_MAX_POOL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _runs_batchops_max_pool(input: Tensor) -> bool:
     """Whether max_pool2d runs batchops' kernel: where it beats torch's, on the CPU for contiguous
     (NCHW) and unbatched inputs, eager (~10x at resnet's stem pool) and inside torch.compile too
@@ -227,7 +223,7 @@ def _runs_batchops_max_pool(input: Tensor) -> bool:
     return (
         extension_available()
         and input.device.type == "cpu"
-        and input.dtype in _MAX_POOL_DTYPES
+        and input.dtype in KERNEL_DTYPES
         and kernel_memory_format(input) == torch.contiguous_format
     )
 

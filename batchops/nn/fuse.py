@@ -100,6 +100,7 @@ from batchops.nn.batch_norm import (
 from batchops.nn.linear import Linear
 from batchops.nn.pooling import MaxPool2d
 from batchops.nn.sync_batch_norm import SyncBatchNorm
+from batchops.ops.common import KERNEL_DTYPES
 
 __all__ = [
     "fuse",
@@ -122,9 +123,7 @@ _CONV_BN = {nn.Conv1d: (nn.BatchNorm1d, BatchNorm1d), nn.Conv2d: (nn.BatchNorm2d
 _CONV_BN[nn.Conv3d] = (nn.BatchNorm3d, BatchNorm3d)
 
 _KERNEL_DEVICES = ("cpu", "cuda")
-# The kernels' dispatch (AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16): common/cpu_dtypes.h,
-# the CUDA files): a model in another dtype is left unfused, with the reason in the report.
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# A model in a dtype outside KERNEL_DTYPES is left unfused, with the reason in the report.
 
 # An activation in a graph, by function: the batchops name, given the call's arguments.
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)  # F.relu_ is torch.relu_
@@ -365,7 +364,7 @@ class _Fuser:
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if t.device.type not in _KERNEL_DEVICES:
                 return f"on device {t.device.type!r}, which has no batchops kernel"
-            if t.is_floating_point() and t.dtype not in _KERNEL_DTYPES:
+            if t.is_floating_point() and t.dtype not in KERNEL_DTYPES:
                 return f"dtype {t.dtype} has no batchops kernel"
         return None
 

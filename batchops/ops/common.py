@@ -6,11 +6,16 @@ import torch
 
 from batchops._extension import compiled_module, extension_available, require_extension
 
-__all__ = ["ACTIVATIONS", "check_activation", "kernel_memory_format", "stat_dtype"]
+__all__ = ["ACTIVATIONS", "KERNEL_DTYPES", "check_activation", "kernel_memory_format", "stat_dtype"]
 
 # One set of activation names for every op (None = identity), read from the kernels' own table
 # (csrc/common/activation.h): fused activations exist only where the compiled module does.
 ACTIVATIONS: tuple[str | None, ...] = (None, *compiled_module().activations) if extension_available() else (None,)
+
+
+# The dtypes every batchops kernel computes in (AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16):
+# common/cpu_dtypes.h, the CUDA files).
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_activation(op: str, activation) -> None:
@@ -22,8 +27,8 @@ def check_activation(op: str, activation) -> None:
 
 def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format a kernel works in and returns; mirrors choose_format() in
-    csrc/batch_norm/plan.cpp: channels-last(-3d) only when x is laid out that way and is not
-    also plainly contiguous."""
+    csrc/common/layout.h: channels-last(-3d) only when x is laid out that way and is not also
+    plainly contiguous."""
     if x.is_contiguous():
         return torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from batchops._extension import extension_available, require_extension
+from batchops.ops.common import kernel_memory_format
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
 
@@ -53,12 +54,8 @@ def _fake_forward(input, kernel_size, stride=(), padding=(0,), dilation=(1,), ce
 
 
 def _fake_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
-    # The layout the indices have (plan_max_pool2d_backward): channels-last only when they are
-    # that and not also plainly contiguous.
-    channels_last = (
-        indices.dim() == 4 and not indices.is_contiguous() and indices.is_contiguous(memory_format=torch.channels_last)
-    )
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # The gradient takes the layout the indices have (plan_max_pool2d_backward).
+    fmt = kernel_memory_format(indices)
     return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
 
 

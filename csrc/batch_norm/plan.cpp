@@ -2,6 +2,7 @@
 // and CUDA implementations so both reject the same inputs with the same messages.
 #include "batch_norm/batch_norm.h"
 #include "common/checks.h"
+#include "common/layout.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,15 +16,6 @@ constexpr const char* kStats = "batchops.batch_norm_stats";
 constexpr const char* kElemt = "batchops.batch_norm_backward_elemt";
 
 bool is_reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
-
-// Which memory format the kernels work in (and the output keeps): channels-last(-3d)
-// when the input is laid out that way and not also plainly contiguous, else contiguous.
-at::MemoryFormat choose_format(const at::Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
 
 BatchNormLayout make_layout(const at::Tensor& x, at::MemoryFormat format) {
   BatchNormLayout l;

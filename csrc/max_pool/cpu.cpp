@@ -1,25 +1,15 @@
-// 2-D max pooling on the CPU.
-//
-// Planar (NCHW): one plane at a time, one output row at a time. The window is walked one
-// (kh, kw) position after another, and for each position the loop runs along the output row,
-// over the outputs whose window position lies inside the input (a range computed up front, so
-// the loop has no bounds tests and vectorises). Each output therefore sees its window in torch's
-// order (kh, then kw), and keeps a value when it is larger or NaN: the same value and index as
-// torch. torch's own planar kernel walks each output's window with a test per value, 18x slower
-// than its channels-last kernel at resnet's stem (benchmarks/README.md).
-// Channels-last: one output pixel at a time, each window position a contiguous row of C values.
+// 2-D max pooling on the CPU. The forward (both layouts, compiled per instruction set) is in
+// cpu_kernels.h, how it walks the windows in csrc/README.md "Max pool"; this file picks its
+// build and holds the backward.
 // The backward adds each output's gradient at its index, plane by plane (planar) or image by
 // image (channels-last): a thread owns whole planes / images, so no two threads add to the same
 // value, and the sums come out the same for any thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
-#include <vector>
 
 #include "common/cpu_isa.h"
 #include "max_pool/entry_points.h"

@@ -1,6 +1,6 @@
 // The max pool forward on the CPU, compiled once per instruction set (cpu.cpp, cpu_avx2.cpp,
 // cpu_avx512.cpp), each time inside its own namespace BATCHOPS_CPU_NS; cpu.cpp picks one at run
-// time (common/cpu_isa.h). How it walks the windows: cpu.cpp's header comment.
+// time (common/cpu_isa.h). How it walks the windows, and why: csrc/README.md "Max pool".
 #pragma once
 
 #include <ATen/Dispatch.h>

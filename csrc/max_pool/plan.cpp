@@ -2,6 +2,7 @@
 // torch's for the same mistakes (RuntimeError), prefixed with the op and naming the argument.
 #include "max_pool/max_pool.h"
 #include "common/checks.h"
+#include "common/layout.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -97,12 +98,9 @@ MaxPool2dPlan plan_max_pool2d_backward(const at::Tensor& grad_output, const at::
   p.channels = input_size[dim - 3];
   p.h.in = input_size[dim - 2], p.w.in = input_size[dim - 1];
   p.h.out = indices.size(dim - 2), p.w.out = indices.size(dim - 1);
-  // The forward made the indices in the input's layout; the gradient takes it back (a tensor
-  // both plainly contiguous and channels-last counts as contiguous).
-  const bool channels_last =
-      dim == 4 && !indices.is_contiguous() && indices.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  p.channels_last = channels_last;
+  // The forward made the indices in the input's layout; the gradient takes it back.
+  const auto format = choose_format(indices);
+  p.channels_last = format == at::MemoryFormat::ChannelsLast;
   p.indices = indices.contiguous(format);
   p.grad_output = grad_output.contiguous(format);
   p.grad_input = at::empty(input_size, grad_output.options().memory_format(format));

@@ -182,10 +182,10 @@ def opcheck_samples(device):
         x = torch.randn(shape, device=device, requires_grad=True)
         samples[name] = (
             x,
-            [k] if isinstance(k, int) else list(k),
-            [] if s is None else [s] if isinstance(s, int) else list(s),
-            [p] if isinstance(p, int) else list(p),
-            [d] if isinstance(d, int) else list(d),
+            as_list(k),
+            [] if s is None else as_list(s),
+            as_list(p),
+            as_list(d),
             ceil,
         )
     x = torch.randn(2, 3, 10, 10, device=device).contiguous(memory_format=torch.channels_last).requires_grad_(True)

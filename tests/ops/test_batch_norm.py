@@ -245,7 +245,7 @@ def test_momentum(device, momentum, kind):
 # (shape, activation, residual): channels that are not powers of two, few channels with a
 # large H*W (more than one 4096-element piece per (n, c) run), batch 2, 2-D to 5-D, size-1
 # spatial dims, many rows in the (N, C) view (several row blocks), rows wider than one column
-# chunk (2048 channels) with a remainder.
+# chunk (2048 channels) with a remainder, more small planar channels than one block holds.
 SHAPES = [
     ((2, 3), None, False),
     ((9, 2051), "relu", True),
@@ -264,6 +264,7 @@ SHAPES = [
     ((3, 5, 1, 1, 1), None, False),
     ((1, 3, 5), "silu", False),
     ((6, 1, 8), "relu", True),
+    ((4, 300, 3, 5), "relu", True),  # small channels: blocks of whole channels, the last one short
 ]
 
 
@@ -591,6 +592,37 @@ def test_opcheck_backward(device, case):
             assert g.shape == expected_shapes[i], i
         else:
             assert g.numel() == 0, f"output {i} was not requested but has shape {tuple(g.shape)}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [f64, f32, bf16])
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_outputs_do_not_depend_on_output_mask(device, dtype, memory_format, training):
+    """Each requested gradient is the same whichever others are requested. The CPU kernel takes
+    different passes by mask (with grad_residual and a sums pass, g is stored there once and
+    grad_input is computed from it), so a pass that drifts from the others shows here."""
+    fargs = _forward_args(
+        device,
+        shape=(3, 6, 5, 7),
+        dtype=dtype,
+        training=training,
+        activation="relu",
+        residual=True,
+        memory_format=memory_format,
+        requires_grad=False,
+    )
+    x, w, b, z, *_ = fargs
+    _, save_mean, save_invstd, _, _ = torch.ops.batchops.batch_norm_forward(*fargs)
+    gy = torch.randn_like(x)
+    args = (gy, x, w, b, z, save_mean, save_invstd, training, "relu")
+    full = torch.ops.batchops.batch_norm_backward(*args, [True] * 4)
+    for bits in range(1, 15):
+        mask = [bool(bits >> i & 1) for i in range(4)]
+        grads = torch.ops.batchops.batch_norm_backward(*args, mask)
+        for i in range(4):
+            if mask[i]:
+                torch.testing.assert_close(grads[i], full[i], msg=f"output {i}, mask {mask}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1313,6 +1345,7 @@ def test_torch_compile_functional(device, dynamo_reset, compiled_bn):
 
 DETERMINISM_LAYOUTS = {
     "planar": ((4, 8, 70, 70), None),
+    "planar_small_channels": ((4, 300, 3, 5), None),  # whole channels in cache, two blocks (cpu_kernels.h)
     "channels_last": ((4, 8, 40, 40), torch.channels_last),
     "rows": ((8192, 16), None),
 }

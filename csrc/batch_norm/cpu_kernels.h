@@ -95,7 +95,8 @@ void for_planar_parts(const BatchNormLayout& l, F&& fn) {
 // residual: 16x2048x4x4 0.91 -> 0.34 / 0.88 -> 0.59, 16x1024x7x7 0.43 -> 0.23 / 0.52 -> 0.57.
 // The backward stays on the parts: the same scheme for it (dy, x and z gathered, sums and apply
 // from the buffers) was slower than the parts' two streaming passes at 14x14, 7x7 and 4x4, cold
-// or L3-warm (fused add + ReLU backward 0.78 -> 1.12-1.40 of torch's time). A channel's result
+// or L3-warm (fused add + ReLU backward, L3-warm, 0.78 -> 1.12-1.22 of torch's time; resnet50's
+// NCHW step 0.91 -> 0.97), though faster on cache-warm plain backwards. A channel's result
 // depends on its own values in their order only: the same bits whatever the blocks or threads.
 constexpr int64_t kResidentBlock = 16384;  // values per block and buffer (64 KiB of float)
 constexpr int64_t kShortRun = 64;
@@ -104,8 +105,8 @@ inline bool channels_resident(const BatchNormLayout& l) {
   return !l.rows && l.inner <= kShortRun && l.per_channel() > 0 && l.per_channel() <= kPiece;
 }
 
-// A thread's scratch buffer of at least n values, kept from call to call: a vector per block
-// was zero-filled on every call, and at 192 KiB glibc served it from mmap, faulted in anew.
+// A thread's scratch buffer of at least n values, kept from call to call: a std::vector per
+// block is zero-filled on every call, and above 128 KiB glibc serves it from mmap, faulted in anew.
 template <typename T>
 T* thread_scratch(int64_t n) {
   thread_local std::vector<T> buffer;

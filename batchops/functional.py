@@ -52,6 +52,7 @@ _TORCH_ACTIVATION = {
     "silu": torch.nn.functional.silu,
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "hardswish": torch.nn.functional.hardswish,
 }
 
 
@@ -95,7 +96,7 @@ def batch_norm(
     running_mean / running_var (when given) are updated in place with the unbiased variance.
     `momentum` may also be a one-element tensor (e.g. 1 / num_batches_tracked for a cumulative
     average), which keeps the update free of host synchronisation and traceable by
-    torch.compile. `activation` is None, "relu", "silu", "gelu" or "gelu_tanh"; `residual` has
+    torch.compile. `activation` is None, "relu", "silu", "gelu", "gelu_tanh" or "hardswish"; `residual` has
     the input's shape and is added before the activation.
     """
     check_activation("batchops.batch_norm", activation)
@@ -163,7 +164,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     product, and the activation's derivative and the bias gradient fused in backward.
 
     With ``activation=None`` this is exactly :func:`torch.nn.functional.linear`. ``activation`` is
-    None, "relu", "silu", "gelu" or "gelu_tanh". ``input`` may have any leading shape.
+    None, "relu", "silu", "gelu", "gelu_tanh" or "hardswish". ``input`` may have any leading shape.
     """
     check_activation("batchops.linear", activation)
     if activation is None:

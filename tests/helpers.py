@@ -40,6 +40,7 @@ TORCH_ACT = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "hardswish": F.hardswish,
 }
 
 

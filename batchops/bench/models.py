@@ -27,10 +27,10 @@ Models (num_classes 10, torchvision's built without weights: no download):
     NCHW and channels-last (model and input). fuse puts every bn+relu and bn+add+relu of the
     blocks and the stem on batchops' fused kernels; the downsample batch norms (no activation
     after them) and the final fc stay plain.
-  * mobilenet_v3_small (torchvision): the same sizes. Its batch norms are converted and the five
-    followed by ReLU fused; most of the rest are followed by hardswish, not one of batchops'
-    fused activations (relu, silu, gelu, gelu_tanh), or by nothing (projections, residual
-    adds); the squeeze-excitation's hardsigmoid follows a convolution. Those stay torch's.
+  * mobilenet_v3_small (torchvision): the same sizes. Its batch norms are converted and those
+    followed by ReLU or hardswish fused, and the classifier's Linear + hardswish; the batch
+    norms followed by nothing (projections, before the residual adds) stay plain, and the
+    squeeze-excitation's hardsigmoid follows a convolution, not a batch norm: torch's.
   * transformer_encoder: torch.nn.TransformerEncoderLayer(d_model=256, nhead=8,
     dim_feedforward=1024 (4 x d_model), activation="gelu", batch_first=True, dropout 0.1 as
     torch's default), a mean over the sequence and a Linear head, on 32 sequences of 128 random
@@ -136,7 +136,7 @@ def describe_fusion(report) -> str:
 
 # Activation modules that batchops has no fused kernel for, named in the note when fuse leaves a
 # batch norm or linear layer because one follows it.
-_ACTIVATION_NAMES = {"Hardswish", "Hardsigmoid", "Sigmoid", "Tanh", "ELU", "LeakyReLU", "Mish", "ReLU6", "Softplus"}
+_ACTIVATION_NAMES = {"Hardsigmoid", "Sigmoid", "Tanh", "ELU", "LeakyReLU", "Mish", "ReLU6", "Softplus"}
 
 
 def torchvision_or_skip():

@@ -127,6 +127,7 @@ _KERNEL_DEVICES = ("cpu", "cuda")
 
 # An activation in a graph, by function: the batchops name, given the call's arguments.
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)  # F.relu_ is torch.relu_
+_INPLACE_FLAG_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish"}  # f(input, inplace=False)
 _INPLACE_OPERATORS = {
     getattr(operator, f"i{op}") for op in "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
 }
@@ -136,6 +137,7 @@ _ACTIVATION_CALLS: dict[str, tuple[Any, dict[str, Any]]] = {
     "silu": (F.silu, {}),
     "gelu": (F.gelu, {}),
     "gelu_tanh": (F.gelu, {"approximate": "tanh"}),
+    "hardswish": (F.hardswish, {}),
 }
 
 
@@ -315,6 +317,8 @@ def _module_activation(module: nn.Module | None) -> str | None:
         return "silu"
     if cls is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    if cls is nn.Hardswish:
+        return "hardswish"
     return None
 
 
@@ -324,11 +328,9 @@ def _callable_activation(fn: Any) -> str | None:
         return _module_activation(fn)
     if fn in _RELU_FUNCTIONS:
         return "relu"
-    if fn is F.silu:
-        return "silu"
     if fn is F.gelu:
         return "gelu"
-    return None
+    return next((name for f, name in _INPLACE_FLAG_FUNCTIONS.items() if fn is f), None)
 
 
 class _Fuser:
@@ -697,11 +699,11 @@ def _node_activation(node: fx.Node, input: fx.Node, modules: dict[str, nn.Module
         return "relu" if node.target in ("relu", "relu_") and not rest and not kwargs else None
     if node.op != "call_function":
         return None
-    if node.target in _RELU_FUNCTIONS or node.target is F.silu:
+    if node.target in _RELU_FUNCTIONS or node.target in _INPLACE_FLAG_FUNCTIONS:
         # (input, inplace=False): in place or not, the only user sees the same values.
         if len(rest) > 1 or set(kwargs) - {"inplace"}:
             return None
-        return "relu" if node.target in _RELU_FUNCTIONS else "silu"
+        return "relu" if node.target in _RELU_FUNCTIONS else _INPLACE_FLAG_FUNCTIONS[node.target]
     if node.target is F.gelu:
         approximate = rest[0] if rest else kwargs.pop("approximate", "none")
         if len(rest) > 1 or kwargs:

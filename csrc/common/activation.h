@@ -15,18 +15,25 @@
 
 namespace batchops {
 
-enum class Activation : int { kNone = 0, kReLU, kSiLU, kGELU, kGELUTanh };
+enum class Activation : int { kNone = 0, kReLU, kSiLU, kGELU, kGELUTanh, kHardswish };
 
 // The activations' names, the one list of them: the ops parse these, and Python reads them
 // from batchops._C (batchops.ops.common.ACTIVATIONS). None is the identity. "gelu" is the exact
-// (erf) GELU, "gelu_tanh" its tanh approximation.
+// (erf) GELU, "gelu_tanh" its tanh approximation, "hardswish" x * relu6(x + 3) / 6 (MobileNetV3).
 struct ActivationName {
   Activation kind;
   const char* name;
 };
 inline constexpr ActivationName kActivationNames[] = {
     {Activation::kReLU, "relu"}, {Activation::kSiLU, "silu"}, {Activation::kGELU, "gelu"},
-    {Activation::kGELUTanh, "gelu_tanh"}};
+    {Activation::kGELUTanh, "gelu_tanh"}, {Activation::kHardswish, "hardswish"}};
+
+// relu's derivative jumps at 0, hardswish's at -3 and 3: in half precision the pre-activation
+// must be rounded as torch rounds it (once, bias included), or a value within a rounding of a
+// jump takes the other side's derivative (linear/cpu.cpp, linear/cuda.cu).
+C10_HOST_DEVICE constexpr bool activation_derivative_jumps(Activation a) {
+  return a == Activation::kReLU || a == Activation::kHardswish;
+}
 
 inline Activation parse_activation(std::optional<c10::string_view> name, const char* op) {
   if (!name.has_value()) return Activation::kNone;
@@ -156,6 +163,14 @@ C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) 
     gelu_cdf_pdf(x, cdf, pdf);
     derivative = cdf + x * pdf;
     return x * cdf;
+  } else if constexpr (A == Activation::kHardswish) {
+    // torch's: x * min(max(x + 3, 0), 6) / 6; derivative 0 up to -3 (inclusive), x / 3 + 1/2
+    // between, 1 from 3 on (torch's choice at the two kinks, which half precision hits exactly).
+    // Selects, not branches; NaN propagates as in torch.
+    const T r = x + T(3);
+    const T relu6 = r < T(0) ? T(0) : (r > T(6) ? T(6) : r);
+    derivative = x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
+    return x * relu6 / T(6);
   } else {
     const T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
     const T kKappa = T(0.044715);
@@ -209,8 +224,12 @@ C10_HOST_DEVICE inline T activation_backward(T x) {
         constexpr ::batchops::Activation kAct = ::batchops::Activation::kGELU;   \
         return __VA_ARGS__();                                                    \
       }                                                                          \
-      default: {                                                                 \
+      case ::batchops::Activation::kGELUTanh: {                                  \
         constexpr ::batchops::Activation kAct = ::batchops::Activation::kGELUTanh; \
+        return __VA_ARGS__();                                                    \
+      }                                                                          \
+      default: {                                                                 \
+        constexpr ::batchops::Activation kAct = ::batchops::Activation::kHardswish; \
         return __VA_ARGS__();                                                    \
       }                                                                          \
     }                                                                            \

@@ -58,6 +58,8 @@ __device__ __forceinline__ acc_t apply_activation_with_derivative(Activation act
       return activation_forward_with_derivative<Activation::kGELU>(v, derivative);
     case Activation::kGELUTanh:
       return activation_forward_with_derivative<Activation::kGELUTanh>(v, derivative);
+    case Activation::kHardswish:
+      return activation_forward_with_derivative<Activation::kHardswish>(v, derivative);
     default:
       return activation_forward_with_derivative<Activation::kNone>(v, derivative);
   }
@@ -419,11 +421,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(LinearPlan& p) {
       launch_grouped_gemm<scalar_t, GemmMode::kRaggedRows>(a, (p.rows + kTileM - 1) / kTileM + p.G);
     });
   } else {
-    // cuBLAS product, then one epilogue pass (in place for relu / None; silu / gelu* write
-    // their derivative over the product). relu and None save nothing, so their bias goes into the cuBLAS call (beta = 1), rounded
-    // once with the product as in F.linear: in half precision, rounding x W^T before adding the
-    // bias would flip relu's mask wherever x W^T + b is within a rounding of 0.
-    const bool bias_in_product = !activation_saves_derivative(p.act) && p.bias.defined();
+    // cuBLAS product, then one epilogue pass (in place for relu / None; silu / gelu* /
+    // hardswish write their derivative over the product). relu, hardswish and None have their
+    // bias in the cuBLAS call (beta = 1), rounded once with the product as in F.linear: in half
+    // precision, rounding x W^T before adding the bias would flip relu's mask wherever x W^T + b
+    // is within a rounding of 0 (hardswish's derivative jumps at -3 and 3).
+    const bool bias_in_product =
+        p.bias.defined() && (!activation_saves_derivative(p.act) || activation_derivative_jumps(p.act));
     at::Tensor z = save_derivative ? saved : y;
     linear_product_out(p, z, bias_in_product);
     if (p.act == Activation::kNone) {

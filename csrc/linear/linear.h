@@ -7,7 +7,8 @@
 // What forward saves for backward (the second output, "saved"):
 //   activation None       nothing (an empty tensor): the gradient passes straight through
 //   "relu"                nothing: backward reads the output, since y > 0 exactly when x W^T + b > 0
-//   "silu" / "gelu*"      the activation's derivative act'(x W^T + b), in the input's dtype. The
+//   "silu" / "gelu*" /    the activation's derivative act'(x W^T + b), in the input's dtype
+//   "hardswish"           (hardswish's output does not give its derivative: it is not monotonic). The
 //                         forward epilogue has the transcendental work for it at hand (GELU's
 //                         cdf and pdf, SiLU's sigmoid), so backward is a multiply instead of a
 //                         second round of exp / erf: on the CPU, where both epilogues are bound
@@ -103,7 +104,7 @@ struct GroupedLinearBackwardOp {
 enum class LinearMode { kDense, kUniform, kRagged };
 
 C10_HOST_DEVICE constexpr bool activation_saves_derivative(Activation a) {
-  return a == Activation::kSiLU || a == Activation::kGELU || a == Activation::kGELUTanh;
+  return a == Activation::kSiLU || a == Activation::kGELU || a == Activation::kGELUTanh || a == Activation::kHardswish;
 }
 
 struct LinearPlan {

@@ -28,7 +28,16 @@ f64 = torch.float64
 def resnet(depth: int) -> nn.Module:
     models = pytest.importorskip("torchvision").models
     torch.manual_seed(0)
-    model = {18: models.resnet18, 50: models.resnet50}[depth](num_classes=10)
+    return randomize_batch_norms({18: models.resnet18, 50: models.resnet50}[depth](num_classes=10))
+
+
+def mobilenet() -> nn.Module:
+    models = pytest.importorskip("torchvision").models
+    torch.manual_seed(0)
+    return randomize_batch_norms(models.mobilenet_v3_small(num_classes=10))
+
+
+def randomize_batch_norms(model: nn.Module) -> nn.Module:
     # torchvision zero-fills nothing by default; give the batch norms non-trivial affine
     # parameters and running statistics so that a wrong fusion cannot hide behind ones and zeros.
     with torch.no_grad():
@@ -148,6 +157,19 @@ def test_resnet50_fusion_counts():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_mobilenet_v3_small_fusion_counts():
+    """Hardswish fuses like ReLU: 18 batch norms before it, 5 before ReLU, and the classifier's
+    Linear + Hardswish; the projections' batch norms (nothing or a residual add after them) stay."""
+    model = mobilenet()
+    fused, report = batchops.fuse(model, return_report=True)
+    assert report.counts == {"bn_act": 23, "linear_act": 1}
+    assert Counter(f.activation for f in report.fused) == {"hardswish": 19, "relu": 5}
+    assert len(report.unfused) == 12 and all(
+        "not a fusable activation" in u.reason or "2 users" in u.reason for u in report.unfused
+    )
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
 def test_transformer_encoder_layer_fusion():
     layer = encoder_layer()
     fused, report = batchops.fuse(layer, return_report=True)
@@ -192,6 +214,45 @@ def test_resnet18_same_outputs_loss_grads(train):
     fused = batchops.fuse(model)
     x = torch.randn(2, 3, 64, 64, dtype=f64)
     assert_same_step(model, fused, x, torch.tensor([1, 7]), train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_mobilenet_v3_small_same_outputs_loss_grads(train):
+    model = mobilenet().to(f64)
+    fused = batchops.fuse(model)
+    assert_same_step(model, fused, torch.randn(2, 3, 64, 64, dtype=f64), torch.tensor([1, 7]), train)
+
+
+class HardswishNet(nn.Module):
+    """F.hardswish after a batch norm, in place, through torch.fx, and nn.Hardswish after a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 12), nn.Hardswish(), nn.Linear(12, 5))
+
+    def forward(self, x):
+        return self.head(F.hardswish(self.bn(self.conv(x)), inplace=True))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fx_fused_hardswish_same_outputs_loss_grads(train):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(HardswishNet()).to(f64)
+    fused, report = batchops.fuse(model, return_report=True)
+    assert report.counts == {"bn_act": 1, "linear_act": 1}
+    assert {(f.kind, f.activation, f.via) for f in report.fused} == {
+        ("bn_act", "hardswish", "fx"),
+        ("linear_act", "hardswish", "module"),
+    }
+    # Inputs around hardswish's kinks at -3 and 3 come from the batch norm's spread (bias +-0.5).
+    x = torch.randn(4, 3, 8, 8, dtype=f64) * 3
+    assert_same_step(model, fused, x, torch.tensor([0, 1, 2, 4]), train)
+    back = batchops.unfuse(fused)
+    assert not any(type(m).__module__.startswith("batchops") for m in back.modules())
+    assert_same_step(model, back, x, torch.tensor([0, 1, 2, 4]), train)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

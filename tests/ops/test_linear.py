@@ -466,6 +466,10 @@ def test_no_input_requires_grad(device, activation):
 # What forward saves; values at the edges
 
 
+# The activations whose derivative the linear forward saves (csrc/linear/linear.h): all but relu.
+SAVES_DERIVATIVE = tuple(a for a in ACTIVATIONS if a not in (None, "relu"))
+
+
 def _torch_derivative(pre, activation):
     """act'(pre) by torch's autograd."""
     pre = pre.detach().requires_grad_()
@@ -473,14 +477,31 @@ def _torch_derivative(pre, activation):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [f32, f64, torch.bfloat16], ids=_dtype_id)
+def test_hardswish_at_its_kinks(device, dtype):
+    """hardswish's derivative jumps at -3 and 3, which half precision hits exactly: ours takes
+    torch's side there (0 at -3, 1 at 3), and a NaN output stays NaN. Through the identity weight, the
+    pre-activation is x itself (the activation code is shared with batch norm's)."""
+    values = [-3.5, -3.0, -2.5, -1e-3, 0.0, 2.5, 3.0, 3.5]
+    x = torch.tensor([values, [float("nan")] + values[1:]], device=device, dtype=dtype)  # NaN: a whole row
+    eye = torch.eye(x.shape[1], device=device, dtype=dtype)
+    out, saved = torch.ops.batchops.linear_forward(x, eye, None, "hardswish")
+    pre = F.linear(x, eye).requires_grad_()
+    torch.testing.assert_close(out, F.hardswish(pre).detach(), equal_nan=True)
+    # The NaN row's derivative is left out: torch's own is 1 in its scalar loop, NaN in its vector one.
+    torch.testing.assert_close(saved[0], torch.autograd.grad(F.hardswish(pre).sum(), pre)[0][0])
+    assert saved[0, 1].item() == 0.0 and saved[0, 6].item() == 1.0  # at -3 and at 3: torch's sides
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
 def test_forward_op_saved(device, activation):
-    """`saved` is act'(x @ W^T + b) for silu / gelu / gelu_tanh, empty otherwise."""
+    """`saved` is act'(x @ W^T + b) for silu / gelu / gelu_tanh / hardswish, empty otherwise."""
     inputs = dense_inputs((2, 3, 13), 7, device, f64)
     x, w, b = inputs["x"], inputs["w"], inputs["b"]
     out, saved = torch.ops.batchops.linear_forward(x, w, b, activation)
     torch.testing.assert_close(out, torch_linear(x, w, b, activation))
-    if activation in ("silu", "gelu", "gelu_tanh"):
+    if activation in SAVES_DERIVATIVE:
         torch.testing.assert_close(saved, _torch_derivative(F.linear(x, w, b), activation))
     else:
         assert saved.numel() == 0
@@ -491,7 +512,7 @@ def test_forward_op_saved(device, activation):
     assert offsets.dtype == torch.long and offsets.device == gi["x"].device
     assert offsets.tolist() == [0, 3, 3, 8]
     torch.testing.assert_close(out, torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5], activation))
-    if activation in ("silu", "gelu", "gelu_tanh"):
+    if activation in SAVES_DERIVATIVE:
         pre = torch_grouped(gi["x"], gi["w"], gi["b"], [3, 0, 5])
         torch.testing.assert_close(saved, _torch_derivative(pre, activation))
     else:
@@ -519,7 +540,7 @@ def test_forward_without_saving(device, activation, dtype):
     torch.library.opcheck(torch.ops.batchops.linear_forward.default, (x, w, b, activation, False))
     xg = x.detach().requires_grad_()
     y, _ = torch.ops.batchops.linear_forward(xg, w, b, activation, False)
-    if activation in ("silu", "gelu", "gelu_tanh"):
+    if activation in SAVES_DERIVATIVE:
         with pytest.raises(RuntimeError, match="save_for_backward=False"):
             y.sum().backward()
     elif activation is not None:

@@ -122,8 +122,9 @@ _BN_TO_BATCHOPS: dict[type, type] = {
 _CONV_BN = {nn.Conv1d: (nn.BatchNorm1d, BatchNorm1d), nn.Conv2d: (nn.BatchNorm2d, BatchNorm2d)}
 _CONV_BN[nn.Conv3d] = (nn.BatchNorm3d, BatchNorm3d)
 
+# A model on another device, or in a dtype outside KERNEL_DTYPES, is left unfused, with the
+# reason in the report (_why_not).
 _KERNEL_DEVICES = ("cpu", "cuda")
-# A model in a dtype outside KERNEL_DTYPES is left unfused, with the reason in the report.
 
 # An activation in a graph, by function: the batchops name, given the call's arguments.
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)  # F.relu_ is torch.relu_

@@ -299,6 +299,16 @@ void combine_part_stats(int64_t parts, Count count_of, int64_t total, int64_t C,
   });
 }
 
+// Gathers channels [c0, c0 + width) into buf (gather_channels) and gives each channel's
+// statistics, on_channel(c, stats): the one place they are computed for the short-run path, so
+// the training forward normalises with what batch_norm_stats returns, bit for bit.
+template <typename scalar_t, typename F>
+void gathered_channel_stats(const scalar_t* x, const BatchNormLayout& l, int64_t c0, int64_t width, scalar_t* buf,
+                            F&& on_channel) {
+  gather_channels(x, l, c0, width, buf);
+  for (int64_t c = 0; c < width; ++c) on_channel(c0 + c, run_stats(buf + c * l.per_channel(), l.per_channel()));
+}
+
 // Every channel's statistics: planar parts or row blocks in parallel, then combined per
 // channel in order.
 template <typename scalar_t>
@@ -307,9 +317,8 @@ std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const Batc
   std::vector<WelfordData<double>> stats(C);
   if (channels_resident(l)) {
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
-      scalar_t* buf = thread_scratch<scalar_t>(width * l.per_channel());
-      gather_channels(x, l, c0, width, buf);
-      for (int64_t c = 0; c < width; ++c) stats[c0 + c] = run_stats(buf + c * l.per_channel(), l.per_channel());
+      gathered_channel_stats(x, l, c0, width, thread_scratch<scalar_t>(width * l.per_channel()),
+                             [&](int64_t c, const WelfordData<double>& w) { stats[c] = w; });
     });
   } else if (!l.rows) {
     const PlanarParts parts(l);
@@ -622,11 +631,10 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
       scalar_t* buf = thread_scratch<scalar_t>(width * pc);
       Affine<acc>* affine = thread_scratch<Affine<acc>>(width);
-      gather_channels(x, l, c0, width, buf);
-      for (int64_t c = 0; c < width; ++c) {
-        finalize(c0 + c, run_stats(buf + c * pc, pc));  // as all_channel_stats: the same bits
-        affine[c] = affine_of<acc>(c0 + c, save_mean, save_invstd, w, b);
-      }
+      gathered_channel_stats(x, l, c0, width, buf, [&](int64_t c, const WelfordData<double>& stats) {
+        finalize(c, stats);
+        affine[c - c0] = affine_of<acc>(c, save_mean, save_invstd, w, b);
+      });
       for_block_runs(l, c0, width, [&](int64_t b, int64_t t, int64_t c) {
         forward_span<scalar_t, A, kResidual>(buf + b, kResidual ? z + t : nullptr, y + t, 0, l.inner,
                                              affine[c - c0]);

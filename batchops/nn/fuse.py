@@ -7,6 +7,9 @@ Patterns (issue 16):
   method, in-place or not) -> one batchops batch norm with the activation fused.
 * ``bn_add_act``: the same with an add in between, ``act(bn(x) + residual)`` (torchvision's
   BasicBlock and Bottleneck: ``relu(bn2(conv2(x)) + identity)``) -> ``bn(x, residual=...)``.
+* ``bn_add``: a batch norm whose output goes only to an add that no fusable activation follows,
+  ``bn(x) + residual`` (MobileNetV2/V3's and EfficientNet's inverted residuals, ``block(x) + x``
+  with the block ending in a batch norm) -> ``bn(x, residual=...)``. Found by torch.fx only.
 * ``linear_act``: an ``nn.Linear`` whose output goes only to one of those activations ->
   ``batchops.Linear(activation=...)``.
 * ``max_pool``: an ``nn.MaxPool2d`` -> ``batchops.MaxPool2d`` (its class swapped; no state), whose
@@ -148,7 +151,7 @@ _ACTIVATION_CALLS: dict[str, tuple[Any, dict[str, Any]]] = {
 
 @dataclass(frozen=True)
 class Fusion:
-    """One fused pattern: ``kind`` ("bn_act", "bn_add_act", "linear_act", "max_pool" or "conv_bn"), the
+    """One fused pattern: ``kind`` ("bn_act", "bn_add_act", "bn_add", "linear_act", "max_pool" or "conv_bn"), the
     qualified names of the modules involved (the batch norm / linear / conv first; an activation
     or add called as a function has no name), the fused ``activation`` and ``via``: "module" (a
     module-level rewrite) or "fx" (a torch.fx graph rewrite)."""
@@ -372,7 +375,7 @@ class _Fuser:
         return None
 
     @staticmethod
-    def _fused_module(module: nn.Module, activation: str) -> nn.Module:
+    def _fused_module(module: nn.Module, activation: str | None) -> nn.Module:
         """The batchops module with ``activation`` fused that takes ``module``'s place, sharing
         its parameters and buffers (optimizer state carries over with inplace=True)."""
         if isinstance(module, nn.Linear):
@@ -624,28 +627,33 @@ class _Fuser:
                 changed = True
                 continue
             residual = _add_operand(user, node) if not isinstance(module, nn.Linear) else None
-            act_node = next(iter(user.users)) if residual is not None and len(user.users) == 1 else None
-            activation = _node_activation(act_node, user, modules) if act_node is not None else None
-            if activation is None:
-                after = f" then {_describe(act_node, modules)}" if act_node is not None else ""
-                self.reasons[name] = f"followed by {_describe(user, modules)}{after}, not a fusable activation"
+            if residual is None:
+                self.reasons[name] = f"followed by {_describe(user, modules)}, not a fusable activation or add"
                 continue
-            # The fused call takes the activation's place, so the batch norm reads its input
+            act_node = next(iter(user.users)) if len(user.users) == 1 else None
+            activation = _node_activation(act_node, user, modules) if act_node is not None else None
+            # bn_add_act, or bn_add when no fusable activation follows the add (MobileNet's
+            # inverted residuals: ``block(x) + x`` ending in a batch norm).
+            last = act_node if activation is not None else user
+            # The fused call takes the last node's place, so the batch norm reads its input
             # later than it did: nothing in between may write in place.
-            between = _nodes_between(node, act_node)
+            between = _nodes_between(node, last)
             writer = next((n for n in between if n is not user and _may_write_in_place(n, modules)), None)
             if writer is not None:
-                self.reasons[name] = f"{_describe(writer, modules)} may write in place between it and its activation"
+                self.reasons[name] = f"{_describe(writer, modules)} may write in place between it and its add"
                 continue
             set_module(node.target, self._fused_module(module, activation))
             x = node.args[0]
-            with graph.inserting_before(act_node):
+            with graph.inserting_before(last):
                 guarded = graph.call_method("expand_as", (residual, x))
                 fused = graph.call_module(node.target, (x,), {"residual": guarded})
-            act_node.replace_all_uses_with(fused)
-            dirty.update(_enclosing_modules(node, user, act_node))
-            erase(act_node, user, node)
-            self._fused("bn_add_act", (name, *_node_module_name(act_node, prefix)), activation, "fx")
+            last.replace_all_uses_with(fused)
+            dirty.update(_enclosing_modules(node, user, last))
+            erase(*([act_node] if last is act_node else []), user, node)
+            if activation is None:
+                self._fused("bn_add", (name,), None, "fx")
+            else:
+                self._fused("bn_add_act", (name, *_node_module_name(act_node, prefix)), activation, "fx")
             changed = True
         return dirty if changed else None
 
@@ -928,7 +936,8 @@ def _unfuse_graph(gm: fx.GraphModule) -> None:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not _is_fused_module(module):
+        bn_add = type(module) in _BN_TO_TORCH and "residual" in node.kwargs  # fuse's bn_add
+        if not (_is_fused_module(module) or bn_add):
             continue
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module":
@@ -945,14 +954,15 @@ def _unfuse_graph(gm: fx.GraphModule) -> None:
             guard, residual = residual, residual.args[0]  # fuse's guard: the plain add broadcasts
         else:
             guard = None
-        last = node
+        inserted = [node]  # bn, then the add and the activation as they were before fuse
         if residual is not None:
-            with graph.inserting_after(last):
-                last = graph.call_function(operator.add, (node, residual))
-        fn, kwargs = _ACTIVATION_CALLS[activation]
-        with graph.inserting_after(last):
-            act = graph.call_function(fn, (last,), dict(kwargs))
-        node.replace_all_uses_with(act, delete_user_cb=lambda user: user is not act and user is not last)
+            with graph.inserting_after(inserted[-1]):
+                inserted.append(graph.call_function(operator.add, (node, residual)))
+        if activation is not None:
+            fn, kwargs = _ACTIVATION_CALLS[activation]
+            with graph.inserting_after(inserted[-1]):
+                inserted.append(graph.call_function(fn, (inserted[-1],), dict(kwargs)))
+        node.replace_all_uses_with(inserted[-1], delete_user_cb=lambda user: user not in inserted)
         if guard is not None and not guard.users:
             graph.erase_node(guard)
     graph.lint()

@@ -59,12 +59,20 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
     const bool training = ctx->saved_data["training"].toBool();
     const auto act = saved_name(ctx, "activation");
-    // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
-    auto [gi, gw, gb, gr] = op_handle<BatchNormBackwardOp>().call(
-        grad_output, input, optional_if_defined(weight), optional_if_defined(bias), optional_if_defined(residual),
-        save_mean, save_invstd, training, name_view(act), mask);
-    const Tensor g[4] = {gi, gw, gb, gr};
-    for (size_t i = 0; i < 4; ++i) result[i] = requested(g[i], mask[i]);
+    // Without an activation the residual's gradient is grad_output itself: handed on as torch's
+    // add backward does, not copied by the kernel (a full-size write saved).
+    const bool residual_grad_is_grad_output = mask[3] && !act.has_value();
+    Mask op_mask = mask;
+    if (residual_grad_is_grad_output) op_mask[3] = false;
+    if (op_mask[0] || op_mask[1] || op_mask[2] || op_mask[3]) {
+      // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
+      auto [gi, gw, gb, gr] = op_handle<BatchNormBackwardOp>().call(
+          grad_output, input, optional_if_defined(weight), optional_if_defined(bias), optional_if_defined(residual),
+          save_mean, save_invstd, training, name_view(act), op_mask);
+      const Tensor g[4] = {gi, gw, gb, gr};
+      for (size_t i = 0; i < 4; ++i) result[i] = requested(g[i], op_mask[i]);
+    }
+    if (residual_grad_is_grad_output) result[3] = grad_output;
     return result;
   }
 };

@@ -172,6 +172,7 @@ C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) 
     derivative = x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
     return x * relu6 / T(6);
   } else {
+    static_assert(A == Activation::kGELUTanh, "activation_forward_with_derivative: no formula for this Activation");
     const T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
     const T kKappa = T(0.044715);
     const T x2 = x * x;
@@ -228,10 +229,12 @@ C10_HOST_DEVICE inline T activation_backward(T x) {
         constexpr ::batchops::Activation kAct = ::batchops::Activation::kGELUTanh; \
         return __VA_ARGS__();                                                    \
       }                                                                          \
-      default: {                                                                 \
+      case ::batchops::Activation::kHardswish: {                                 \
         constexpr ::batchops::Activation kAct = ::batchops::Activation::kHardswish; \
         return __VA_ARGS__();                                                    \
       }                                                                          \
+      default:                                                                   \
+        TORCH_CHECK(false, "batchops: no kernel for activation ", static_cast<int>(ACT)); \
     }                                                                            \
   }()
 

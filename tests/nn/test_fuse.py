@@ -159,12 +159,14 @@ def test_resnet50_fusion_counts():
 
 def test_mobilenet_v3_small_fusion_counts():
     """Hardswish fuses like ReLU: 18 batch norms before it, 5 before ReLU, and the classifier's
-    Linear + Hardswish; the projections' batch norms (nothing or a residual add after them) stay."""
+    Linear + Hardswish; the 6 inverted residuals' projections (``block(x) + x``) fuse their add;
+    the other projections (whose output is also the next block's residual) stay."""
     model = mobilenet()
     fused, report = batchops.fuse(model, return_report=True)
-    assert report.counts == {"bn_act": 23, "linear_act": 1}
-    assert Counter(f.activation for f in report.fused) == {"hardswish": 19, "relu": 5}
-    assert len(report.unfused) == 12 and all(
+    assert report.counts == {"bn_act": 23, "bn_add": 6, "linear_act": 1}
+    assert Counter(f.activation for f in report.fused) == {"hardswish": 19, "relu": 5, None: 6}
+    assert Fusion("bn_add", ("features.3.block.2.1",), None, "fx") in report.fused
+    assert len(report.unfused) == 6 and all(
         "not a fusable activation" in u.reason or "2 users" in u.reason for u in report.unfused
     )
     assert list(fused.state_dict()) == list(model.state_dict())
@@ -250,6 +252,49 @@ def test_fx_fused_hardswish_same_outputs_loss_grads(train):
     # Inputs around hardswish's kinks at -3 and 3 come from the batch norm's spread (bias +-0.5).
     x = torch.randn(4, 3, 8, 8, dtype=f64) * 3
     assert_same_step(model, fused, x, torch.tensor([0, 1, 2, 4]), train)
+    back = batchops.unfuse(fused)
+    assert not any(type(m).__module__.startswith("batchops") for m in back.modules())
+    assert_same_step(model, back, x, torch.tensor([0, 1, 2, 4]), train)
+
+
+class InvertedResidualNet(nn.Module):
+    """bn(x) + residual with no activation after it (MobileNet's inverted residuals), in both
+    spellings: ``out += x`` (in place, the batch norm's output first) and ``x + bn(...)``."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(channels, 2 * channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2 * channels)
+        self.project = nn.Conv2d(2 * channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 8 * 8, 5))
+
+    def forward(self, x):
+        out = self.bn2(self.project(F.relu6(self.bn1(self.expand(x)))))
+        out += x
+        out = out + self.bn3(self.conv(out))
+        return self.head(out)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fx_fused_bn_add_same_outputs_loss_grads(train):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(InvertedResidualNet()).to(f64)
+    fused, report = batchops.fuse(model, return_report=True)
+    assert report.counts == {"bn_add": 2}  # relu6 is not one of batchops' activations
+    assert {f.modules for f in report.fused} == {("bn2",), ("bn3",)}
+    assert {u.module for u in report.unfused} == {"bn1", "head.1"}
+    x = torch.randn(4, 6, 8, 8, dtype=f64)
+    assert_same_step(model, fused, x, torch.tensor([0, 1, 2, 4]), train)
+    # The residual's gradient (here the input's, through both adds) as torch's.
+    grads = []
+    for m in (model, fused):
+        xi = x.clone().requires_grad_(True)
+        m(xi).square().sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0])
     back = batchops.unfuse(fused)
     assert not any(type(m).__module__.startswith("batchops") for m in back.modules())
     assert_same_step(model, back, x, torch.tensor([0, 1, 2, 4]), train)

@@ -1227,6 +1227,7 @@ COMPILE_CONFIGS = {
     "train_momentum_none": (dict(momentum=None), True, False, False),
     "eval": (dict(), False, False, False),
     "train_relu_residual": (dict(activation="relu"), True, True, False),
+    "train_residual": (dict(), True, True, False),  # the residual's gradient is grad_output itself
     "eval_silu_residual": (dict(activation="silu"), False, True, False),
     "train_dynamic_batch": (dict(momentum=None, activation="gelu"), True, True, True),
 }

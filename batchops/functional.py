@@ -8,7 +8,7 @@ from torch import Tensor
 from batchops._extension import extension_available
 from batchops.ops import batch_norm_forward, grouped_linear_forward, linear_forward
 from batchops.ops import max_pool2d as max_pool2d_op
-from batchops.ops.common import KERNEL_DTYPES, check_activation, kernel_memory_format
+from batchops.ops.common import KERNEL_DTYPES, check_activation, kernel_memory_format, torch_activation
 
 __all__ = ["batch_norm", "linear", "grouped_linear", "max_pool2d", "set_compiled_batch_norm", "compiled_batch_norm"]
 
@@ -46,16 +46,6 @@ def compiled_batch_norm() -> str:
     return _COMPILED_BATCH_NORM
 
 
-_TORCH_ACTIVATION = {
-    None: lambda t: t,
-    "relu": torch.nn.functional.relu,
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-    "hardswish": torch.nn.functional.hardswish,
-}
-
-
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual):
     """The same function in torch's ops, for inductor to decompose (see _COMPILED_BATCH_NORM)."""
     if isinstance(momentum, Tensor):
@@ -74,7 +64,7 @@ def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, 
         output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         output = output + residual
-    return _TORCH_ACTIVATION[activation](output)
+    return torch_activation(activation, output)
 
 
 def batch_norm(

@@ -103,7 +103,7 @@ from batchops.nn.batch_norm import (
 from batchops.nn.linear import Linear
 from batchops.nn.pooling import MaxPool2d
 from batchops.nn.sync_batch_norm import SyncBatchNorm
-from batchops.ops.common import KERNEL_DTYPES
+from batchops.ops.common import KERNEL_DTYPES, TORCH_ACTIVATION_CALLS
 
 __all__ = [
     "fuse",
@@ -134,14 +134,6 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)  # F.relu_ is torch.relu_
 _INPLACE_FLAG_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish"}  # f(input, inplace=False)
 _INPLACE_OPERATORS = {
     getattr(operator, f"i{op}") for op in "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
-}
-# Activation calls unfuse puts back into a graph: (function, kwargs).
-_ACTIVATION_CALLS: dict[str, tuple[Any, dict[str, Any]]] = {
-    "relu": (torch.relu, {}),
-    "silu": (F.silu, {}),
-    "gelu": (F.gelu, {}),
-    "gelu_tanh": (F.gelu, {"approximate": "tanh"}),
-    "hardswish": (F.hardswish, {}),
 }
 
 
@@ -959,7 +951,7 @@ def _unfuse_graph(gm: fx.GraphModule) -> None:
             with graph.inserting_after(inserted[-1]):
                 inserted.append(graph.call_function(operator.add, (node, residual)))
         if activation is not None:
-            fn, kwargs = _ACTIVATION_CALLS[activation]
+            fn, kwargs = TORCH_ACTIVATION_CALLS[activation]
             with graph.inserting_after(inserted[-1]):
                 inserted.append(graph.call_function(fn, (inserted[-1],), dict(kwargs)))
         node.replace_all_uses_with(inserted[-1], delete_user_cb=lambda user: user not in inserted)

@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from batchops._extension import compiled_module, extension_available, require_extension
 
-__all__ = ["ACTIVATIONS", "KERNEL_DTYPES", "check_activation", "kernel_memory_format", "stat_dtype"]
+__all__ = [
+    "ACTIVATIONS",
+    "KERNEL_DTYPES",
+    "TORCH_ACTIVATION_CALLS",
+    "check_activation",
+    "kernel_memory_format",
+    "stat_dtype",
+    "torch_activation",
+]
 
 # One set of activation names for every op (None = identity), read from the kernels' own table
 # (csrc/common/activation.h): fused activations exist only where the compiled module does.
 ACTIVATIONS: tuple[str | None, ...] = (None, *compiled_module().activations) if extension_available() else (None,)
+
+# torch's call for each activation name, as (function, keyword arguments): what batch norm's
+# compiled path computes in torch's ops and what unfuse puts back into a graph. (The tests keep
+# their own reference table, so that a wrong entry here cannot hide.)
+TORCH_ACTIVATION_CALLS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, Any]]] = {
+    "relu": (torch.relu, {}),
+    "silu": (F.silu, {}),
+    "gelu": (F.gelu, {}),
+    "gelu_tanh": (F.gelu, {"approximate": "tanh"}),
+    "hardswish": (F.hardswish, {}),
+}
+
+
+def torch_activation(activation: str | None, t: torch.Tensor) -> torch.Tensor:
+    """``t`` through torch's version of a batchops activation (None: ``t`` itself)."""
+    if activation is None:
+        return t
+    fn, kwargs = TORCH_ACTIVATION_CALLS[activation]
+    return fn(t, **kwargs)
 
 
 # The dtypes every batchops kernel computes in (AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16):

@@ -347,6 +347,10 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GemmArgs<sca
     acc_t v = Cs[r][c];
     const int64_t out = (m0 + r) * args.ldc + n0 + c;
     if (args.bias != nullptr) v += acc_t(args.bias[int64_t(g) * args.n_cols + n0 + c]);
+    // As F.linear then the activation in half precision: product + bias rounded once to the
+    // output dtype before an activation whose derivative jumps (relu at 0, hardswish at -3 and
+    // 3), so that a value within a rounding of a jump takes torch's side (the CPU path does too).
+    if (!std::is_same_v<scalar_t, acc_t> && activation_derivative_jumps(args.act)) v = acc_t(scalar_t(v));
     if (C_saved != nullptr) {
       acc_t derivative;
       C[out] = scalar_t(apply_activation_with_derivative(args.act, v, derivative));

@@ -86,7 +86,7 @@ def batch_norm(
     running_mean / running_var (when given) are updated in place with the unbiased variance.
     `momentum` may also be a one-element tensor (e.g. 1 / num_batches_tracked for a cumulative
     average), which keeps the update free of host synchronisation and traceable by
-    torch.compile. `activation` is None, "relu", "silu", "gelu", "gelu_tanh" or "hardswish"; `residual` has
+    torch.compile. `activation` is None, "relu", "silu", "gelu", "gelu_tanh", "hardswish" or "relu6"; `residual` has
     the input's shape and is added before the activation.
     """
     check_activation("batchops.batch_norm", activation)
@@ -154,7 +154,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     product, and the activation's derivative and the bias gradient fused in backward.
 
     With ``activation=None`` this is exactly :func:`torch.nn.functional.linear`. ``activation`` is
-    None, "relu", "silu", "gelu", "gelu_tanh" or "hardswish". ``input`` may have any leading shape.
+    None, "relu", "silu", "gelu", "gelu_tanh", "hardswish" or "relu6". ``input`` may have any leading shape.
     """
     check_activation("batchops.linear", activation)
     if activation is None:

@@ -41,6 +41,7 @@ TORCH_ACT = {
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "hardswish": F.hardswish,
+    "relu6": F.relu6,
 }
 
 

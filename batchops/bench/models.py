@@ -29,8 +29,11 @@ Models (num_classes 10, torchvision's built without weights: no download):
     after them) and the final fc stay plain.
   * mobilenet_v3_small (torchvision): the same sizes. Its batch norms are converted and those
     followed by ReLU or hardswish fused, and the classifier's Linear + hardswish; the batch
-    norms followed by nothing (projections, before the residual adds) stay plain, and the
-    squeeze-excitation's hardsigmoid follows a convolution, not a batch norm: torch's.
+    norms followed by nothing (projections whose output is also the next block's residual) stay plain, and the
+    squeeze-excitation's hardsigmoid follows a convolution, not a batch norm: torch's. Since
+    bn_add, the inverted residuals' projection + add fuse too.
+  * mobilenet_v2 (torchvision): the same sizes; its 35 batch norms before ReLU6 fused, and the
+    10 inverted residuals' projection + add (bn_add).
   * transformer_encoder: torch.nn.TransformerEncoderLayer(d_model=256, nhead=8,
     dim_feedforward=1024 (4 x d_model), activation="gelu", batch_first=True, dropout 0.1 as
     torch's default), a mean over the sequence and a Linear head, on 32 sequences of 128 random
@@ -95,8 +98,8 @@ __all__ = [
 
 OP = "models"
 
-MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "transformer_encoder", "lstm_classifier")
-CONVNETS = ("resnet18", "resnet50", "mobilenet_v3_small")
+MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v2", "transformer_encoder", "lstm_classifier")
+CONVNETS = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v2")
 # (model, layout) pairs that also get a compiled row in the default run.
 COMPILED = (("resnet18", "NCHW"), ("resnet18", "channels_last"), ("transformer_encoder", "batch_first"))
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -3,8 +3,9 @@
 Patterns (issue 16):
 
 * ``bn_act``: a batch norm (torch's BatchNorm1d/2d/3d or SyncBatchNorm, or batchops' without an
-  activation) whose output goes only to a ReLU, SiLU or GELU (module, functional call, tensor
-  method, in-place or not) -> one batchops batch norm with the activation fused.
+  activation) whose output goes only to a ReLU, SiLU, GELU, Hardswish or ReLU6 (module,
+  functional call, tensor method, in-place or not) -> one batchops batch norm with the
+  activation fused.
 * ``bn_add_act``: the same with an add in between, ``act(bn(x) + residual)`` (torchvision's
   BasicBlock and Bottleneck: ``relu(bn2(conv2(x)) + identity)``) -> ``bn(x, residual=...)``.
 * ``bn_add``: a batch norm whose output goes only to an add that no fusable activation follows,
@@ -131,7 +132,7 @@ _KERNEL_DEVICES = ("cpu", "cuda")
 
 # An activation in a graph, by function: the batchops name, given the call's arguments.
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)  # F.relu_ is torch.relu_
-_INPLACE_FLAG_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish"}  # f(input, inplace=False)
+_INPLACE_FLAG_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish", F.relu6: "relu6"}  # f(input, inplace=False)
 _INPLACE_OPERATORS = {
     getattr(operator, f"i{op}") for op in "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
 }
@@ -315,6 +316,8 @@ def _module_activation(module: nn.Module | None) -> str | None:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
     if cls is nn.Hardswish:
         return "hardswish"
+    if cls is nn.ReLU6:
+        return "relu6"
     return None
 
 

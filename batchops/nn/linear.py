@@ -19,7 +19,7 @@ class Linear(nn.Linear):
 
     A subclass of torch's: the same parameters, initialisation, state_dict keys and repr (plus
     ``activation=`` when set), so ``load_state_dict`` works both ways. ``activation`` is None,
-    "relu", "silu", "gelu", "gelu_tanh" or "hardswish"; with None it computes exactly what nn.Linear does.
+    "relu", "silu", "gelu", "gelu_tanh", "hardswish" or "relu6"; with None it computes exactly what nn.Linear does.
     """
 
     def __init__(

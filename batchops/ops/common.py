@@ -33,6 +33,7 @@ TORCH_ACTIVATION_CALLS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, A
     "gelu": (F.gelu, {}),
     "gelu_tanh": (F.gelu, {"approximate": "tanh"}),
     "hardswish": (F.hardswish, {}),
+    "relu6": (F.relu6, {}),
 }
 
 

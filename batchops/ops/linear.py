@@ -2,7 +2,7 @@
 C++: csrc/linear/autograd.cpp).
 
 Each forward returns (output, saved): `saved` is the activation's derivative
-act'(input @ weight^T + bias) for silu / gelu / gelu_tanh / hardswish, computed with the activation so
+act'(input @ weight^T + bias) for silu / gelu / gelu_tanh / hardswish / relu6, computed with the activation so
 that backward is a multiply, and an empty tensor otherwise (relu's backward reads the
 output) or when save_for_backward is False (no autograd: batchops.functional decides). See
 csrc/linear/linear.h. The grouped forward also returns the groups' row offsets (int64, G + 1,

@@ -15,24 +15,25 @@
 
 namespace batchops {
 
-enum class Activation : int { kNone = 0, kReLU, kSiLU, kGELU, kGELUTanh, kHardswish };
+enum class Activation : int { kNone = 0, kReLU, kSiLU, kGELU, kGELUTanh, kHardswish, kReLU6 };
 
 // The activations' names, the one list of them: the ops parse these, and Python reads them
 // from batchops._C (batchops.ops.common.ACTIVATIONS). None is the identity. "gelu" is the exact
-// (erf) GELU, "gelu_tanh" its tanh approximation, "hardswish" x * relu6(x + 3) / 6 (MobileNetV3).
+// (erf) GELU, "gelu_tanh" its tanh approximation, "hardswish" x * relu6(x + 3) / 6 (MobileNetV3),
+// "relu6" min(max(x, 0), 6) (MobileNetV2, MnasNet).
 struct ActivationName {
   Activation kind;
   const char* name;
 };
 inline constexpr ActivationName kActivationNames[] = {
     {Activation::kReLU, "relu"}, {Activation::kSiLU, "silu"}, {Activation::kGELU, "gelu"},
-    {Activation::kGELUTanh, "gelu_tanh"}, {Activation::kHardswish, "hardswish"}};
+    {Activation::kGELUTanh, "gelu_tanh"}, {Activation::kHardswish, "hardswish"}, {Activation::kReLU6, "relu6"}};
 
-// relu's derivative jumps at 0, hardswish's at -3 and 3: in half precision the pre-activation
-// must be rounded as torch rounds it (once, bias included), or a value within a rounding of a
-// jump takes the other side's derivative (linear/cpu.cpp, linear/cuda.cu).
+// relu's derivative jumps at 0, hardswish's at -3 and 3, relu6's at 0 and 6: in half precision
+// the pre-activation must be rounded as torch rounds it (once, bias included), or a value within
+// a rounding of a jump takes the other side's derivative (linear/cpu.cpp, linear/cuda.cu).
 C10_HOST_DEVICE constexpr bool activation_derivative_jumps(Activation a) {
-  return a == Activation::kReLU || a == Activation::kHardswish;
+  return a == Activation::kReLU || a == Activation::kHardswish || a == Activation::kReLU6;
 }
 
 inline Activation parse_activation(std::optional<c10::string_view> name, const char* op) {
@@ -171,6 +172,12 @@ C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) 
     const T relu6 = r < T(0) ? T(0) : (r > T(6) ? T(6) : r);
     derivative = x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
     return x * relu6 / T(6);
+  } else if constexpr (A == Activation::kReLU6) {
+    // torch's (hardtanh(x, 0, 6)): derivative 1 strictly between 0 and 6, 0 at both kinks and
+    // outside. Selects; NaN propagates with derivative 0, as in torch's vector loop (its scalar
+    // loop gives 1).
+    derivative = T((x > T(0)) & (x < T(6)));  // &, not &&: no branch (GCC then vectorises)
+    return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
   } else {
     static_assert(A == Activation::kGELUTanh, "activation_forward_with_derivative: no formula for this Activation");
     const T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
@@ -231,6 +238,10 @@ C10_HOST_DEVICE inline T activation_backward(T x) {
       }                                                                          \
       case ::batchops::Activation::kHardswish: {                                 \
         constexpr ::batchops::Activation kAct = ::batchops::Activation::kHardswish; \
+        return __VA_ARGS__();                                                    \
+      }                                                                          \
+      case ::batchops::Activation::kReLU6: {                                     \
+        constexpr ::batchops::Activation kAct = ::batchops::Activation::kReLU6;  \
         return __VA_ARGS__();                                                    \
       }                                                                          \
       default:                                                                   \

@@ -142,12 +142,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(LinearPlan& p) {
             at::empty({0}, opts)};
   }
   // Where the bias is added. None (grouped): in the BLAS call, the product is the result, as
-  // F.linear. relu and hardswish in half precision: in the BLAS call too, so x W^T + b is rounded
+  // F.linear. relu, hardswish and relu6 in half precision: in the BLAS call too, so x W^T + b is rounded
   // once (rounding x W^T to half first and then adding the bias flips relu's mask, and its
   // gradient, wherever x W^T + b is within a rounding of 0; hardswish's derivative jumps at -3
-  // and 3). Otherwise in the epilogue: one add in registers instead of a pass that broadcasts the
+  // and 3, relu6's at 0 and 6). Otherwise in the epilogue: one add in registers instead of a pass that broadcasts the
   // bias into z, and in float / double as exact as the BLAS call's own beta * C add. The epilogue
-  // turns z into the output in place and writes silu / gelu* / hardswish's derivative (saved, see
+  // turns z into the output in place and writes silu / gelu* / hardswish / relu6's derivative (saved, see
   // linear.h) to its own buffer.
   const bool reduced_precision = acc_type(p.x.scalar_type()) != p.x.scalar_type();
   const bool bias_in_product =

@@ -60,6 +60,8 @@ __device__ __forceinline__ acc_t apply_activation_with_derivative(Activation act
       return activation_forward_with_derivative<Activation::kGELUTanh>(v, derivative);
     case Activation::kHardswish:
       return activation_forward_with_derivative<Activation::kHardswish>(v, derivative);
+    case Activation::kReLU6:
+      return activation_forward_with_derivative<Activation::kReLU6>(v, derivative);
     default:
       return activation_forward_with_derivative<Activation::kNone>(v, derivative);
   }
@@ -349,7 +351,8 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GemmArgs<sca
     if (args.bias != nullptr) v += acc_t(args.bias[int64_t(g) * args.n_cols + n0 + c]);
     // As F.linear then the activation in half precision: product + bias rounded once to the
     // output dtype before an activation whose derivative jumps (relu at 0, hardswish at -3 and
-    // 3), so that a value within a rounding of a jump takes torch's side (the CPU path does too).
+    // 3, relu6 at 0 and 6), so that a value within a rounding of a jump takes torch's side (the
+    // CPU path does too).
     if (!std::is_same_v<scalar_t, acc_t> && activation_derivative_jumps(args.act)) v = acc_t(scalar_t(v));
     if (C_saved != nullptr) {
       acc_t derivative;
@@ -426,10 +429,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(LinearPlan& p) {
     });
   } else {
     // cuBLAS product, then one epilogue pass (in place for relu / None; silu / gelu* /
-    // hardswish write their derivative over the product). relu, hardswish and None have their
+    // hardswish / relu6 write their derivative over the product). relu, hardswish, relu6 and None have their
     // bias in the cuBLAS call (beta = 1), rounded once with the product as in F.linear: in half
     // precision, rounding x W^T before adding the bias would flip relu's mask wherever x W^T + b
-    // is within a rounding of 0 (hardswish's derivative jumps at -3 and 3).
+    // is within a rounding of 0 (hardswish's derivative jumps at -3 and 3, relu6's at 0 and 6).
     const bool bias_in_product =
         p.bias.defined() && (!activation_saves_derivative(p.act) || activation_derivative_jumps(p.act));
     at::Tensor z = save_derivative ? saved : y;

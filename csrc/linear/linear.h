@@ -8,7 +8,8 @@
 //   activation None       nothing (an empty tensor): the gradient passes straight through
 //   "relu"                nothing: backward reads the output, since y > 0 exactly when x W^T + b > 0
 //   "silu" / "gelu*" /    the activation's derivative act'(x W^T + b), in the input's dtype
-//   "hardswish"           (hardswish's output does not give its derivative: it is not monotonic). The
+//   "hardswish" / "relu6" (hardswish's output does not give its derivative: it is not monotonic;
+//                         relu6's could, 0 < y < 6, but linear + relu6 is rare: one path). The
 //                         forward epilogue has the transcendental work for it at hand (GELU's
 //                         cdf and pdf, SiLU's sigmoid), so backward is a multiply instead of a
 //                         second round of exp / erf: on the CPU, where both epilogues are bound
@@ -104,7 +105,8 @@ struct GroupedLinearBackwardOp {
 enum class LinearMode { kDense, kUniform, kRagged };
 
 C10_HOST_DEVICE constexpr bool activation_saves_derivative(Activation a) {
-  return a == Activation::kSiLU || a == Activation::kGELU || a == Activation::kGELUTanh || a == Activation::kHardswish;
+  return a == Activation::kSiLU || a == Activation::kGELU || a == Activation::kGELUTanh ||
+         a == Activation::kHardswish || a == Activation::kReLU6;
 }
 
 struct LinearPlan {

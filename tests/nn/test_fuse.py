@@ -172,6 +172,19 @@ def test_mobilenet_v3_small_fusion_counts():
     assert list(fused.state_dict()) == list(model.state_dict())
 
 
+@pytest.mark.slow
+def test_mobilenet_v2_fusion_counts_and_step():
+    """ReLU6 fuses (MobileNetV2's 35 batch norms before it), and the 10 inverted residuals'
+    projection + add; the other projections stay (their output is the next block's residual)."""
+    models = pytest.importorskip("torchvision").models
+    model = randomize_batch_norms(models.mobilenet_v2(num_classes=10))
+    fused, report = batchops.fuse(model, return_report=True)
+    assert report.counts == {"bn_act": 35, "bn_add": 10}
+    assert {f.activation for f in report.fused if f.kind == "bn_act"} == {"relu6"}
+    assert len(report.unfused) == 8  # 7 projections and the classifier's Linear
+    assert_same_step(model.to(f64), fused.to(f64), torch.randn(2, 3, 64, 64, dtype=f64), torch.tensor([1, 7]), True)
+
+
 def test_transformer_encoder_layer_fusion():
     layer = encoder_layer()
     fused, report = batchops.fuse(layer, return_report=True)
@@ -259,7 +272,8 @@ def test_fx_fused_hardswish_same_outputs_loss_grads(train):
 
 class InvertedResidualNet(nn.Module):
     """bn(x) + residual with no activation after it (MobileNet's inverted residuals), in both
-    spellings: ``out += x`` (in place, the batch norm's output first) and ``x + bn(...)``."""
+    spellings: ``out += x`` (in place, the batch norm's output first) and ``x + bn(...)``; and
+    F.relu6 in place after a batch norm."""
 
     def __init__(self, channels: int = 6) -> None:
         super().__init__()
@@ -272,7 +286,7 @@ class InvertedResidualNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 8 * 8, 5))
 
     def forward(self, x):
-        out = self.bn2(self.project(F.relu6(self.bn1(self.expand(x)))))
+        out = self.bn2(self.project(F.relu6(self.bn1(self.expand(x)), inplace=True)))
         out += x
         out = out + self.bn3(self.conv(out))
         return self.head(out)
@@ -283,9 +297,9 @@ def test_fx_fused_bn_add_same_outputs_loss_grads(train):
     torch.manual_seed(0)
     model = randomize_batch_norms(InvertedResidualNet()).to(f64)
     fused, report = batchops.fuse(model, return_report=True)
-    assert report.counts == {"bn_add": 2}  # relu6 is not one of batchops' activations
-    assert {f.modules for f in report.fused} == {("bn2",), ("bn3",)}
-    assert {u.module for u in report.unfused} == {"bn1", "head.1"}
+    assert report.counts == {"bn_add": 2, "bn_act": 1}  # bn1 + F.relu6(inplace=True), through fx
+    assert {f.modules for f in report.fused} == {("bn1",), ("bn2",), ("bn3",)}
+    assert {u.module for u in report.unfused} == {"head.1"}
     x = torch.randn(4, 6, 8, 8, dtype=f64)
     assert_same_step(model, fused, x, torch.tensor([0, 1, 2, 4]), train)
     # The residual's gradient (here the input's, through both adds) as torch's.

@@ -494,6 +494,23 @@ def test_hardswish_at_its_kinks(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [f32, f64, torch.bfloat16], ids=_dtype_id)
+def test_relu6_at_its_kinks(device, dtype):
+    """relu6's derivative jumps at 0 and 6: ours is torch's there (0 at both, as hardtanh's), and
+    NaN stays NaN. The pre-activation is x itself (identity weight; the NaN row's product is NaN
+    throughout)."""
+    values = [-1.0, 0.0, 1e-3, 3.0, 6.0 - 2**-4, 6.0, 7.5]
+    x = torch.tensor([values, [float("nan")] + values[1:]], device=device, dtype=dtype)
+    eye = torch.eye(x.shape[1], device=device, dtype=dtype)
+    out, saved = torch.ops.batchops.linear_forward(x, eye, None, "relu6")
+    pre = F.linear(x, eye).requires_grad_()
+    torch.testing.assert_close(out, F.relu6(pre).detach(), equal_nan=True)
+    # The NaN row's derivative is left out: torch's own is 1 in its scalar loop, 0 in its vector one.
+    torch.testing.assert_close(saved[0], torch.autograd.grad(F.relu6(pre).sum(), pre)[0][0])
+    assert saved[0, 1].item() == 0.0 and saved[0, 5].item() == 0.0 and saved[0, 4].item() == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=_act_id)
 def test_forward_op_saved(device, activation):
     """`saved` is act'(x @ W^T + b) for silu / gelu / gelu_tanh / hardswish, empty otherwise."""

@@ -185,6 +185,24 @@ def test_mobilenet_v2_fusion_counts_and_step():
     assert_same_step(model.to(f64), fused.to(f64), torch.randn(2, 3, 64, 64, dtype=f64), torch.tensor([1, 7]), True)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["efficientnet_b0", "shufflenet_v2_x0_5", "mnasnet0_5", "regnet_x_400mf", "googlenet", "convnext_tiny"]
+)
+def test_other_torchvision_models_same_step(name):
+    """fuse on architectures it has no module-level rewrite for (squeeze-excitation, stochastic
+    depth, channel shuffle, concatenations, layer norms, permutes): never an error, something
+    fused, the same keys, and the same outputs, loss and gradients in float64."""
+    models = pytest.importorskip("torchvision").models
+    kwargs = dict(aux_logits=False, init_weights=False) if name == "googlenet" else {}
+    torch.manual_seed(0)
+    model = randomize_batch_norms(models.get_model(name, weights=None, num_classes=10, **kwargs)).to(f64)
+    fused, report = batchops.fuse(model, return_report=True)
+    assert report.fused
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert_same_step(model, fused, torch.randn(2, 3, 64, 64, dtype=f64), torch.tensor([1, 7]), True)
+
+
 def test_transformer_encoder_layer_fusion():
     layer = encoder_layer()
     fused, report = batchops.fuse(layer, return_report=True)

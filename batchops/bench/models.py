@@ -139,7 +139,7 @@ def describe_fusion(report) -> str:
 
 # Activation modules that batchops has no fused kernel for, named in the note when fuse leaves a
 # batch norm or linear layer because one follows it.
-_ACTIVATION_NAMES = {"Hardsigmoid", "Sigmoid", "Tanh", "ELU", "LeakyReLU", "Mish", "ReLU6", "Softplus"}
+_ACTIVATION_NAMES = {"Hardsigmoid", "Sigmoid", "Tanh", "ELU", "LeakyReLU", "Mish", "Softplus"}
 
 
 def torchvision_or_skip():

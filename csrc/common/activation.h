@@ -145,6 +145,12 @@ C10_HOST_DEVICE inline void gelu_cdf_pdf(T x, T& cdf, T& pdf) {
   pdf = act_exp(T(-0.5) * x * x) * kInvSqrt2Pi;
 }
 
+// relu6: min(max(x, 0), 6) by selects (vectorisable); NaN stays NaN, as in torch.
+template <typename T>
+C10_HOST_DEVICE inline T clamp_0_6(T x) {
+  return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
+}
+
 // act(x), and act'(x) into `derivative`, sharing the transcendental work: linear's forward
 // saves the derivative so that its backward is a multiply (see linear/linear.h).
 template <Activation A, typename T>
@@ -168,16 +174,14 @@ C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) 
     // torch's: x * min(max(x + 3, 0), 6) / 6; derivative 0 up to -3 (inclusive), x / 3 + 1/2
     // between, 1 from 3 on (torch's choice at the two kinks, which half precision hits exactly).
     // Selects, not branches; NaN propagates as in torch.
-    const T r = x + T(3);
-    const T relu6 = r < T(0) ? T(0) : (r > T(6) ? T(6) : r);
     derivative = x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
-    return x * relu6 / T(6);
+    return x * clamp_0_6(x + T(3)) / T(6);
   } else if constexpr (A == Activation::kReLU6) {
     // torch's (hardtanh(x, 0, 6)): derivative 1 strictly between 0 and 6, 0 at both kinks and
     // outside. Selects; NaN propagates with derivative 0, as in torch's vector loop (its scalar
     // loop gives 1).
     derivative = T((x > T(0)) & (x < T(6)));  // &, not &&: no branch (GCC then vectorises)
-    return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
+    return clamp_0_6(x);
   } else {
     static_assert(A == Activation::kGELUTanh, "activation_forward_with_derivative: no formula for this Activation");
     const T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
@@ -212,41 +216,27 @@ C10_HOST_DEVICE inline T activation_backward(T x) {
 
 }  // namespace batchops
 
+// One case of BATCHOPS_DISPATCH_ACTIVATION: BODY with `constexpr Activation kAct = KIND`.
+#define BATCHOPS_ACTIVATION_CASE(KIND, ...)                              \
+  case ::batchops::Activation::KIND: {                                   \
+    constexpr ::batchops::Activation kAct = ::batchops::Activation::KIND; \
+    return __VA_ARGS__();                                                \
+  }
+
 // Expands BODY once per activation with `constexpr Activation kAct` in scope.
-#define BATCHOPS_DISPATCH_ACTIVATION(ACT, ...)                                   \
-  [&] {                                                                          \
-    switch (ACT) {                                                               \
-      case ::batchops::Activation::kNone: {                                      \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kNone;   \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::batchops::Activation::kReLU: {                                      \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kReLU;   \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::batchops::Activation::kSiLU: {                                      \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kSiLU;   \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::batchops::Activation::kGELU: {                                      \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kGELU;   \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::batchops::Activation::kGELUTanh: {                                  \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kGELUTanh; \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::batchops::Activation::kHardswish: {                                 \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kHardswish; \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::batchops::Activation::kReLU6: {                                     \
-        constexpr ::batchops::Activation kAct = ::batchops::Activation::kReLU6;  \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      default:                                                                   \
+#define BATCHOPS_DISPATCH_ACTIVATION(ACT, ...)                                            \
+  [&] {                                                                                   \
+    switch (ACT) {                                                                        \
+      BATCHOPS_ACTIVATION_CASE(kNone, __VA_ARGS__)                                        \
+      BATCHOPS_ACTIVATION_CASE(kReLU, __VA_ARGS__)                                        \
+      BATCHOPS_ACTIVATION_CASE(kSiLU, __VA_ARGS__)                                        \
+      BATCHOPS_ACTIVATION_CASE(kGELU, __VA_ARGS__)                                        \
+      BATCHOPS_ACTIVATION_CASE(kGELUTanh, __VA_ARGS__)                                    \
+      BATCHOPS_ACTIVATION_CASE(kHardswish, __VA_ARGS__)                                   \
+      BATCHOPS_ACTIVATION_CASE(kReLU6, __VA_ARGS__)                                       \
+      default:                                                                            \
         TORCH_CHECK(false, "batchops: no kernel for activation ", static_cast<int>(ACT)); \
-    }                                                                            \
+    }                                                                                     \
   }()
 
 #define BATCHOPS_DISPATCH_BOOL(VALUE, NAME, ...) \

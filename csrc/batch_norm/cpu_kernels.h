@@ -22,6 +22,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -59,28 +60,41 @@ struct PlanarParts {
   int64_t len(int64_t slot) const { return std::min(kPiece, inner - (slot % per_run) * kPiece); }
 };
 
-// fn(off, len, c, slot) for every part of the planar view, in parallel and in memory order
-// (at least about kPiece values per task): the planar view's data passes.
+// fn(off, len, c, slot) for planar parts [begin, end), numbered in memory order (part
+// (n * C + c) * per_run + k).
 template <typename F>
-void for_planar_parts(const BatchNormLayout& l, F&& fn) {
-  const PlanarParts parts(l);
-  const int64_t C = l.C, inner = l.inner, per_run = parts.per_run;
-  const int64_t part_len = std::min(kPiece, std::max<int64_t>(inner, 1));
-  at::parallel_for(0, l.N * C * per_run, std::max<int64_t>(1, kPiece / part_len), [&](int64_t begin, int64_t end) {
-    int64_t nc = begin / per_run, k = begin % per_run;
-    int64_t n = nc / C, c = nc % C;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t start = k * kPiece;
-      fn(nc * inner + start, std::min(kPiece, inner - start), c, n * per_run + k);
-      if (++k == per_run) {
-        k = 0;
-        ++nc;
-        if (++c == C) {
-          c = 0;
-          ++n;
-        }
+inline void planar_parts_in(const PlanarParts& parts, int64_t begin, int64_t end, F&& fn) {
+  const int64_t C = parts.C, inner = parts.inner, per_run = parts.per_run;
+  int64_t nc = begin / per_run, k = begin % per_run;
+  int64_t n = nc / C, c = nc % C;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t start = k * kPiece;
+    fn(nc * inner + start, std::min(kPiece, inner - start), c, n * per_run + k);
+    if (++k == per_run) {
+      k = 0;
+      ++nc;
+      if (++c == C) {
+        c = 0;
+        ++n;
       }
     }
+  }
+}
+
+// fn(parts, begin, end) for ranges of planar parts in parallel (at least about kPiece values per
+// task), and fn(off, len, c, slot) for every part in memory order: the planar view's data passes.
+template <typename F>
+void for_planar_part_ranges(const BatchNormLayout& l, F&& fn) {
+  const PlanarParts parts(l);
+  const int64_t part_len = std::min(kPiece, std::max<int64_t>(l.inner, 1));
+  at::parallel_for(0, l.N * l.C * parts.per_run, std::max<int64_t>(1, kPiece / part_len),
+                   [&](int64_t begin, int64_t end) { fn(parts, begin, end); });
+}
+
+template <typename F>
+void for_planar_parts(const BatchNormLayout& l, F&& fn) {
+  for_planar_part_ranges(l, [&](const PlanarParts& parts, int64_t begin, int64_t end) {
+    planar_parts_in(parts, begin, end, fn);
   });
 }
 
@@ -113,6 +127,12 @@ T* thread_scratch(int64_t n) {
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
 }
+
+// Per-part results (row blocks' or planar parts' statistics and gradient sums) that every part
+// writes before any is read. A std::vector zero-filled them, on the calling thread while the
+// others waited: at 16x2048x4x4 channels-last (8 row blocks of 2048 channels, 256 KiB of doubles
+// per call and direction) `perf` put 6% of a module's forward + backward in memset.
+inline std::unique_ptr<double[]> part_results(int64_t n) { return std::unique_ptr<double[]>(new double[n]); }
 
 // fn(c0, width) for blocks of whole channels [c0, c0 + width), in parallel.
 template <typename F>
@@ -263,13 +283,13 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
 }
 
 // Per-channel statistics from parts (row blocks, or planar parts by slot) given as mean[p][c] and
-// m2[p][c], combined per channel in part order without a Chan merge (a division) per part and
+// m2[p][c], given to on_channel(c, stats), combined per channel in part order without a Chan merge (a division) per part and
 // channel: mean = sum_p n_p mean_p / total, m2 = sum_p (m2_p + n_p (mean_p - mean)^2), in double,
 // channels innermost (contiguous, vectorised). With 512 channels in 98 row blocks (resnet50's
 // 14x14 layers) the chained merges took longer than the data passes.
-template <typename Count>
+template <typename Count, typename F>
 void combine_part_stats(int64_t parts, Count count_of, int64_t total, int64_t C, const double* part_mean,
-                        const double* part_m2, std::vector<WelfordData<double>>& stats) {
+                        const double* part_m2, F&& on_channel) {
   at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
     const int64_t width = end - begin;
     std::vector<double> mean(width, 0.0), m2(width, 0.0);
@@ -292,9 +312,11 @@ void combine_part_stats(int64_t parts, Count count_of, int64_t total, int64_t C,
       }
     }
     for (int64_t j = 0; j < width; ++j) {
-      stats[begin + j].count = total;
-      stats[begin + j].mean = mean[j];
-      stats[begin + j].m2 = m2[j];
+      WelfordData<double> stats;
+      stats.count = total;
+      stats.mean = mean[j];
+      stats.m2 = m2[j];
+      on_channel(begin + j, stats);
     }
   });
 }
@@ -309,43 +331,41 @@ void gathered_channel_stats(const scalar_t* x, const BatchNormLayout& l, int64_t
   for (int64_t c = 0; c < width; ++c) on_channel(c0 + c, run_stats(buf + c * l.per_channel(), l.per_channel()));
 }
 
-// Every channel's statistics: planar parts or row blocks in parallel, then combined per
-// channel in order.
-template <typename scalar_t>
-std::vector<WelfordData<double>> all_channel_stats(const scalar_t* x, const BatchNormLayout& l) {
+// Every channel's statistics, given to on_channel(c, stats) in parallel (the caller's per-channel
+// work rides in the same parallel region): planar parts or row blocks in parallel, then combined
+// per channel in order.
+template <typename scalar_t, typename F>
+void all_channel_stats(const scalar_t* x, const BatchNormLayout& l, F&& on_channel) {
   const int64_t C = l.C;
-  std::vector<WelfordData<double>> stats(C);
   if (channels_resident(l)) {
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
-      gathered_channel_stats(x, l, c0, width, thread_scratch<scalar_t>(width * l.per_channel()),
-                             [&](int64_t c, const WelfordData<double>& w) { stats[c] = w; });
+      gathered_channel_stats(x, l, c0, width, thread_scratch<scalar_t>(width * l.per_channel()), on_channel);
     });
   } else if (!l.rows) {
     const PlanarParts parts(l);
-    std::vector<double> part_mean(parts.slots() * C), part_m2(parts.slots() * C);  // [slot][c]
+    auto part_mean = part_results(parts.slots() * C), part_m2 = part_results(parts.slots() * C);  // [slot][c]
     for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t slot) {
       const auto w = run_stats(x + off, len);
       part_mean[slot * C + c] = w.mean;
       part_m2[slot * C + c] = w.m2;
     });
     combine_part_stats(
-        parts.slots(), [&](int64_t slot) { return parts.len(slot); }, l.per_channel(), C, part_mean.data(),
-        part_m2.data(), stats);
+        parts.slots(), [&](int64_t slot) { return parts.len(slot); }, l.per_channel(), C, part_mean.get(),
+        part_m2.get(), on_channel);
   } else {
     RowBlocks blocks(l);
-    std::vector<double> block_mean(blocks.count * C), block_m2(blocks.count * C);  // [b][c]
+    auto block_mean = part_results(blocks.count * C), block_m2 = part_results(blocks.count * C);  // [b][c]
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
       std::vector<opmath_t<scalar_t>> scratch;
       for (int64_t b = begin; b < end; ++b) {
-        rows_stats(x + blocks.begin(b) * C, blocks.end(b) - blocks.begin(b), C, scratch, block_mean.data() + b * C,
-                   block_m2.data() + b * C);
+        rows_stats(x + blocks.begin(b) * C, blocks.end(b) - blocks.begin(b), C, scratch, block_mean.get() + b * C,
+                   block_m2.get() + b * C);
       }
     });
     combine_part_stats(
-        blocks.count, [&](int64_t b) { return blocks.end(b) - blocks.begin(b); }, blocks.M, C, block_mean.data(),
-        block_m2.data(), stats);
+        blocks.count, [&](int64_t b) { return blocks.end(b) - blocks.begin(b); }, blocks.M, C, block_mean.get(),
+        block_m2.get(), on_channel);
   }
-  return stats;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -481,6 +501,17 @@ void backward_apply_span(const scalar_t* dy, const scalar_t* x, const scalar_t* 
   }
 }
 
+// The same over planar parts [begin, end): one call per task, not per part (the apply pass is
+// chosen at run time through a function pointer, and resnet50's 4x4 layers have 16-value parts).
+template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+void backward_apply_parts(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
+                          const PlanarParts& parts, int64_t begin, int64_t end, const Affine<opmath_t<scalar_t>>* a,
+                          const BackwardCoeffs<opmath_t<scalar_t>>* k) {
+  planar_parts_in(parts, begin, end, [&](int64_t off, int64_t len, int64_t c, int64_t) {
+    backward_apply_span<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, off, len, a[c], k[c]);
+  });
+}
+
 // The same over channels [c0, c0 + width) of row r of the rows view.
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_apply_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
@@ -541,27 +572,32 @@ inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t*
   }
 }
 
-// sum_g[c] and sum_gxmu[c] over parts (row blocks, or planar parts by slot) given as
-// partial[p][2][c], in part order: channel ranges in parallel, parts outermost within one
-// (walking one channel down the parts touched a new cache line per part).
-inline void sum_part_grads(int64_t parts, int64_t C, const double* partial, std::vector<double>& sum_g,
-                           std::vector<double>& sum_gxmu) {
+// on_channel(c, sum_g, sum_gxmu) for every channel, the sums taken over parts (row blocks, or
+// planar parts by slot) given as partial[p][2][c], in part order: channel ranges in parallel,
+// parts outermost within one (walking one channel down the parts touched a new cache line per
+// part).
+template <typename F>
+void sum_part_grads(int64_t parts, int64_t C, const double* partial, F&& on_channel) {
   at::parallel_for(0, C, 512, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum_g(end - begin, 0.0), sum_gxmu(end - begin, 0.0);
     for (int64_t p = 0; p < parts; ++p) {
-      for (int64_t c = begin; c < end; ++c) {
-        sum_g[c] += partial[2 * p * C + c];
-        sum_gxmu[c] += partial[2 * p * C + C + c];
+      const double* g = partial + 2 * p * C + begin;
+      const double* gx = g + C;
+      for (int64_t j = 0; j < end - begin; ++j) {
+        sum_g[j] += g[j];
+        sum_gxmu[j] += gx[j];
       }
     }
+    for (int64_t c = begin; c < end; ++c) on_channel(c, sum_g[c - begin], sum_gxmu[c - begin]);
   });
 }
 
 // Which of grad_input / grad_residual the apply pass writes is chosen at run time between
-// these small loops (a call per part or row range). Instantiating the whole backward once
+// these small loops (a call per task: a range of planar parts or of rows). Instantiating the whole backward once
 // per pair compiled it four times over and was no faster (benchmarks/results/build-time/).
 template <typename scalar_t, Activation A, bool kResidual>
 struct BackwardApply {
-  decltype(&backward_apply_span<scalar_t, A, kResidual, true, false>) span = nullptr;
+  decltype(&backward_apply_parts<scalar_t, A, kResidual, true, false>) parts = nullptr;
   decltype(&backward_apply_rows<scalar_t, A, kResidual, true, false>) rows = nullptr;
 
   BackwardApply(bool grad_input, bool grad_residual) {
@@ -573,12 +609,12 @@ struct BackwardApply {
       set<false, true>();
     }
   }
-  explicit operator bool() const { return span != nullptr; }
+  explicit operator bool() const { return parts != nullptr; }
 
  private:
   template <bool kGradInput, bool kGradResidual>
   void set() {
-    span = &backward_apply_span<scalar_t, A, kResidual, kGradInput, kGradResidual>;
+    parts = &backward_apply_parts<scalar_t, A, kResidual, kGradInput, kGradResidual>;
     rows = &backward_apply_rows<scalar_t, A, kResidual, kGradInput, kGradResidual>;
   }
 };
@@ -617,15 +653,21 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
     }
   };
 
-  if (p.training && empty) {
-    for_each_channel(C, [&](int64_t c) { finalize(c, WelfordData<double>{}); });
-  } else if (!p.training) {
+  // Eval: the running statistics are the ones to normalise with (and to save).
+  auto set_eval_stats = [&](int64_t c) {
+    save_mean[c] = rm[c];
+    save_invstd[c] = stat_t(1) / std::sqrt(rv[c] + stat_t(p.eps));
+  };
+  if (empty) {
     for_each_channel(C, [&](int64_t c) {
-      save_mean[c] = rm[c];
-      save_invstd[c] = stat_t(1) / std::sqrt(rv[c] + stat_t(p.eps));
+      if (p.training) {
+        finalize(c, WelfordData<double>{});
+      } else {
+        set_eval_stats(c);
+      }
     });
+    return;
   }
-  if (empty) return;
   if (p.training && channels_resident(l)) {
     const int64_t pc = l.per_channel();
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
@@ -642,19 +684,35 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
     });
     return;
   }
+  // The channel constants, as structs for the planar pass or as columns for the rows pass, set
+  // in the same parallel region as the statistics they come from: each region wakes the other
+  // threads, a few microseconds that count at resnet50's 4x4 layers.
+  std::vector<Affine<acc>> affine(l.rows ? 0 : C);
+  AffineColumns<acc> columns(l.rows ? C : 0);
+  auto set_constants = [&](int64_t c) {
+    const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
+    if (l.rows) {
+      columns.set(c, a);
+    } else {
+      affine[c] = a;
+    }
+  };
   if (p.training) {
-    const auto stats = all_channel_stats(x, l);
-    for_each_channel(C, [&](int64_t c) { finalize(c, stats[c]); });
+    all_channel_stats(x, l, [&](int64_t c, const WelfordData<double>& stats) {
+      finalize(c, stats);
+      set_constants(c);
+    });
+  } else {
+    for_each_channel(C, [&](int64_t c) {
+      set_eval_stats(c);
+      set_constants(c);
+    });
   }
   if (!l.rows) {
-    std::vector<Affine<acc>> affine(C);
-    for_each_channel(C, [&](int64_t c) { affine[c] = affine_of<acc>(c, save_mean, save_invstd, w, b); });
     for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
       forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[c]);
     });
   } else {
-    AffineColumns<acc> columns(C);
-    for_each_channel(C, [&](int64_t c) { columns.set(c, affine_of<acc>(c, save_mean, save_invstd, w, b)); });
     at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
                        for_column_chunks(C, [&](int64_t c0, int64_t width) {
@@ -723,10 +781,20 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
       affine[c] = a;
     }
   });
-  std::vector<double> sum_g(C, 0.0), sum_gxmu(C, 0.0);
+  // grad_input's coefficients per channel, set where the channel's sums are complete.
+  std::vector<BackwardCoeffs<acc>> coeffs(l.rows ? 0 : C);
+  CoeffColumns<acc> coeff_columns(l.rows ? C : 0);
+  auto set_coeffs = [&](int64_t c, double sum_g, double sum_gxmu) {
+    const auto k = finalize(c, sum_g, sum_gxmu);
+    if (l.rows) {
+      coeff_columns.set(c, k);
+    } else {
+      coeffs[c] = k;
+    }
+  };
   if (need_sums && !l.rows) {
     const PlanarParts parts(l);
-    std::vector<double> partial(2 * parts.slots() * C);  // [slot][2][c], as the row blocks' below
+    auto partial = part_results(2 * parts.slots() * C);  // [slot][2][c], as the row blocks' below
     BATCHOPS_DISPATCH_BOOL(store_g, kStoreG, [&] {
       for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t slot) {
         const auto [g, gx] = grad_sums_span<scalar_t, A, kResidual, kStoreG>(dy, x, z, dz, off, len, affine[c]);
@@ -734,10 +802,10 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
         partial[2 * slot * C + C + c] = gx;
       });
     });
-    sum_part_grads(parts.slots(), C, partial.data(), sum_g, sum_gxmu);
+    sum_part_grads(parts.slots(), C, partial.get(), set_coeffs);
   } else if (need_sums) {
     RowBlocks blocks(l);
-    std::vector<double> partial(2 * blocks.count * C);  // [b][2][c]
+    auto partial = part_results(2 * blocks.count * C);  // [b][2][c]
     BATCHOPS_DISPATCH_BOOL(store_g, kStoreG, [&] {
       at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc> scratch(2 * C);  // sg, sgx
@@ -750,29 +818,21 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
                                                              scratch.data(), scratch.data() + C);
             }
           });
-          std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.begin() + 2 * blk * C);
+          std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.get() + 2 * blk * C);
         }
       });
     });
-    sum_part_grads(blocks.count, C, partial.data(), sum_g, sum_gxmu);
+    sum_part_grads(blocks.count, C, partial.get(), set_coeffs);
+  } else {
+    for_each_channel(C, [&](int64_t c) { set_coeffs(c, 0.0, 0.0); });
   }
-  std::vector<BackwardCoeffs<acc>> coeffs(l.rows ? 0 : C);
-  CoeffColumns<acc> coeff_columns(l.rows ? C : 0);
-  for_each_channel(C, [&](int64_t c) {
-    const auto k = finalize(c, sum_g[c], sum_gxmu[c]);
-    if (l.rows) {
-      coeff_columns.set(c, k);
-    } else {
-      coeffs[c] = k;
-    }
-  });
   if (empty || !(apply || apply_g)) return;
-  // span and rows: an apply pass's loops; apply_g's are plain batch norm's, given g for dy.
-  const auto run_apply = [&](auto span, auto rows, const scalar_t* dy_or_g, const scalar_t* z_or_null,
+  // parts and rows: an apply pass's loops; apply_g's are plain batch norm's, given g for dy.
+  const auto run_apply = [&](auto parts, auto rows, const scalar_t* dy_or_g, const scalar_t* z_or_null,
                              scalar_t* dz_or_null) {
     if (!l.rows) {
-      for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
-        span(dy_or_g, x, z_or_null, dx, dz_or_null, off, len, affine[c], coeffs[c]);
+      for_planar_part_ranges(l, [&](const PlanarParts& ranges, int64_t begin, int64_t end) {
+        parts(dy_or_g, x, z_or_null, dx, dz_or_null, ranges, begin, end, affine.data(), coeffs.data());
       });
     } else {
       at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
@@ -782,9 +842,9 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     }
   };
   if (apply_g) {
-    run_apply(apply_g.span, apply_g.rows, dz, nullptr, nullptr);
+    run_apply(apply_g.parts, apply_g.rows, dz, nullptr, nullptr);
   } else {
-    run_apply(apply.span, apply.rows, dy, z, store_g ? nullptr : dz);
+    run_apply(apply.parts, apply.rows, dy, z, store_g ? nullptr : dz);
   }
 }
 
@@ -800,11 +860,10 @@ void stats_cpu_typed(BatchNormStatsPlan& p) {
     for (int64_t c = 0; c < l.C; ++c) mean[c] = m2[c] = stat_t(0);
     return;
   }
-  const auto stats = all_channel_stats(p.input.const_data_ptr<scalar_t>(), l);
-  for (int64_t c = 0; c < l.C; ++c) {
-    mean[c] = stat_t(stats[c].mean);
-    m2[c] = stat_t(stats[c].m2);
-  }
+  all_channel_stats(p.input.const_data_ptr<scalar_t>(), l, [&](int64_t c, const WelfordData<double>& stats) {
+    mean[c] = stat_t(stats.mean);
+    m2[c] = stat_t(stats.m2);
+  });
 }
 
 }  // namespace

@@ -22,19 +22,28 @@ def _verify_batch_size(size: torch.Size) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-# How batch norm meets torch.compile. "torch" (the default): while dynamo traces, batch norm is
-# written as torch's own F.batch_norm (+ add, + activation), which inductor decomposes and fuses
-# with its neighbours; to inductor batchops' op is a wall it cannot fuse across, and a compiled
-# resnet18 step with it in the graph was slower than with the decomposition (numbers:
-# benchmarks/results/compile/). "batchops": keep batchops' op in the compiled graph. Eager calls
+# How batch norm meets torch.compile, decided by measurement (benchmarks/results/compile/):
+# "auto" (the default): on the CPU batchops' op stays in the compiled graph; on other devices,
+# while dynamo traces, batch norm is written as torch's own F.batch_norm (+ add, + activation),
+# which inductor decomposes and fuses with its neighbours. To inductor our op is a wall it
+# cannot fuse across, but on the CPU inductor's code for the decomposition (its reductions and
+# the fused pointwise work around them) took longer than our fused kernels: a compiled resnet18
+# training step with batchops.fuse ran at 0.95x (NCHW) and 0.97x (channels-last) of torch's
+# compiled step with our op in the graph, 0.98x and 1.00x with the decomposition. That needs the
+# ops' flexible_layout tag (csrc/batch_norm/schema.cpp), without which inductor copied every
+# batch norm's input and output between its channels-last convolutions and NCHW. On CUDA
+# batchops' kernels have not been measured against inductor's generated Triton code, so "auto"
+# leaves it inductor's. "torch" and "batchops" force one or the other everywhere. Eager calls
 # always run batchops' kernels.
-_COMPILED_BATCH_NORM = "torch"
-_COMPILED_BATCH_NORM_MODES = ("torch", "batchops")
+_COMPILED_BATCH_NORM = "auto"
+_COMPILED_BATCH_NORM_MODES = ("auto", "torch", "batchops")
 
 
 def set_compiled_batch_norm(mode: str) -> None:
-    """Choose what batch norm becomes inside torch.compile: "torch" (default; torch's
-    decomposition, which inductor fuses with neighbouring work) or "batchops" (batchops' op)."""
+    """Choose what batch norm becomes inside torch.compile: "auto" (default: batchops' op for CPU
+    tensors, torch's decomposition for others), "torch" (torch's decomposition, which inductor
+    fuses with neighbouring work) or "batchops" (batchops' op). Set it before compiling: a graph
+    keeps what it was traced with."""
     global _COMPILED_BATCH_NORM
     if mode not in _COMPILED_BATCH_NORM_MODES:
         raise ValueError(f"set_compiled_batch_norm: mode must be one of {_COMPILED_BATCH_NORM_MODES}, got {mode!r}")
@@ -44,6 +53,11 @@ def set_compiled_batch_norm(mode: str) -> None:
 def compiled_batch_norm() -> str:
     """What batch norm becomes inside torch.compile (see set_compiled_batch_norm)."""
     return _COMPILED_BATCH_NORM
+
+
+def _decomposed_when_compiled(input: Tensor) -> bool:
+    """Whether batch norm on `input` is written as torch's inside torch.compile."""
+    return _COMPILED_BATCH_NORM == "torch" or (_COMPILED_BATCH_NORM == "auto" and input.device.type != "cpu")
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual):
@@ -105,7 +119,7 @@ def batch_norm(
         )
     if training:
         _verify_batch_size(input.size())
-    if _COMPILED_BATCH_NORM == "torch" and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _decomposed_when_compiled(input):
         return _torch_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual
         )

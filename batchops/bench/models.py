@@ -15,9 +15,10 @@ that dropout draws the same masks on both sides. The check compares the first st
 gradient norm (float32 tolerance: 2e-3 relative).
 
 "compiled step": the model and the loss under torch.compile on both sides (default inductor), the
-backward through AOTAutograd, the optimizer step eager. Inside torch.compile batchops' batch norm
-is written as torch's by default (batchops.functional.compiled_batch_norm() == "torch", so that
-inductor fuses it with its neighbours), while batchops.Linear stays batchops' op. The first call
+backward through AOTAutograd, the optimizer step eager. batchops' ops stay in the compiled graph
+on the CPU (batchops.functional.compiled_batch_norm() == "auto": on CUDA batch norm is written as
+torch's there, for inductor to fuse with its neighbours), their inputs in whatever layout
+inductor chose (flexible_layout). The first call
 (the check's, which compiles) is left out of the timing and reported as "first call ms" in the
 breakdown, with inductor's on-disk cache as the machine had it: batchops' side often finds the
 graph torch's side just compiled there.

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 namespace batchops {
 
@@ -32,9 +33,13 @@ struct NoDeviceGuard {
   explicit NoDeviceGuard(c10::Device) {}
 };
 
+// Defines the op's schema, with tags such as at::Tag::flexible_layout: inductor then hands the op
+// its inputs in whatever layout it computed them in, instead of copying them to the strides they
+// had in eager mode (for ops whose kernels take any strides and whose fake kernels say which
+// layout the outputs get).
 template <typename Op>
-void define_op(torch::Library& m) {
-  m.def(Op::schema);
+void define_op(torch::Library& m, const std::vector<at::Tag>& tags = {}) {
+  m.def(Op::schema, tags);
 }
 
 // Registers `kernel` for the device (or dispatch key) of `m`'s TORCH_LIBRARY_IMPL block.

@@ -1240,9 +1240,9 @@ def dynamo_reset():
     torch._dynamo.reset()
 
 
-@pytest.fixture(params=["torch", "batchops"])
+@pytest.fixture(params=["auto", "torch", "batchops"])
 def compiled_bn(request):
-    """Both things batch norm can become inside torch.compile (BF.set_compiled_batch_norm)."""
+    """Each mode of BF.set_compiled_batch_norm (what batch norm becomes inside torch.compile)."""
     before = BF.compiled_batch_norm()
     BF.set_compiled_batch_norm(request.param)
     yield request.param
@@ -1277,7 +1277,7 @@ def test_torch_compile(device, config, dynamo_reset, compiled_bn):
             results.append((y.detach(), xi.grad, zi.grad if zi is not None else None))
         (ye, gxe, gze), (yc, gxc, gzc) = results
         # torch's decomposition sums in another order than batchops' kernels
-        t = dict(rtol=1e-6, atol=1e-6) if compiled_bn == "batchops" else dict(rtol=1e-5, atol=1e-5)
+        t = dict(rtol=1e-6, atol=1e-6) if op_in_graph(compiled_bn, device) else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(yc, ye, **t)
         torch.testing.assert_close(gxc, gxe, **t)
         if residual:
@@ -1298,11 +1298,16 @@ def test_torch_compile(device, config, dynamo_reset, compiled_bn):
         assert not torch.equal(compiled_module.running_mean, torch.zeros_like(compiled_module.running_mean))
 
 
+def op_in_graph(mode: str, device: str) -> bool:
+    """Whether batchops' op (not torch's decomposition) is in a graph compiled in `mode`."""
+    return mode == "batchops" or (mode == "auto" and device == "cpu")
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("momentum", ["float", "tensor"])
 def test_compiled_graph_holds_what_was_chosen(dynamo_reset, compiled_bn, activation, momentum):
     """In "torch" mode the compiled graph has torch's batch norm and no batchops op (inductor can
-    fuse it); in "batchops" mode it has batchops' op and not torch's."""
+    fuse it); in "batchops" mode, and in "auto" on the CPU, it has batchops' op and not torch's."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -1315,7 +1320,19 @@ def test_compiled_graph_holds_what_was_chosen(dynamo_reset, compiled_bn, activat
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     ours = any("batchops" in t for t in targets)
     torchs = any("batch_norm" in t and "batchops" not in t for t in targets)
-    assert (ours, torchs) == ((False, True) if compiled_bn == "torch" else (True, False)), targets
+    assert (ours, torchs) == ((True, False) if op_in_graph(compiled_bn, "cpu") else (False, True)), targets
+
+
+def test_layout_free_ops_are_tagged():
+    """Inductor hands ops tagged flexible_layout their inputs in the layout it computed them in
+    (its convolutions' channels-last) instead of copying them to eager strides first."""
+    for op in (
+        torch.ops.batchops.batch_norm_forward,
+        torch.ops.batchops.batch_norm_backward,
+        torch.ops.batchops.max_pool2d,
+        torch.ops.batchops.max_pool2d_backward,
+    ):
+        assert torch.Tag.flexible_layout in op.default.tags, op
 
 
 def test_set_compiled_batch_norm_rejects_unknown_modes():

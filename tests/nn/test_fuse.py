@@ -427,16 +427,28 @@ def test_compiled_small_residual_net(compiled_batch_norm):
 
 
 @pytest.mark.slow
-def test_compiled_small_residual_net_inductor():
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_small_residual_net_inductor(layout, dynamic):
+    """Inductor's code around batchops' ops (in the graph on the CPU, their inputs in whatever
+    layout inductor chose: the ops are tagged flexible_layout) computes the eager step."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = SmallResNet()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = SmallResNet().to(memory_format=fmt)
     fused = batchops.fuse(model)
-    compiled = torch.compile(fused)
-    x = torch.randn(4, 3, 8, 8)
-    out, loss, _ = step(model, x, torch.tensor([0, 1, 2, 4]))
-    c_out, c_loss, _ = step(compiled, x, torch.tensor([0, 1, 2, 4]))
-    torch.testing.assert_close(c_out, out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(c_loss, loss, rtol=1e-4, atol=1e-5)
+    compiled = torch.compile(fused, dynamic=dynamic or None)
+    for n in (4, 6) if dynamic else (4,):
+        x = torch.randn(n, 3, 8, 8).contiguous(memory_format=fmt)
+        target = torch.arange(n) % 5
+        out, loss, grads = step(model, x, target)
+        c_out, c_loss, c_grads = step(compiled, x, target)
+        torch.testing.assert_close(c_out, out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c_loss, loss, rtol=1e-4, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(c_grads[f"_orig_mod.{name}"], grad, rtol=1e-3, atol=1e-5, msg=name)
+    for (name, ours), (_, theirs) in zip(fused.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ---- what fuse leaves alone, and why

@@ -250,12 +250,21 @@ template <typename scalar_t>
 inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmath_t<scalar_t> inv_count,
                              const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* m2) {
   using acc = opmath_t<scalar_t>;
+  // Both running values are loaded before either is stored. Written as `mean[c] += ...; m2[c] +=
+  // ... mean[c]`, m2[c] was loaded after mean[c] was stored (the compiler cannot tell the arrays
+  // apart), and with C = 1024 (or 2048) floats the two arrays lie 4 KiB apart: a load whose
+  // address agrees with an earlier store's in the low 12 bits can wait on that store (4K
+  // aliasing). Whether it did varied from process to process: the channels-last training forward
+  // at 16x1024x7x7 took 0.13-0.15 ms in some processes and 0.2-0.43 in others (torch's 0.18-0.21);
+  // now 0.13-0.17 in ten processes out of ten. The same for the backward's gradient sums.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
+    const acc m = mean[c], q = m2[c];
     const acc v = static_cast<acc>(x[c]) - shift[c];
-    const acc d = v - mean[c];
-    mean[c] += d * inv_count;
-    m2[c] += d * (v - mean[c]);
+    const acc d = v - m;
+    const acc new_mean = m + d * inv_count;
+    mean[c] = new_mean;
+    m2[c] = q + d * (v - new_mean);
   }
 }
 
@@ -566,9 +575,12 @@ inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t*
       gc = upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c,
                                             Affine<acc>{mean[c], scale[c], shift[c]});
     }
+    // Loads of both sums before any store (see rows_welford_row: sg and sgx are C apart, and g_out
+    // lies anywhere relative to them).
+    const acc sum_g = sg[c], sum_gx = sgx[c];
     if constexpr (kStoreG) g_out[base + c] = static_cast<scalar_t>(gc);
-    sg[c] += gc;
-    sgx[c] += gc * (xc - mean[c]);
+    sg[c] = sum_g + gc;
+    sgx[c] = sum_gx + gc * (xc - mean[c]);
   }
 }
 

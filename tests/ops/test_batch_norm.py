@@ -1277,7 +1277,7 @@ def test_torch_compile(device, config, dynamo_reset, compiled_bn):
             results.append((y.detach(), xi.grad, zi.grad if zi is not None else None))
         (ye, gxe, gze), (yc, gxc, gzc) = results
         # torch's decomposition sums in another order than batchops' kernels
-        t = dict(rtol=1e-6, atol=1e-6) if op_in_graph(compiled_bn, device) else dict(rtol=1e-5, atol=1e-5)
+        t = dict(rtol=1e-6, atol=1e-6) if op_in_graph(compiled_bn, device, training) else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(yc, ye, **t)
         torch.testing.assert_close(gxc, gxe, **t)
         if residual:
@@ -1298,16 +1298,18 @@ def test_torch_compile(device, config, dynamo_reset, compiled_bn):
         assert not torch.equal(compiled_module.running_mean, torch.zeros_like(compiled_module.running_mean))
 
 
-def op_in_graph(mode: str, device: str) -> bool:
+def op_in_graph(mode: str, device: str, training: bool) -> bool:
     """Whether batchops' op (not torch's decomposition) is in a graph compiled in `mode`."""
-    return mode == "batchops" or (mode == "auto" and device == "cpu")
+    return mode == "batchops" or (mode == "auto" and device == "cpu" and training)
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("momentum", ["float", "tensor"])
-def test_compiled_graph_holds_what_was_chosen(dynamo_reset, compiled_bn, activation, momentum):
+def test_compiled_graph_holds_what_was_chosen(dynamo_reset, compiled_bn, activation, momentum, training):
     """In "torch" mode the compiled graph has torch's batch norm and no batchops op (inductor can
-    fuse it); in "batchops" mode, and in "auto" on the CPU, it has batchops' op and not torch's."""
+    fuse it); in "batchops" mode, and in "auto" on the CPU in training, it has batchops' op and
+    not torch's ("auto" leaves eval's multiply-add to inductor)."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -1315,12 +1317,13 @@ def test_compiled_graph_holds_what_was_chosen(dynamo_reset, compiled_bn, activat
         return gm
 
     bn = batchops.BatchNorm2d(3, activation=activation, momentum=0.1 if momentum == "float" else None)
+    bn.train(training)
     compiled = torch.compile(bn, fullgraph=True, backend=backend)
     compiled(torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5))
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     ours = any("batchops" in t for t in targets)
     torchs = any("batch_norm" in t and "batchops" not in t for t in targets)
-    assert (ours, torchs) == ((True, False) if op_in_graph(compiled_bn, "cpu") else (False, True)), targets
+    assert (ours, torchs) == ((True, False) if op_in_graph(compiled_bn, "cpu", training) else (False, True)), targets
 
 
 def test_layout_free_ops_are_tagged():

@@ -243,20 +243,12 @@ WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
   return shifted_stats(shift, sd, sdd, n);
 }
 
-// Welford's update of the rows view for every channel, kRows rows at a time, on d = x - shift:
-// after each step every channel has seen the same count, so 1 / count is one scalar per step and
-// the update vectorises across channels. k new values v_j, d_j = v_j - m, update (count n, mean m,
-// m2 q) as m' = m + sum_j d_j / (n + k) and q' = q + sum_j d_j (v_j - m')
-// = q + sum_j d_j^2 - (m' - m) sum_j d_j, exact like the one-value step (the k = 1 case), and never
-// below q (Cauchy-Schwarz: (sum d_j)^2 <= k sum d_j^2). Row by row, every row's update waited on the
-// previous row's mean and m2 through memory (load, subtract, multiply-add, store), and the pass
-// ran at half the rate of the apply pass that follows, which reads and writes as much again:
-// at 16x64x56x56 (four vectors a row) the statistics took as long as the apply.
-constexpr int64_t kRowsPerStep = 4;
-
-template <int64_t kRows, typename scalar_t>
-inline void rows_welford_step(const scalar_t* x, int64_t C, int64_t c0, int64_t width, opmath_t<scalar_t> inv_count,
-                              const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* m2) {
+// Welford's update of one row of the rows view for every channel, on d = x - shift: after each
+// row every channel has seen the same count, so 1 / count is one scalar per row and the update
+// vectorises across channels.
+template <typename scalar_t>
+inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmath_t<scalar_t> inv_count,
+                             const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* m2) {
   using acc = opmath_t<scalar_t>;
   // Both running values are loaded before either is stored. Written as `mean[c] += ...; m2[c] +=
   // ... mean[c]`, m2[c] was loaded after mean[c] was stored (the compiler cannot tell the arrays
@@ -267,16 +259,12 @@ inline void rows_welford_step(const scalar_t* x, int64_t C, int64_t c0, int64_t 
   // now 0.13-0.17 in ten processes out of ten. The same for the backward's gradient sums.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    const acc m = mean[c], q = m2[c], origin = shift[c] + m;
-    acc sum_d = 0, sum_dd = 0;
-    for (int64_t j = 0; j < kRows; ++j) {
-      const acc d = static_cast<acc>(x[j * C + c]) - origin;
-      sum_d += d;
-      sum_dd += d * d;
-    }
-    const acc moved = sum_d * inv_count;  // m' - m
-    mean[c] = m + moved;
-    m2[c] = q + (sum_dd - moved * sum_d);
+    const acc m = mean[c], q = m2[c];
+    const acc v = static_cast<acc>(x[c]) - shift[c];
+    const acc d = v - m;
+    const acc new_mean = m + d * inv_count;
+    mean[c] = new_mean;
+    m2[c] = q + d * (v - new_mean);
   }
 }
 
@@ -295,11 +283,7 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
   acc* q = mu + C;
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);
   for_column_chunks(C, [&](int64_t c0, int64_t width) {
-    int64_t r = 0;
-    for (; r + kRowsPerStep <= rows; r += kRowsPerStep) {
-      rows_welford_step<kRowsPerStep>(x + r * C, C, c0, width, acc(1) / acc(r + kRowsPerStep), shift, mu, q);
-    }
-    for (; r < rows; ++r) rows_welford_step<1>(x + r * C, C, c0, width, acc(1) / acc(r + 1), shift, mu, q);
+    for (int64_t r = 0; r < rows; ++r) rows_welford_row(x + r * C, c0, width, acc(1) / acc(r + 1), shift, mu, q);
   });
   for (int64_t c = 0; c < C; ++c) {
     mean[c] = double(shift[c]) + double(mu[c]);
@@ -567,40 +551,36 @@ void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* 
   });
 }
 
-// (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of rows [r, r + kRows),
-// added to sg[c] and sgx[c]; with kStoreG, g also goes to g_out. kRows rows a step, as in
-// rows_welford_step: the two sums are loaded and stored once a step, not once a row.
-template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
-inline void grad_sums_step(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t r,
-                           int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,
-                           const opmath_t<scalar_t>* scale, const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* sg,
-                           opmath_t<scalar_t>* sgx) {
+// (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of row r, added to
+// sg[c] and sgx[c]; with kStoreG, g also goes to g_out.
+template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
+inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t r,
+                          int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,
+                          const opmath_t<scalar_t>* scale, const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* sg,
+                          opmath_t<scalar_t>* sgx) {
   using acc = opmath_t<scalar_t>;
-  // One loop, g in a register: where g was written to scratch and read back in a second loop,
-  // a row cost 11 loads and 3 stores a value instead of 8 and 2. GCC vectorises it for every
-  // activation (unlike grad_sums_span's reduction: no branch around dy). Fused add + ReLU
-  // backward, channels-last, cold inputs, three A/B alternations: 16x1024x7x7 0.98 -> 0.86 ms
-  // (mean of medians), 14x14 and 28x28 unchanged within this host's noise.
+  const int64_t base = r * C;
+  // One loop, g in a register: 8 loads and 2 stores a value (dy, x, z, the three constants, the
+  // two sums) where g written to scratch and read back in a second loop made 11 and 3. GCC
+  // vectorises it for every activation (unlike grad_sums_span's reduction: no branch around dy).
+  // Fused add + ReLU backward, channels-last, cold inputs, three A/B alternations: 16x1024x7x7
+  // 0.98 -> 0.86 ms (mean of medians), 14x14 and 28x28 unchanged within this host's noise.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    // Loads of both sums before any store (see rows_welford_step: sg and sgx are C apart, and
-    // g_out lies anywhere relative to them).
-    const acc sum_g = sg[c], sum_gx = sgx[c], m = mean[c];
-    acc step_g = 0, step_gx = 0;
-    for (int64_t j = 0; j < kRows; ++j) {
-      const int64_t i = (r + j) * C + c;
-      acc gc;
-      if constexpr (A == Activation::kNone) {
-        gc = static_cast<acc>(dy[i]);
-      } else {
-        gc = upstream_grad<acc, A, kResidual>(dy[i], x[i], z, i, Affine<acc>{m, scale[c], shift[c]});
-      }
-      if constexpr (kStoreG) g_out[i] = static_cast<scalar_t>(gc);
-      step_g += gc;
-      step_gx += gc * (static_cast<acc>(x[i]) - m);
+    const acc xc = static_cast<acc>(x[base + c]);
+    acc gc;
+    if constexpr (A == Activation::kNone) {
+      gc = static_cast<acc>(dy[base + c]);
+    } else {
+      gc = upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c,
+                                            Affine<acc>{mean[c], scale[c], shift[c]});
     }
-    sg[c] = sum_g + step_g;
-    sgx[c] = sum_gx + step_gx;
+    // Loads of both sums before any store (see rows_welford_row: sg and sgx are C apart, and g_out
+    // lies anywhere relative to them).
+    const acc sum_g = sg[c], sum_gx = sgx[c];
+    if constexpr (kStoreG) g_out[base + c] = static_cast<scalar_t>(gc);
+    sg[c] = sum_g + gc;
+    sgx[c] = sum_gx + gc * (xc - mean[c]);
   }
 }
 
@@ -844,16 +824,11 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
         for (int64_t blk = begin; blk < end; ++blk) {
           std::fill(scratch.begin(), scratch.end(), acc(0));
           for_column_chunks(C, [&](int64_t c0, int64_t width) {
-            const auto step = [&](auto rows_per_step, int64_t r) {
-              grad_sums_step<decltype(rows_per_step)::value, scalar_t, A, kResidual, kStoreG>(
-                  dy, x, z, dz, r, C, c0, width, columns.mean.data(), columns.scale.data(), columns.shift.data(),
-                  scratch.data(), scratch.data() + C);
-            };
-            int64_t r = blocks.begin(blk);
-            for (; r + kRowsPerStep <= blocks.end(blk); r += kRowsPerStep) {
-              step(std::integral_constant<int64_t, kRowsPerStep>{}, r);
+            for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
+              grad_sums_row<scalar_t, A, kResidual, kStoreG>(dy, x, z, dz, r, C, c0, width, columns.mean.data(),
+                                                             columns.scale.data(), columns.shift.data(),
+                                                             scratch.data(), scratch.data() + C);
             }
-            for (; r < blocks.end(blk); ++r) step(std::integral_constant<int64_t, 1>{}, r);
           });
           std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.get() + 2 * blk * C);
         }

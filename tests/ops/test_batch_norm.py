@@ -245,7 +245,8 @@ def test_momentum(device, momentum, kind):
 # (shape, activation, residual): channels that are not powers of two, few channels with a
 # large H*W (more than one 4096-element piece per (n, c) run), batch 2, 2-D to 5-D, size-1
 # spatial dims, many rows in the (N, C) view (several row blocks), rows wider than one column
-# chunk (2048 channels) with a remainder, more small planar channels than one block holds.
+# chunk (2048 channels) with a remainder, more small planar channels than one block holds, rows
+# of one tile.
 SHAPES = [
     ((2, 3), None, False),
     ((9, 2051), "relu", True),
@@ -265,6 +266,10 @@ SHAPES = [
     ((1, 3, 5), "silu", False),
     ((6, 1, 8), "relu", True),
     ((4, 300, 3, 5), "relu", True),  # small channels: blocks of whole channels, the last one short
+    # rows of one 256-byte tile (64 float / 32 double channels: statistics and gradient sums in
+    # registers), in several row blocks, the last one short
+    ((600, 64), "relu", True),
+    ((1100, 32), "gelu", False),
 ]
 
 
@@ -363,12 +368,17 @@ def test_contiguous_in_contiguous_out(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [f32, f64], ids=_dtype_id)
-@pytest.mark.parametrize("layout", ["planar", "channels_last", "rows"])
+@pytest.mark.parametrize("layout", ["planar", "channels_last", "channels_last_tile", "rows"])
 def test_mean_offset(device, dtype, layout):
-    shape = {"planar": (3, 3, 70, 70), "channels_last": (4, 5, 20, 20), "rows": (3000, 5)}[layout]
+    # channels_last_tile: rows of 256 bytes of the accumulation type (64 float or 32 double
+    # channels), whose CPU statistics keep their running values in registers
+    tile = 256 // torch.empty((), dtype=dtype).element_size()
+    shape = {"planar": (3, 3, 70, 70), "channels_last": (4, 5, 20, 20), "channels_last_tile": (3, tile, 23, 29)}.get(
+        layout, (3000, 5)
+    )
     offset = 1e4
     x = (offset + torch.randn(shape, dtype=f64)).to(device=device, dtype=dtype)
-    if layout == "channels_last":
+    if layout.startswith("channels_last"):
         x = _channels_last(x)
     C = shape[1]
     inputs = dict(

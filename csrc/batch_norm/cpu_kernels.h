@@ -268,19 +268,33 @@ inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmat
   }
 }
 
-// Welford's update over rows [0, rows) of a tile of kStatsTile channels that is a whole row (C ==
-// kStatsTile, so the walk down the rows is contiguous), its running values in local arrays of a
-// size known at compile time, which the compiler keeps in registers for the whole walk: the
-// arithmetic of rows_welford_row without a load and a store of mean and m2 per value. 256 bytes
-// of accumulators: 64 floats (four AVX-512 vectors) or 32 doubles.
-template <typename scalar_t>
-constexpr int64_t kStatsTile = 256 / sizeof(opmath_t<scalar_t>);
+// Welford's update over rows [0, rows) of rows that are one tile of kTile channels (C == kTile, so
+// the walk down the rows is contiguous), the running values in local arrays of a size known at
+// compile time, which the compiler keeps in registers for the whole walk: the arithmetic of
+// rows_welford_row without a load and a store of mean and m2 per value. Tiles are 256 or 512
+// bytes of the accumulation type (64 or 128 floats: four or eight AVX-512 vectors per array).
+// fn(std::integral_constant<int64_t, kTile>{}) when C is a tile width up to kWidest x 256 bytes,
+// and true; else false. The statistics take 256-byte tiles only: at 128 floats (three arrays of
+// eight vectors) the pass was slower than row by row (16x128x14x14, cold: 1.36-1.38x torch.sum's
+// time -> 1.72-1.78), where the gradient sums gained (forward + backward 0.98-1.01 -> 0.89-0.92).
+template <typename scalar_t, int64_t kWidest, typename F>
+inline bool with_row_tile(int64_t C, F&& fn) {
+  constexpr int64_t kSmall = 256 / sizeof(opmath_t<scalar_t>);
+  if (C == kSmall) {
+    fn(std::integral_constant<int64_t, kSmall>{});
+    return true;
+  }
+  if (kWidest >= 2 && C == 2 * kSmall) {
+    fn(std::integral_constant<int64_t, 2 * kSmall>{});
+    return true;
+  }
+  return false;
+}
 
-template <typename scalar_t>
+template <int64_t kTile, typename scalar_t>
 inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t>* shift_out,
                               opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out) {
   using acc = opmath_t<scalar_t>;
-  constexpr int64_t kTile = kStatsTile<scalar_t>;
   acc shift[kTile], mean[kTile], m2[kTile];
 #pragma omp simd
   for (int64_t j = 0; j < kTile; ++j) {
@@ -315,7 +329,7 @@ inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t
 // value costs a load and a store of its channel's mean and m2 besides its own load: on inputs
 // streamed from memory the pass takes 1.1-2.3x the time of torch.sum over the same data
 // (scripts/cold_batch_norm.py). Where a row is one tile of channels (64 floats: resnets' first
-// layers), the tile goes down the rows with its running values in registers (rows_welford_tile):
+// stage), the tile goes down the rows with its running values in registers (rows_welford_tile):
 // 16x64x56x56, 1.17-1.66x torch.sum's time -> 0.98-1.02. Wider rows walked tile by tile read
 // each row in 256-byte pieces a row apart, which streamed worse than row by row (16x1024x7x7
 // 1.56 -> 1.98x torch.sum, 16x256x28x28 1.41 -> 1.89; prefetching the next block into L2 did not
@@ -328,9 +342,9 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
   acc* shift = scratch.data();
   acc* mu = shift + C;
   acc* q = mu + C;
-  if (C == kStatsTile<scalar_t>) {
-    rows_welford_tile(x, rows, shift, mu, q);
-  } else {
+  const bool tiled = with_row_tile<scalar_t, 1>(
+      C, [&](auto tile) { rows_welford_tile<decltype(tile)::value>(x, rows, shift, mu, q); });
+  if (!tiled) {
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);
     for_column_chunks(C, [&](int64_t c0, int64_t width) {
       for (int64_t r = 0; r < rows; ++r) rows_welford_row(x + r * C, c0, width, acc(1) / acc(r + 1), shift, mu, q);
@@ -635,15 +649,14 @@ inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t*
   }
 }
 
-// The same for rows [begin, end) when a row is one tile of channels (C == kStatsTile, as in
-// rows_welford_tile): the two sums and the tile's constants stay in registers down the rows and
-// are added to sg and sgx once. The same arithmetic in the same order per channel.
-template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
+// The same for rows [begin, end) when a row is one tile of kTile channels (with_row_tile): the
+// two sums and the tile's constants stay in registers down the rows and are added to sg and sgx
+// once. The same arithmetic in the same order per channel.
+template <int64_t kTile, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
 inline void grad_sums_tile(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t begin,
                            int64_t end, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
                            const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* sg, opmath_t<scalar_t>* sgx) {
   using acc = opmath_t<scalar_t>;
-  constexpr int64_t kTile = kStatsTile<scalar_t>;
   acc m[kTile], sc[kTile], sh[kTile], sum_g[kTile], sum_gx[kTile];
 #pragma omp simd
   for (int64_t j = 0; j < kTile; ++j) {
@@ -915,11 +928,12 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
         std::vector<acc> scratch(2 * C);  // sg, sgx
         for (int64_t blk = begin; blk < end; ++blk) {
           std::fill(scratch.begin(), scratch.end(), acc(0));
-          if (C == kStatsTile<scalar_t>) {
-            grad_sums_tile<scalar_t, A, kResidual, kStoreG>(dy, x, z, dz, blocks.begin(blk), blocks.end(blk),
-                                                            columns.mean.data(), columns.scale.data(),
-                                                            columns.shift.data(), scratch.data(), scratch.data() + C);
-          } else {
+          const bool tiled = with_row_tile<scalar_t, 2>(C, [&](auto tile) {
+            grad_sums_tile<decltype(tile)::value, scalar_t, A, kResidual, kStoreG>(
+                dy, x, z, dz, blocks.begin(blk), blocks.end(blk), columns.mean.data(), columns.scale.data(),
+                columns.shift.data(), scratch.data(), scratch.data() + C);
+          });
+          if (!tiled) {
             for_column_chunks(C, [&](int64_t c0, int64_t width) {
               for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
                 grad_sums_row<scalar_t, A, kResidual, kStoreG>(dy, x, z, dz, r, C, c0, width, columns.mean.data(),

@@ -266,10 +266,11 @@ SHAPES = [
     ((1, 3, 5), "silu", False),
     ((6, 1, 8), "relu", True),
     ((4, 300, 3, 5), "relu", True),  # small channels: blocks of whole channels, the last one short
-    # rows of one 256-byte tile (64 float / 32 double channels: statistics and gradient sums in
-    # registers), in several row blocks, the last one short
+    # rows of one 256- or 512-byte tile (64 or 128 float / 32 or 64 double channels: statistics
+    # and gradient sums in registers), in several row blocks, the last one short
     ((600, 64), "relu", True),
     ((1100, 32), "gelu", False),
+    ((300, 128), "silu", True),
 ]
 
 

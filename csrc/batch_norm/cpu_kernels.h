@@ -268,15 +268,14 @@ inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmat
   }
 }
 
-// Welford's update over rows [0, rows) of rows that are one tile of kTile channels (C == kTile, so
-// the walk down the rows is contiguous), the running values in local arrays of a size known at
-// compile time, which the compiler keeps in registers for the whole walk: the arithmetic of
-// rows_welford_row without a load and a store of mean and m2 per value. Tiles are 256 or 512
-// bytes of the accumulation type (64 or 128 floats: four or eight AVX-512 vectors per array).
-// fn(std::integral_constant<int64_t, kTile>{}) when C is a tile width up to kWidest x 256 bytes,
-// and true; else false. The statistics take 256-byte tiles only: at 128 floats (three arrays of
-// eight vectors) the pass was slower than row by row (16x128x14x14, cold: 1.36-1.38x torch.sum's
-// time -> 1.72-1.78), where the gradient sums gained (forward + backward 0.98-1.01 -> 0.89-0.92).
+// Rows that are one tile of channels (C == kTile: the walk down the rows is contiguous) keep
+// their per-channel running values in registers (rows_welford_tile, grad_sums_tile). Tiles are
+// 256 or 512 bytes of the accumulation type (64 or 128 floats: four or eight AVX-512 vectors per
+// array). fn(std::integral_constant<int64_t, kTile>{}) when C is a tile width up to kWidest x 256
+// bytes, and true; else false. The statistics take 256-byte tiles only: at 128 floats (three
+// arrays of eight vectors) the pass was slower than row by row (16x128x14x14, cold: 1.36-1.38x
+// torch.sum's time -> 1.72-1.78), where the gradient sums gained (forward + backward 0.98-1.01 ->
+// 0.89-0.92).
 template <typename scalar_t, int64_t kWidest, typename F>
 inline bool with_row_tile(int64_t C, F&& fn) {
   constexpr int64_t kSmall = 256 / sizeof(opmath_t<scalar_t>);
@@ -291,6 +290,9 @@ inline bool with_row_tile(int64_t C, F&& fn) {
   return false;
 }
 
+// Welford's update over rows [0, rows) of one-tile rows, the running values in local arrays of a
+// size known at compile time, which the compiler keeps in registers for the whole walk: the
+// arithmetic of rows_welford_row without a load and a store of mean and m2 per value.
 template <int64_t kTile, typename scalar_t>
 inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t>* shift_out,
                               opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out) {

@@ -243,6 +243,17 @@ WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
   return shifted_stats(shift, sd, sdd, n);
 }
 
+// One value v into a running mean m and m2 q that will then have seen n values (inv_count = 1 / n):
+// the step the rows view's statistics take per value, row by row (rows_welford_row) or in
+// registers (rows_welford_tile), the same arithmetic in both.
+template <typename acc>
+inline void welford_add(acc v, acc inv_count, acc& m, acc& q) {
+  const acc d = v - m;
+  const acc new_mean = m + d * inv_count;
+  q += d * (v - new_mean);
+  m = new_mean;
+}
+
 // Welford's update of one row of the rows view for every channel, on d = x - shift: after each
 // row every channel has seen the same count, so 1 / count is one scalar per row and the update
 // vectorises across channels.
@@ -259,12 +270,10 @@ inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmat
   // now 0.13-0.17 in ten processes out of ten. The same for the backward's gradient sums.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    const acc m = mean[c], q = m2[c];
-    const acc v = static_cast<acc>(x[c]) - shift[c];
-    const acc d = v - m;
-    const acc new_mean = m + d * inv_count;
-    mean[c] = new_mean;
-    m2[c] = q + d * (v - new_mean);
+    acc m = mean[c], q = m2[c];
+    welford_add(static_cast<acc>(x[c]) - shift[c], inv_count, m, q);
+    mean[c] = m;
+    m2[c] = q;
   }
 }
 
@@ -292,7 +301,7 @@ inline bool with_row_tile(int64_t C, F&& fn) {
 
 // Welford's update over rows [0, rows) of one-tile rows, the running values in local arrays of a
 // size known at compile time, which the compiler keeps in registers for the whole walk: the
-// arithmetic of rows_welford_row without a load and a store of mean and m2 per value.
+// step of rows_welford_row (welford_add) without a load and a store of mean and m2 per value.
 template <int64_t kTile, typename scalar_t>
 inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t>* shift_out,
                               opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out) {
@@ -308,12 +317,7 @@ inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t
     const scalar_t* row = x + r * kTile;
     const acc inv_count = acc(1) / acc(r + 1);
 #pragma omp simd
-    for (int64_t j = 0; j < kTile; ++j) {
-      const acc v = static_cast<acc>(row[j]) - shift[j];
-      const acc d = v - mean[j];
-      mean[j] += d * inv_count;
-      m2[j] += d * (v - mean[j]);
-    }
+    for (int64_t j = 0; j < kTile; ++j) welford_add(static_cast<acc>(row[j]) - shift[j], inv_count, mean[j], m2[j]);
   }
 #pragma omp simd
   for (int64_t j = 0; j < kTile; ++j) {
@@ -673,12 +677,8 @@ inline void grad_sums_tile(const scalar_t* dy, const scalar_t* x, const scalar_t
 #pragma omp simd
     for (int64_t j = 0; j < kTile; ++j) {
       const acc xj = static_cast<acc>(x[base + j]);
-      acc gj;
-      if constexpr (A == Activation::kNone) {
-        gj = static_cast<acc>(dy[base + j]);
-      } else {
-        gj = upstream_grad<acc, A, kResidual>(dy[base + j], x[base + j], z, base + j, Affine<acc>{m[j], sc[j], sh[j]});
-      }
+      const acc gj =
+          upstream_grad<acc, A, kResidual>(dy[base + j], x[base + j], z, base + j, Affine<acc>{m[j], sc[j], sh[j]});
       if constexpr (kStoreG) g_out[base + j] = static_cast<scalar_t>(gj);
       sum_g[j] += gj;
       sum_gx[j] += gj * (xj - m[j]);

@@ -159,7 +159,8 @@ C10_HOST_DEVICE inline T activation_forward_with_derivative(T x, T& derivative) 
     derivative = T(1);
     return x;
   } else if constexpr (A == Activation::kReLU) {
-    derivative = T(x > T(0));  // a compare, not a branch: keeps the CPU loops vectorised
+    // torch's relu backward passes the gradient where the output is not <= 0: NaN included.
+    derivative = T(!(x <= T(0)));  // a compare, not a branch: keeps the CPU loops vectorised
     return x < T(0) ? T(0) : x;  // NaN stays NaN, as torch.relu
   } else if constexpr (A == Activation::kSiLU) {
     const T s = T(1) / (T(1) + act_exp(-x));

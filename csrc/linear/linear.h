@@ -204,7 +204,9 @@ C10_HOST_DEVICE inline acc_t linear_grad_factor(acc_t saved) {
   if constexpr (A == Activation::kNone) {
     return acc_t(1);
   } else if constexpr (A == Activation::kReLU) {
-    return acc_t(saved > acc_t(0));  // saved is the output: > 0 exactly where the input was
+    // saved is the output: not <= 0 exactly where the input was > 0 or NaN (torch's relu
+    // backward masks `output <= 0`, so NaN passes the gradient).
+    return acc_t(!(saved <= acc_t(0)));
   } else {
     return saved;
   }

@@ -185,6 +185,27 @@ def test_functional_matches_torch(device, dtype, training, activation, residual)
         assert torch.equal(ours["rm"], inputs["rm"]) and torch.equal(ours["rv"], inputs["rv"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_relu_gradient_at_nan_is_torchs(device, training, layout):
+    """A NaN pre-activation (here from the residual) passes the gradient through ReLU, as
+    torch's relu backward does (its mask is `output <= 0`, false at NaN): grad_residual is the
+    incoming gradient there and the batch norm's gradients are finite."""
+    inputs = make_inputs((4, 80, 3, 3), device, f32, residual=True)  # 80 channels: vector loops and tails
+    inputs["z"].view(-1)[::7] = float("nan")
+    if layout == "channels_last":
+        inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    ours = evaluate(ours_impl, **inputs, training=training, activation="relu")
+    ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation="relu")
+    nan = inputs["z"].isnan()
+    torch.testing.assert_close(ours["gz"][nan], inputs["gy"][nan])
+    assert ours["gx"].isfinite().all() and ours["gw"].isfinite().all()
+    for key in ("y", "gx", "gw", "gb", "gz"):
+        t = tol(f32, grad=key.startswith("g"))
+        torch.testing.assert_close(ours[key].double(), ref[key], equal_nan=True, **t, msg=lambda m: f"{key}: {m}")
+
+
 def test_manual_reference_agrees_with_torch():
     """The pure-PyTorch reference used below is itself checked against torch."""
     inputs = make_inputs((4, 5, 3, 2), "cpu", f64, residual=True)

@@ -652,6 +652,21 @@ def test_nan_propagates(device, activation):
     assert ours[1].isnan().all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_gradient_at_nan_is_torchs(device):
+    """torch's relu backward masks where the output is <= 0, so a NaN pre-activation passes its
+    gradient; ours (the derivative saved by the forward) does the same."""
+    x = _randn((4, 6), device, f64).requires_grad_()
+    w = _randn((37, 6), device, f64)  # 37 outputs: vector loops and a tail
+    bias = _randn((37,), device, f64)
+    bias[::5] = float("nan")  # NaN pre-activations in some columns, finite elsewhere
+    gy = _randn((4, 37), device, f64)
+    ours = torch.autograd.grad(BF.linear(x, w, bias, activation="relu"), x, gy)[0]
+    ref = torch.autograd.grad(torch_linear(x, w, bias, "relu"), x, gy)[0]
+    assert ref.isfinite().all()  # the NaN columns' gradient went through relu, times finite weights
+    torch.testing.assert_close(ours, ref)
+
+
 # ---------------------------------------------------------------------------------------
 # gradcheck (float64); double backward
 

@@ -78,23 +78,27 @@ class BatchNormBase(_NormBase):
         """Count a training batch in num_batches_tracked and return the running-statistics
         momentum: the module's, or 1 / num_batches_tracked (cumulative average) when it is None."""
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                # A tensor factor, not 1/float(buffer): no host sync, and torch.compile(fullgraph=True)
-                # can trace it (torch's module breaks there).
-                momentum = 1.0 / self.num_batches_tracked.to(torch.float64)
+        if self.training and self.track_running_stats:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                if self.momentum is None:
+                    # A tensor factor, not 1/float(buffer): no host sync, and torch.compile(fullgraph=True)
+                    # can trace it (torch's module breaks there).
+                    momentum = 1.0 / tracked.to(torch.float64)
         return momentum
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         momentum = self._training_momentum()
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Parameters and buffers read once: each read goes through nn.Module.__getattr__.
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         track = not self.training or self.track_running_stats
         return F.batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
+            running_mean if track else None,
+            running_var if track else None,
             self.weight,
             self.bias,
             use_batch_stats,

@@ -21,6 +21,7 @@ The minimum for a persistent kernel would be 2S forward and 3S backward. Per-cha
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ import torch
 
 from batchops.bench.case import REFERENCE, Case
 
-__all__ = ["OP", "LAYOUTS", "shapes_for", "dtypes_for", "batch_norm_case", "cases", "NOTES"]
+__all__ = ["OP", "LAYOUTS", "COLD_BYTES", "shapes_for", "dtypes_for", "batch_norm_case", "cases", "NOTES"]
 
 OP = "batch_norm"
 
@@ -79,6 +80,33 @@ def _composed(bn: torch.nn.Module, variant: str) -> Callable:
     return lambda x, z: torch.relu(bn(x) + z)
 
 
+# Cold cases cycle each provider through input sets of at least this many bytes in all (x, and
+# z and dy where the case has them, per set), more than the last-level cache (32 MiB here), so
+# that every call reads its tensors from memory, as a layer in a training step does.
+COLD_BYTES = 96 * 2**20
+
+
+def _cycled(f: Callable, m: torch.nn.Module, sets: list, training: bool) -> Callable[[], object]:
+    """A provider's call that takes the next input set each time: the inference output, or the
+    gradients w.r.t. x, weight, bias and z of a forward + backward."""
+    order = itertools.cycle(sets)
+    if not training:
+
+        def infer():
+            x, z, _ = next(order)
+            with torch.no_grad():
+                return f(x, z)
+
+        return infer
+
+    def full():
+        x, z, dy = next(order)
+        ins = tuple(t for t in (x, m.weight, m.bias, z) if t is not None)
+        return torch.autograd.grad(f(x, z), ins, dy)
+
+    return full
+
+
 def _callable(f: Callable, m: torch.nn.Module, x, z, dy, mode: str, training: bool) -> Callable[[], object]:
     """One provider's call for a mode: the output (forward) or the gradients w.r.t. x, weight,
     bias and z (backward: through a graph built once and retained; full: forward + backward)."""
@@ -98,7 +126,7 @@ def _callable(f: Callable, m: torch.nn.Module, x, z, dy, mode: str, training: bo
     return lambda: torch.autograd.grad(f(x, z), ins, dy)
 
 
-def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, training: bool):
+def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, training: bool, cold: bool = False):
     def build(device: torch.device) -> dict[str, Callable[[], object]]:
         fmt = LAYOUTS[layout]
         activation = None if variant == "plain" else "relu"
@@ -129,20 +157,40 @@ def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, trai
             for t in (x, z, x64, z64):
                 if t is not None:
                     t.requires_grad_(True)
+        reference = _callable(_composed(ref64, variant), ref64, x64, z64, dy64, mode, training)
+        if cold:
+            per_set = sum(t.numel() * t.element_size() for t in (x, z, dy) if t is not None)
+            count = min(max(2, math.ceil(COLD_BYTES / per_set)), 1024)  # the cap: tiny smoke shapes only
+
+            def input_sets():  # each provider its own copies: neither finds the other's in cache
+                def copy_of(t):
+                    return None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
+
+                return [tuple(copy_of(t) for t in (x, z, dy)) for _ in range(count)]
+
+            return {
+                "torch": _cycled(_composed(ref, variant), ref, input_sets(), training),
+                "batchops": _cycled(f_ours, ours, input_sets(), training),
+                REFERENCE: reference,
+            }
         return {
             "torch": _callable(_composed(ref, variant), ref, x, z, dy, mode, training),
             "batchops": _callable(f_ours, ours, x, z, dy, mode, training),
-            REFERENCE: _callable(_composed(ref64, variant), ref64, x64, z64, dy64, mode, training),
+            REFERENCE: reference,
         }
 
     return build
 
 
-def batch_norm_case(shape, layout, dtype, mode, variant, training=True) -> Case:
+def batch_norm_case(shape, layout, dtype, mode, variant, training=True, cold=False) -> Case:
     """One case: batchops.BatchNorm2d (variant: plain, relu or residual_relu) against torch's
-    composition at `shape` in `layout`, timed in `mode` (forward, backward, full; eval: forward)."""
+    composition at `shape` in `layout`, timed in `mode` (forward, backward, full; eval: forward).
+    `cold`: every call takes the next of the provider's own input sets, COLD_BYTES in all, so
+    its tensors come from memory (training full and eval forward only)."""
+    if cold and (mode != "full" if training else mode != "forward"):
+        raise ValueError(f"batch_norm_case: cold inputs are for training 'full' and eval 'forward', got {mode!r}")
     names = {"plain": "BatchNorm2d", "relu": "BatchNorm2d+ReLU", "residual_relu": "BatchNorm2d+add+ReLU"}
-    op = names[variant] + ("" if training else " (eval)")
+    op = names[variant] + ("" if training else " (eval)") + (" (cold)" if cold else "")
     if training:
         fwd, bwd = _FWD_BWD[variant]
         units = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
@@ -156,7 +204,7 @@ def batch_norm_case(shape, layout, dtype, mode, variant, training=True) -> Case:
         layout=layout,
         dtype=dtype,
         mode=mode,
-        build=_build(shape, layout, dtype, mode, variant, training),
+        build=_build(shape, layout, dtype, mode, variant, training, cold),
         bytes_moved=units * S,
         bytes_rule=f"{units}S",
     )

@@ -121,3 +121,44 @@ def test_results_file_is_named_after_device_date_and_suffix(tmp_path):
     assert results_path(tmp_path / "out", cpu, when, "-linear") == str(expected)
     path = write_results("# table", tmp_path / "out", cpu, when, "-linear")  # creates the folder
     assert path == str(expected) and expected.read_text() == "# table\n"
+
+
+def test_cycled_calls_take_the_next_input_set_and_wrap():
+    from batchops.bench.batch_norm import _cycled
+
+    m = torch.nn.Linear(1, 1)  # only its weight and bias are taken, as gradient inputs
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    sets = [(torch.full((3,), float(k), requires_grad=True), None, torch.ones(3)) for k in range(3)]
+    full = _cycled(lambda x, z: (x * x * m.weight + m.bias).squeeze(0), m, sets, training=True)
+    assert [full()[0][0].item() for _ in range(4)] == [0.0, 2.0, 4.0, 0.0]  # d(x^2 w)/dx = 2x (w = 1)
+    infer = _cycled(lambda x, z: x + 1, m, sets, training=False)
+    outs = [infer() for _ in range(4)]
+    assert [o[0].item() for o in outs] == [1.0, 2.0, 3.0, 1.0] and not outs[0].requires_grad
+
+
+@pytest.mark.skipif(not __import__("batchops").extension_available(), reason="batchops._C is not built")
+def test_cold_batch_norm_case_gives_each_provider_its_own_input_sets(monkeypatch):
+    """A cold case builds COLD_BYTES of input sets per provider, copies of the same data (so the
+    float64 check holds) in separate tensors: neither provider finds the other's in cache."""
+    from batchops.bench import batch_norm
+
+    shape = (2, 8, 4, 4)
+    monkeypatch.setattr(batch_norm, "COLD_BYTES", 4 * 2 * (2 * 8 * 4 * 4 * 4))  # 4 sets of x and dy
+    given = []
+    real_cycled = batch_norm._cycled
+    monkeypatch.setattr(
+        batch_norm, "_cycled", lambda f, m, sets, training: given.append(sets) or real_cycled(f, m, sets, training)
+    )
+    case = batch_norm.batch_norm_case(shape, "channels_last", torch.float32, "full", "plain", cold=True)
+    assert case.op == "BatchNorm2d (cold)"
+    fns = case.build(torch.device("cpu"))
+    assert len(given) == 2 and all(len(sets) == 4 for sets in given)
+    pointers = [t.data_ptr() for sets in given for x, _, dy in sets for t in (x, dy)]
+    assert len(set(pointers)) == len(pointers)  # 16 distinct tensors
+    for x, _, dy in given[0] + given[1]:
+        assert torch.equal(x, given[0][0][0]) and torch.equal(dy, given[0][0][2])
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.requires_grad
+    torch.testing.assert_close(fns["torch"]()[0], fns["batchops"]()[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cold inputs"):
+        batch_norm.batch_norm_case(shape, "NCHW", torch.float32, "backward", "plain", cold=True)

@@ -113,8 +113,11 @@ def test_bench_batch_norm_resnet50_prints_its_summary(tmp_path, capsys):
     assert cli.main([*args, "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out
     assert "### batch_norm_resnet50: summary" in text
-    summary = [line for line in text.splitlines() if line.startswith("| training forward+backward")]
+    summary = [line for line in text.splitlines() if line.startswith("| training forward+backward |")]
     assert {line.split("|")[2].strip() for line in summary} == {"NCHW", "channels_last"}
+    cold = [line for line in text.splitlines() if line.startswith("| training forward+backward, inputs from memory |")]
+    assert {line.split("|")[2].strip() for line in cold} == {"NCHW", "channels_last"}
+    assert "BatchNorm2d (cold)" in text  # the cold rows, checked against float64 like the others
     from batchops.bench import DEFAULT_OPS
 
-    assert "batch_norm_resnet50" not in DEFAULT_OPS  # 48 cases: only when asked for
+    assert "batch_norm_resnet50" not in DEFAULT_OPS  # 72 cases: only when asked for

@@ -515,6 +515,57 @@ inline void forward_row(const scalar_t* x, const scalar_t* z, scalar_t* y, int64
   }
 }
 
+// The eval forward on very short planar runs (inner <= 16: resnet50's 4x4 layers, 1x1 to 4x4
+// maps) with a batch of 4 or more. Run by run (forward_span), a run of 16 values cost as much
+// loop set-up as arithmetic: the op took as long as torch's and 2.5x a plain x * 2 over the same
+// tensor. Here a task takes a chunk of channels, writes their constants out repeated inner times
+// (kEvalChunk values: three arrays of 1 KiB), then goes through the chunk's span of every
+// sample, C * inner values apart, in one vectorised loop (forward_row). The same arithmetic per
+// value as run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, three
+// processes: 16x512x4x4 1.06-1.12 -> 0.72-0.79, 16x2048x4x4 0.85-0.87 -> 0.68-0.73. Chunks of
+// 512-2048 values did less well (2048: 24 KiB of constants, L1 is 32 KiB), and at 7x7 (runs of
+// 49 values: three vectors and a remainder) run by run stayed ahead (0.62-0.71 against
+// 0.65-0.85), so the threshold is 16. Constants repeated across the whole row (three arrays of
+// C * inner) were read back from L2/L3 for every sample: slower than run by run.
+constexpr int64_t kEvalChunk = 256;
+constexpr int64_t kEvalShortRun = 16;
+
+inline bool eval_by_channel_chunks(const BatchNormLayout& l) {
+  return !l.rows && l.inner <= kEvalShortRun && l.N >= 4 && l.N * l.C * l.inner > 0;
+}
+
+template <typename scalar_t, Activation A, bool kResidual>
+void eval_forward_channel_chunks(const scalar_t* x, const scalar_t* z, scalar_t* y, const BatchNormLayout& l,
+                                 const Affine<opmath_t<scalar_t>>* affine) {
+  using acc = opmath_t<scalar_t>;
+  const int64_t inner = l.inner, sample = l.C * inner;
+  const int64_t width = std::max<int64_t>(1, kEvalChunk / inner);  // channels per chunk
+  at::parallel_for(0, (l.C + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
+    acc* mean = thread_scratch<acc>(3 * width * inner);
+    acc* scale = mean + width * inner;
+    acc* shift = scale + width * inner;
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t c0 = chunk * width, channels = std::min(width, l.C - c0), off = c0 * inner;
+      for (int64_t c = 0; c < channels; ++c) {
+        const Affine<acc> a = affine[c0 + c];
+        acc* m = mean + c * inner;
+        acc* k = scale + c * inner;
+        acc* b = shift + c * inner;
+#pragma omp simd
+        for (int64_t i = 0; i < inner; ++i) {
+          m[i] = a.mean;
+          k[i] = a.scale;
+          b[i] = a.shift;
+        }
+      }
+      for (int64_t n = 0; n < l.N; ++n) {
+        forward_row<scalar_t, A, kResidual>(x + off, kResidual ? z + off : nullptr, y + off, n, sample, 0,
+                                            channels * inner, mean, scale, shift);
+      }
+    }
+  });
+}
+
 // g = dy * act'(pre), pre recomputed from x (and z): no full-size tensor is saved for it.
 template <typename acc, Activation A, bool kResidual, typename scalar_t>
 inline acc upstream_grad(scalar_t dy, scalar_t x, const scalar_t* z, int64_t i, Affine<acc> a) {
@@ -827,7 +878,9 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
       set_constants(c);
     });
   }
-  if (!l.rows) {
+  if (!p.training && eval_by_channel_chunks(l)) {
+    eval_forward_channel_chunks<scalar_t, A, kResidual>(x, z, y, l, affine.data());
+  } else if (!l.rows) {
     for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
       forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[c]);
     });

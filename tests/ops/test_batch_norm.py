@@ -287,6 +287,11 @@ SHAPES = [
     ((1, 3, 5), "silu", False),
     ((6, 1, 8), "relu", True),
     ((4, 300, 3, 5), "relu", True),  # small channels: blocks of whole channels, the last one short
+    # eval on runs of up to 16 values goes by chunks of channels (256 values): several chunks,
+    # the last short
+    ((16, 130, 4, 4), "silu", True),
+    ((5, 40, 3, 3), "hardswish", False),
+    ((4, 300, 1, 1), "relu6", True),
     # rows of one 256- or 512-byte tile (64 or 128 float / 32 or 64 double channels: statistics
     # and gradient sums in registers), in several row blocks, the last one short
     ((600, 64), "relu", True),
@@ -305,6 +310,21 @@ def test_shapes(device, dtype, shape, activation, residual):
     ours, _ = check_vs_torch(inputs, dtype, training=True, activation=activation)
     assert ours["y"].is_contiguous()
     check_vs_torch(inputs, dtype, training=False, activation=activation)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(6, 130, 4, 4), (4, 300, 3, 3), (5, 40, 7, 7), (4, 33, 20, 20)], ids=str)
+def test_eval_sample_does_not_depend_on_its_batch(device, dtype, shape):
+    """Eval normalises each value with fixed constants: a sample's output is the same bits
+    whether it comes alone (runs of up to 16 values go run by run below 4 samples) or in a batch
+    (by chunks of channels from 4 on), with a fused residual and activation too."""
+    inputs = make_inputs(shape, device, dtype, residual=True)
+    args = (inputs["rm"], inputs["rv"], inputs["w"], inputs["b"], False, 0.1, 1e-5)
+    batch = BF.batch_norm(inputs["x"], *args, activation="gelu", residual=inputs["z"])
+    for n in range(shape[0]):
+        alone = BF.batch_norm(inputs["x"][n : n + 1], *args, activation="gelu", residual=inputs["z"][n : n + 1])
+        assert torch.equal(alone, batch[n : n + 1]), f"sample {n}"
 
 
 def _channels_last(t):

@@ -690,13 +690,8 @@ inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t*
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
     const acc xc = static_cast<acc>(x[base + c]);
-    acc gc;
-    if constexpr (A == Activation::kNone) {
-      gc = static_cast<acc>(dy[base + c]);
-    } else {
-      gc = upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c,
-                                            Affine<acc>{mean[c], scale[c], shift[c]});
-    }
+    const acc gc =
+        upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c, Affine<acc>{mean[c], scale[c], shift[c]});
     // Loads of both sums before any store (see rows_welford_row: sg and sgx are C apart, and g_out
     // lies anywhere relative to them).
     const acc sum_g = sg[c], sum_gx = sgx[c];

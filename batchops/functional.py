@@ -147,14 +147,16 @@ def batch_norm(
         activation,
     )
     if training and running_mean is not None:
-        # One foreach copy, outside no_grad (whose context costs as much as the copies) unless a
-        # buffer is an autograd leaf: new_mean and new_var never require grad. 4 us a call less,
-        # what a 4x4 layer's forward takes in all.
+        # Outside no_grad (its context costs 1.5 us, as much as both copies) unless a buffer is an
+        # autograd leaf: new_mean and new_var never require grad. (_foreach_copy_ of the two took
+        # 2.1 us, two copy_ 1.5.)
         if running_mean.requires_grad or running_var.requires_grad:
             with torch.no_grad():
-                torch._foreach_copy_((running_mean, running_var), (new_mean, new_var))
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
         else:
-            torch._foreach_copy_((running_mean, running_var), (new_mean, new_var))
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
     return output
 
 

@@ -86,25 +86,11 @@ def _composed(bn: torch.nn.Module, variant: str) -> Callable:
 COLD_BYTES = 96 * 2**20
 
 
-def _cycled(f: Callable, m: torch.nn.Module, sets: list, training: bool) -> Callable[[], object]:
-    """A provider's call that takes the next input set each time: the inference output, or the
-    gradients w.r.t. x, weight, bias and z of a forward + backward."""
-    order = itertools.cycle(sets)
-    if not training:
-
-        def infer():
-            x, z, _ = next(order)
-            with torch.no_grad():
-                return f(x, z)
-
-        return infer
-
-    def full():
-        x, z, dy = next(order)
-        ins = tuple(t for t in (x, m.weight, m.bias, z) if t is not None)
-        return torch.autograd.grad(f(x, z), ins, dy)
-
-    return full
+def _cycled(f: Callable, m: torch.nn.Module, sets: list, mode: str, training: bool) -> Callable[[], object]:
+    """A provider's call that takes the next (x, z, dy) input set each time: _callable's call on
+    each set in turn."""
+    order = itertools.cycle([_callable(f, m, x, z, dy, mode, training) for x, z, dy in sets])
+    return lambda: next(order)()
 
 
 def _callable(f: Callable, m: torch.nn.Module, x, z, dy, mode: str, training: bool) -> Callable[[], object]:
@@ -169,8 +155,8 @@ def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, trai
                 return [tuple(copy_of(t) for t in (x, z, dy)) for _ in range(count)]
 
             return {
-                "torch": _cycled(_composed(ref, variant), ref, input_sets(), training),
-                "batchops": _cycled(f_ours, ours, input_sets(), training),
+                "torch": _cycled(_composed(ref, variant), ref, input_sets(), mode, training),
+                "batchops": _cycled(f_ours, ours, input_sets(), mode, training),
                 REFERENCE: reference,
             }
         return {

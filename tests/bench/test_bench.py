@@ -130,9 +130,9 @@ def test_cycled_calls_take_the_next_input_set_and_wrap():
     with torch.no_grad():
         m.weight.fill_(1.0)
     sets = [(torch.full((3,), float(k), requires_grad=True), None, torch.ones(3)) for k in range(3)]
-    full = _cycled(lambda x, z: (x * x * m.weight + m.bias).squeeze(0), m, sets, training=True)
+    full = _cycled(lambda x, z: (x * x * m.weight + m.bias).squeeze(0), m, sets, "full", training=True)
     assert [full()[0][0].item() for _ in range(4)] == [0.0, 2.0, 4.0, 0.0]  # d(x^2 w)/dx = 2x (w = 1)
-    infer = _cycled(lambda x, z: x + 1, m, sets, training=False)
+    infer = _cycled(lambda x, z: x + 1, m, sets, "forward", training=False)
     outs = [infer() for _ in range(4)]
     assert [o[0].item() for o in outs] == [1.0, 2.0, 3.0, 1.0] and not outs[0].requires_grad
 
@@ -148,7 +148,9 @@ def test_cold_batch_norm_case_gives_each_provider_its_own_input_sets(monkeypatch
     given = []
     real_cycled = batch_norm._cycled
     monkeypatch.setattr(
-        batch_norm, "_cycled", lambda f, m, sets, training: given.append(sets) or real_cycled(f, m, sets, training)
+        batch_norm,
+        "_cycled",
+        lambda f, m, sets, mode, training: given.append(sets) or real_cycled(f, m, sets, mode, training),
     )
     case = batch_norm.batch_norm_case(shape, "channels_last", torch.float32, "full", "plain", cold=True)
     assert case.op == "BatchNorm2d (cold)"

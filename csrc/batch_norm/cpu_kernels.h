@@ -521,8 +521,8 @@ inline void forward_row(const scalar_t* x, const scalar_t* z, scalar_t* y, int64
 // tensor. Here a task takes a chunk of channels, writes their constants out repeated inner times
 // (kEvalChunk values: three arrays of 1 KiB), then goes through the chunk's span of every
 // sample, C * inner values apart, in one vectorised loop (forward_row). The same arithmetic per
-// value as run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, three
-// processes: 16x512x4x4 1.06-1.12 -> 0.72-0.79, 16x2048x4x4 0.85-0.87 -> 0.68-0.73. Chunks of
+// value as run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, five
+// processes: 16x512x4x4 1.02-1.12 -> 0.72-0.95, 16x2048x4x4 0.83-1.03 -> 0.68-0.77. Chunks of
 // 512-2048 values did less well (2048: 24 KiB of constants, L1 is 32 KiB), and at 7x7 (runs of
 // 49 values: three vectors and a remainder) run by run stayed ahead (0.62-0.71 against
 // 0.65-0.85), so the threshold is 16. Constants repeated across the whole row (three arrays of
@@ -530,8 +530,9 @@ inline void forward_row(const scalar_t* x, const scalar_t* z, scalar_t* y, int64
 constexpr int64_t kEvalChunk = 256;
 constexpr int64_t kEvalShortRun = 16;
 
+// For a non-empty input (forward_cpu_typed returns before for an empty one).
 inline bool eval_by_channel_chunks(const BatchNormLayout& l) {
-  return !l.rows && l.inner <= kEvalShortRun && l.N >= 4 && l.N * l.C * l.inner > 0;
+  return !l.rows && l.inner <= kEvalShortRun && l.N >= 4;
 }
 
 template <typename scalar_t, Activation A, bool kResidual>

@@ -204,12 +204,48 @@ inline void for_column_chunks(int64_t C, F&& fn) {
   for (int64_t c0 = 0; c0 < C; c0 += kColumnChunk) fn(c0, std::min(kColumnChunk, C - c0));
 }
 
-// Rows view (channels-last) loops run over channels innermost (contiguous, vectorised), one
-// row at a time, as functions with their pointers by value: a loop written inside a lambda
-// reads the captured pointers through the closure on every iteration and GCC does not vectorise
-// it. Tiles of 4 rows per channel loop (constants and accumulators loaded once per tile) were
-// up to 2x faster on cache-resident data but slower on data streamed from memory, the common
-// case in a training step (4 interleaved streams 4 rows apart defeat the prefetchers).
+// Rows view (channels-last) loops run over channels innermost (contiguous, vectorised), as
+// functions with their pointers by value: a loop written inside a lambda reads the captured
+// pointers through the closure on every iteration and GCC does not vectorise it.
+//
+// The rows passes take kRowParts rows at once, one from each of kRowParts equal parts of their
+// range of rows (rows r, r + part, r + 2 * part, ... for r in the first part): a channel's
+// constants and running sums are loaded (and stored) once per kRowParts values instead of once
+// per value, and the range is still read as kRowParts sequential streams. Row by row, the passes
+// were bound by those loads and stores rather than by memory: the statistics, with inputs from
+// memory, took up to twice torch.sum's time over the same data. Rows r and r + 1 taken together
+// (one stream read out of order) lost on data from memory; standalone, 2 threads, AMD EPYC, GB/s
+// of a block's Welford statistics, row by row / adjacent pairs / four parts / a plain sum:
+// 256 channels, warm 39 / 60 / 82 / 137, from memory 23.2 / 14.4 / 25.3 / 27.1; 2048 channels,
+// from memory 14.1 / 20.4 / 26.0 / 27.4. The ops against torch's, channels-last, A/B of
+// alternating builds: forward, inputs from memory, 16x256x28x28 1.15-1.27 -> 0.90-0.99,
+// 16x2048x4x4 1.11-1.17 -> 0.78-0.97; fused add + ReLU backward from memory at 16x1024x7x7
+// 0.69-0.71 -> 0.54-0.56 ms; module forward + backward at 16x512x4x4 1.06-1.12 -> 0.97-0.98;
+// 16x64x56x56 unchanged within the spread. Parts for the statistics and sums alone gained less.
+constexpr int64_t kRowParts = 4;
+
+// fn(std::integral_constant<int64_t, k>{}) for k = 0, ..., kCount - 1, written out: the rows
+// functions' loop over their kRows rows inside the vectorised loop over channels. As a plain
+// `for (k = 0; k < kRows; ++k)`, even with kRows = 1 or `#pragma GCC unroll`, GCC 12 left the
+// channel loop scalar (2x the time of one row at a time).
+template <typename F, int64_t... K>
+inline void unrolled_over(F&& fn, std::integer_sequence<int64_t, K...>) {
+  (fn(std::integral_constant<int64_t, K>{}), ...);
+}
+template <int64_t kCount, typename F>
+inline void unrolled(F&& fn) {
+  unrolled_over(fn, std::make_integer_sequence<int64_t, kCount>{});
+}
+
+// fn(std::integral_constant<int64_t, kRows>{}, r, row_step, seen) over rows [begin, end): kRows rows
+// at once (r, r + row_step, ...), then the rows left one by one (kRows = 1); `seen` is how many
+// rows earlier calls took (for the statistics' counts).
+template <typename F>
+inline void in_row_parts(int64_t begin, int64_t end, F&& fn) {
+  const int64_t part = (end - begin) / kRowParts;
+  for (int64_t r = 0; r < part; ++r) fn(std::integral_constant<int64_t, kRowParts>{}, begin + r, part, kRowParts * r);
+  for (int64_t r = begin + kRowParts * part; r < end; ++r) fn(std::integral_constant<int64_t, 1>{}, r, 0, r - begin);
+}
 
 // ---------------------------------------------------------------------------------------
 // Statistics
@@ -277,8 +313,8 @@ WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
 }
 
 // One value v into a running mean m and m2 q that will then have seen n values (inv_count = 1 / n):
-// the step the rows view's statistics take per value, row by row (rows_welford_row) or in
-// registers (rows_welford_tile), the same arithmetic in both.
+// the step the rows view's statistics take per value in registers (rows_welford_tile), and
+// rows_welford_rows's for one row at a time.
 template <typename acc>
 inline void welford_add(acc v, acc inv_count, acc& m, acc& q) {
   const acc d = v - m;
@@ -287,12 +323,16 @@ inline void welford_add(acc v, acc inv_count, acc& m, acc& q) {
   m = new_mean;
 }
 
-// Welford's update of one row of the rows view for every channel, on d = x - shift: after each
-// row every channel has seen the same count, so 1 / count is one scalar per row and the update
-// vectorises across channels.
-template <typename scalar_t>
-inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmath_t<scalar_t> inv_count,
-                             const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* m2) {
+// Welford's update of the rows view for every channel, on d = x - shift, kRows rows at once: row
+// r (where x points) and the rows row_step, 2 * row_step, ... rows below it (in_row_parts), their
+// values merged as one batch into each channel's running values, with inv_count = 1 / (the count
+// after them). After each step every channel has seen the same count, so inv_count is one scalar
+// and the update vectorises across channels. Each step loads and stores a channel's mean and m2
+// once for kRows values: see in_row_parts.
+template <int64_t kRows, typename scalar_t>
+inline void rows_welford_rows(const scalar_t* x, int64_t row_step, int64_t C, int64_t c0, int64_t width,
+                              opmath_t<scalar_t> inv_count, const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean,
+                              opmath_t<scalar_t>* m2) {
   using acc = opmath_t<scalar_t>;
   // Both running values are loaded before either is stored. Written as `mean[c] += ...; m2[c] +=
   // ... mean[c]`, m2[c] was loaded after mean[c] was stored (the compiler cannot tell the arrays
@@ -303,9 +343,18 @@ inline void rows_welford_row(const scalar_t* x, int64_t c0, int64_t width, opmat
   // now 0.13-0.17 in ten processes out of ten. The same for the backward's gradient sums.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    acc m = mean[c], q = m2[c];
-    welford_add(static_cast<acc>(x[c]) - shift[c], inv_count, m, q);
-    mean[c] = m;
+    const acc m = mean[c];
+    acc q = m2[c], v[kRows], d[kRows], sum_d = 0;
+    unrolled<kRows>([&](auto k) {
+      v[k] = static_cast<acc>(x[k * row_step * C + c]) - shift[c];
+      d[k] = v[k] - m;
+      sum_d += d[k];
+    });
+    // Chan's merge of the batch written as Welford's step (welford_add for kRows = 1): the
+    // sum of d_k (v_k - new_mean) is the batch's m2 plus the correction for its mean.
+    const acc new_mean = m + sum_d * inv_count;
+    unrolled<kRows>([&](auto k) { q += d[k] * (v[k] - new_mean); });
+    mean[c] = new_mean;
     m2[c] = q;
   }
 }
@@ -334,7 +383,7 @@ inline bool with_row_tile(int64_t C, F&& fn) {
 
 // Welford's update over rows [0, rows) of one-tile rows, the running values in local arrays of a
 // size known at compile time, which the compiler keeps in registers for the whole walk: the
-// step of rows_welford_row (welford_add) without a load and a store of mean and m2 per value.
+// step of rows_welford_rows (welford_add) without a load and a store of mean and m2 per value.
 template <int64_t kTile, typename scalar_t>
 inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t>* shift_out,
                               opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out) {
@@ -386,7 +435,10 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
   if (!tiled) {
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);
     for_column_chunks(C, [&](int64_t c0, int64_t width) {
-      for (int64_t r = 0; r < rows; ++r) rows_welford_row(x + r * C, c0, width, acc(1) / acc(r + 1), shift, mu, q);
+      in_row_parts(0, rows, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t seen) {
+        constexpr int64_t kRows = decltype(rows_at_once)::value;
+        rows_welford_rows<kRows>(x + r * C, row_step, C, c0, width, acc(1) / acc(seen + kRows), shift, mu, q);
+      });
     });
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -536,15 +588,16 @@ inline void forward_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int6
   for (int64_t i = off; i < off + len; ++i) forward_element<scalar_t, A, kResidual>(x, z, y, i, a);
 }
 
-// Channels [c0, c0 + width) of row r of the rows view.
-template <typename scalar_t, Activation A, bool kResidual>
-inline void forward_row(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t r, int64_t C, int64_t c0,
-                        int64_t width, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
-                        const opmath_t<scalar_t>* shift) {
+// Channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: in_row_parts) of the rows view.
+template <int64_t kRows, typename scalar_t, Activation A, bool kResidual>
+inline void forward_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t r, int64_t row_step, int64_t C,
+                         int64_t c0, int64_t width, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
+                         const opmath_t<scalar_t>* shift) {
   using acc = opmath_t<scalar_t>;
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    forward_element<scalar_t, A, kResidual>(x, z, y, r * C + c, Affine<acc>{mean[c], scale[c], shift[c]});
+    const Affine<acc> a{mean[c], scale[c], shift[c]};
+    unrolled<kRows>([&](auto k) { forward_element<scalar_t, A, kResidual>(x, z, y, (r + k * row_step) * C + c, a); });
   }
 }
 
@@ -553,7 +606,7 @@ inline void forward_row(const scalar_t* x, const scalar_t* z, scalar_t* y, int64
 // loop set-up as arithmetic: the op took as long as torch's and 2.5x a plain x * 2 over the same
 // tensor. Here a task takes a chunk of channels, writes their constants out repeated inner times
 // (kEvalChunk values: three arrays of 1 KiB), then goes through the chunk's span of every
-// sample, C * inner values apart, in one vectorised loop (forward_row). The same arithmetic per
+// sample, C * inner values apart, in one vectorised loop (forward_rows). The same arithmetic per
 // value as run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, five
 // processes: 16x512x4x4 1.02-1.12 -> 0.72-0.95, 16x2048x4x4 0.83-1.03 -> 0.68-0.77. Chunks of
 // 512-2048 values did less well (2048: 24 KiB of constants, L1 is 32 KiB), and at 7x7 (runs of
@@ -593,8 +646,8 @@ void eval_forward_channel_chunks(const scalar_t* x, const scalar_t* z, scalar_t*
         }
       }
       for (int64_t n = 0; n < l.N; ++n) {
-        forward_row<scalar_t, A, kResidual>(x + off, kResidual ? z + off : nullptr, y + off, n, sample, 0,
-                                            channels * inner, mean, scale, shift);
+        forward_rows<1, scalar_t, A, kResidual>(x + off, kResidual ? z + off : nullptr, y + off, n, 0, sample, 0,
+                                                channels * inner, mean, scale, shift);
       }
     }
   });
@@ -692,19 +745,23 @@ void backward_apply_parts(const scalar_t* dy, const scalar_t* x, const scalar_t*
   });
 }
 
-// The same over channels [c0, c0 + width) of row r of the rows view.
-template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+// The same over channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: in_row_parts)
+// of the rows view.
+template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_apply_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
-                               int64_t r, int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,
-                               const opmath_t<scalar_t>* scale, const opmath_t<scalar_t>* shift,
-                               const opmath_t<scalar_t>* mean_g, const opmath_t<scalar_t>* proj,
-                               const opmath_t<scalar_t>* kscale) {
+                               int64_t r, int64_t row_step, int64_t C, int64_t c0, int64_t width,
+                               const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
+                               const opmath_t<scalar_t>* shift, const opmath_t<scalar_t>* mean_g,
+                               const opmath_t<scalar_t>* proj, const opmath_t<scalar_t>* kscale) {
   using acc = opmath_t<scalar_t>;
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(
-        dy, x, z, dx, dz, r * C + c, Affine<acc>{mean[c], scale[c], shift[c]},
-        BackwardCoeffs<acc>{mean_g[c], proj[c], kscale[c]});
+    const Affine<acc> a{mean[c], scale[c], shift[c]};
+    const BackwardCoeffs<acc> k{mean_g[c], proj[c], kscale[c]};
+    unrolled<kRows>([&](auto j) {
+      backward_element<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, (r + j * row_step) * C + c,
+                                                                          a, k);
+    });
   }
 }
 
@@ -714,45 +771,50 @@ void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* 
                          int64_t begin, int64_t end, int64_t C, const AffineColumns<opmath_t<scalar_t>>& a,
                          const CoeffColumns<opmath_t<scalar_t>>& k) {
   for_column_chunks(C, [&](int64_t c0, int64_t width) {
-    for (int64_t r = begin; r < end; ++r) {
-      backward_apply_row<scalar_t, A, kResidual, kGradInput, kGradResidual>(
-          dy, x, z, dx, dz, r, C, c0, width, a.mean.data(), a.scale.data(), a.shift.data(), k.mean_g.data(),
-          k.proj.data(), k.scale.data());
-    }
+    in_row_parts(begin, end, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t) {
+      backward_apply_row<decltype(rows_at_once)::value, scalar_t, A, kResidual, kGradInput, kGradResidual>(
+          dy, x, z, dx, dz, r, row_step, C, c0, width, a.mean.data(), a.scale.data(), a.shift.data(),
+          k.mean_g.data(), k.proj.data(), k.scale.data());
+    });
   });
 }
 
-// (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of row r, added to
-// sg[c] and sgx[c]; with kStoreG, g also goes to g_out.
-template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
+// (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of rows r, r + row_step,
+// ... (kRows rows: in_row_parts), added to sg[c] and sgx[c]; with kStoreG, g also goes to g_out.
+template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
 inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t r,
-                          int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,
+                          int64_t row_step, int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,
                           const opmath_t<scalar_t>* scale, const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* sg,
                           opmath_t<scalar_t>* sgx) {
   using acc = opmath_t<scalar_t>;
-  const int64_t base = r * C;
-  // One loop, g in a register: 8 loads and 2 stores a value (dy, x, z, the three constants, the
-  // two sums) where g written to scratch and read back in a second loop made 11 and 3. GCC
-  // vectorises it for every activation (unlike grad_sums_span's reduction: no branch around dy).
-  // Fused add + ReLU backward, channels-last, cold inputs, three A/B alternations: 16x1024x7x7
-  // 0.98 -> 0.86 ms (mean of medians), 14x14 and 28x28 unchanged within this host's noise.
+  // One loop, g in a register: per row 5 + 5 / kRows loads and 2 / kRows stores a value (dy, x, z;
+  // the three constants and the two sums once per kRows rows), where g written to scratch and
+  // read back in a second loop made 11 and 3 for one row. GCC vectorises it for every activation
+  // (unlike grad_sums_span's reduction: no branch around dy). Fused add + ReLU backward,
+  // channels-last, cold inputs, three A/B alternations: 16x1024x7x7 0.98 -> 0.86 ms (mean of
+  // medians), 14x14 and 28x28 unchanged within this host's noise.
 #pragma omp simd
   for (int64_t c = c0; c < c0 + width; ++c) {
-    const acc xc = static_cast<acc>(x[base + c]);
-    const acc gc =
-        upstream_grad<acc, A, kResidual>(dy[base + c], x[base + c], z, base + c, Affine<acc>{mean[c], scale[c], shift[c]});
-    // Loads of both sums before any store (see rows_welford_row: sg and sgx are C apart, and g_out
-    // lies anywhere relative to them).
-    const acc sum_g = sg[c], sum_gx = sgx[c];
-    if constexpr (kStoreG) g_out[base + c] = static_cast<scalar_t>(gc);
-    sg[c] = sum_g + gc;
-    sgx[c] = sum_gx + gc * (xc - mean[c]);
+    const Affine<acc> a{mean[c], scale[c], shift[c]};
+    // Loads of both sums before any store (see rows_welford_rows: sg and sgx are C apart, and
+    // g_out lies anywhere relative to them).
+    acc sum_g = sg[c], sum_gx = sgx[c];
+    unrolled<kRows>([&](auto j) {
+      const int64_t i = (r + j * row_step) * C + c;
+      const acc xi = static_cast<acc>(x[i]);
+      const acc gi = upstream_grad<acc, A, kResidual>(dy[i], x[i], z, i, a);
+      if constexpr (kStoreG) g_out[i] = static_cast<scalar_t>(gi);
+      sum_g += gi;
+      sum_gx += gi * (xi - a.mean);
+    });
+    sg[c] = sum_g;
+    sgx[c] = sum_gx;
   }
 }
 
 // The same for rows [begin, end) when a row is one tile of kTile channels (with_row_tile): the
 // two sums and the tile's constants stay in registers down the rows and are added to sg and sgx
-// once. The same arithmetic in the same order per channel.
+// once. The same arithmetic per channel, the rows in their order.
 template <int64_t kTile, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
 inline void grad_sums_tile(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t begin,
                            int64_t end, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
@@ -932,10 +994,11 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
     at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
                        for_column_chunks(C, [&](int64_t c0, int64_t width) {
-                         for (int64_t r = begin; r < end; ++r) {
-                           forward_row<scalar_t, A, kResidual>(x, z, y, r, C, c0, width, columns.mean.data(),
-                                                               columns.scale.data(), columns.shift.data());
-                         }
+                         in_row_parts(begin, end, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t) {
+                           forward_rows<decltype(rows_at_once)::value, scalar_t, A, kResidual>(
+                               x, z, y, r, row_step, C, c0, width, columns.mean.data(), columns.scale.data(),
+                               columns.shift.data());
+                         });
                        });
                      });
   }
@@ -1034,11 +1097,12 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
           });
           if (!tiled) {
             for_column_chunks(C, [&](int64_t c0, int64_t width) {
-              for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
-                grad_sums_row<scalar_t, A, kResidual, kStoreG>(dy, x, z, dz, r, C, c0, width, columns.mean.data(),
-                                                               columns.scale.data(), columns.shift.data(),
-                                                               scratch.data(), scratch.data() + C);
-              }
+              in_row_parts(blocks.begin(blk), blocks.end(blk),
+                           [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t) {
+                             grad_sums_row<decltype(rows_at_once)::value, scalar_t, A, kResidual, kStoreG>(
+                                 dy, x, z, dz, r, row_step, C, c0, width, columns.mean.data(),
+                                 columns.scale.data(), columns.shift.data(), scratch.data(), scratch.data() + C);
+                           });
             });
           }
           std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.get() + 2 * blk * C);

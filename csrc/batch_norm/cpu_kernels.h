@@ -280,35 +280,41 @@ inline acc lane_tree_sum(acc* lanes) {
   return lanes[0];
 }
 
+// fn(i, count) over [0, n): count = kLanes values from i, then the count < kLanes left (maybe 0).
+template <typename F>
+inline void in_lane_chunks(int64_t n, F&& fn) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) fn(i, kLanes);
+  fn(i, n - i);
+}
+
+// For j < count: x[j] added to lane j of s (sum_lanes); d = x[j] - shift to lane j of sd and d * d
+// to lane j of sdd (shifted_sums_lanes).
+template <typename scalar_t, typename acc>
+inline void sum_lanes(const scalar_t* x, int64_t count, acc* s) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) s[j] += static_cast<acc>(x[j]);
+}
+template <typename scalar_t, typename acc>
+inline void shifted_sums_lanes(const scalar_t* x, int64_t count, acc shift, acc* sd, acc* sdd) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) {
+    const acc d = static_cast<acc>(x[j]) - shift;
+    sd[j] += d;
+    sdd[j] += d * d;
+  }
+}
+
 // Shifted two-pass statistics of one L1-resident part: mean = shift + sum(d)/n and
 // m2 = sum(d^2) - sum(d)^2/n with d = x - shift, accurate for large means (x = 1e4 + noise).
 template <typename scalar_t>
 WelfordData<double> run_stats(const scalar_t* x, int64_t n) {
   using acc = opmath_t<scalar_t>;
   acc s[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) s[j] += static_cast<acc>(x[i + j]);
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < n - i; ++j) s[j] += static_cast<acc>(x[i + j]);
+  in_lane_chunks(n, [&](int64_t i, int64_t count) { sum_lanes(x + i, count, s); });
   const acc shift = lane_tree_sum(s) / acc(n);
   acc sd[kLanes] = {}, sdd[kLanes] = {};
-  for (i = 0; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc d = static_cast<acc>(x[i + j]) - shift;
-      sd[j] += d;
-      sdd[j] += d * d;
-    }
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < n - i; ++j) {
-    const acc d = static_cast<acc>(x[i + j]) - shift;
-    sd[j] += d;
-    sdd[j] += d * d;
-  }
+  in_lane_chunks(n, [&](int64_t i, int64_t count) { shifted_sums_lanes(x + i, count, shift, sd, sdd); });
   return shifted_stats(shift, lane_tree_sum(sd), lane_tree_sum(sdd), n);
 }
 
@@ -690,24 +696,20 @@ inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar
   // Pointers at the part's start (g_out's only where it is written: it may be null).
   x += off;
   if constexpr (kStoreG) g_out += off;
+  const auto sums_of = [&](const auto* grad) {  // grad: the part's dy, or its g
+    in_lane_chunks(len, [&](int64_t i, int64_t count) {
+      grad_sums_lanes<kStoreG>(grad + i, x + i, g_out + (kStoreG ? i : 0), count, a.mean, sg, sgx);
+    });
+  };
   if constexpr (A == Activation::kNone) {
-    dy += off;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      grad_sums_lanes<kStoreG>(dy + i, x + i, g_out + (kStoreG ? i : 0), kLanes, a.mean, sg, sgx);
-    }
-    grad_sums_lanes<kStoreG>(dy + i, x + i, g_out + (kStoreG ? i : 0), len - i, a.mean, sg, sgx);
+    sums_of(dy + off);
   } else {
     // g goes through an L1 buffer: fused into the reduction, GCC turns the activation's
     // select into a branch around a load of dy and stops vectorising (5x slower for relu).
     acc g[kPiece];
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) g[j] = upstream_grad<acc, A, kResidual>(dy[off + j], x[j], z, off + j, a);
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      grad_sums_lanes<kStoreG>(g + i, x + i, g_out + (kStoreG ? i : 0), kLanes, a.mean, sg, sgx);
-    }
-    grad_sums_lanes<kStoreG>(g + i, x + i, g_out + (kStoreG ? i : 0), len - i, a.mean, sg, sgx);
+    sums_of(static_cast<const acc*>(g));
   }
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }

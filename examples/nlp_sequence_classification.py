@@ -53,7 +53,6 @@ from collections import Counter
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 from torch.utils.data import DataLoader, Dataset
 
 try:
@@ -62,6 +61,7 @@ except ImportError:  # run from a checkout without installing: use the package n
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import batchops
 from batchops.data import BucketBatchSampler
+from batchops.models import LSTMClassifier
 
 POSITIVE = ("good", "great", "excellent", "superb", "wonderful")
 NEGATIVE = ("bad", "awful", "terrible", "poor", "boring")
@@ -151,36 +151,10 @@ def collate(batch):
 # Model
 
 
-class LSTMClassifier(nn.Module):
-    def __init__(self, vocab: int, embed: int = 32, hidden: int = 64, classes: int = 2):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, embed, padding_idx=0)
-        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
-        self.head = nn.Linear(2 * hidden, classes)
-
-    def forward_packed(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) padded, lengths (B,) on the CPU: the LSTM never sees a padding token."""
-        packed_ids = batchops.pack_padded_sequence(ids, lengths, batch_first=True, enforce_sorted=False)
-        packed = PackedSequence(
-            self.embedding(packed_ids.data),
-            packed_ids.batch_sizes,
-            packed_ids.sorted_indices,
-            packed_ids.unsorted_indices,
-        )
-        out, (h, _c) = self.lstm(packed)  # h: the state after each sentence's last real token
-        padded, out_lengths = batchops.pad_packed_sequence(out, batch_first=True)  # zeros past the end
-        mean = padded.sum(1) / out_lengths.to(padded.device, padded.dtype)[:, None]
-        return self.head(torch.cat([h[-1], mean], 1))
-
-    def forward_padded(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) padded: the LSTM runs over every position, padding included; the head reads
-        the output at the last real token and the mean over the real tokens."""
-        out, _ = self.lstm(self.embedding(ids))  # (B, T, hidden)
-        lengths = lengths.to(ids.device)
-        last = out[torch.arange(out.shape[0], device=ids.device), lengths - 1]
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).to(out.dtype)
-        mean = (out * mask[..., None]).sum(1) / lengths.to(out.dtype)[:, None]
-        return self.head(torch.cat([last, mean], 1))
+# LSTMClassifier (batchops.models): nn.Embedding -> nn.LSTM -> [last hidden state, mean over the
+# real tokens] -> nn.Linear, with forward_packed (batchops.pack_padded_sequence /
+# pad_packed_sequence around the LSTM) and forward_padded. It lives in the package so that
+# `batchops bench --op models` times this same model.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,7 @@ Models (num_classes 10, torchvision's built without weights: no download):
   * lstm_classifier: the NLP example's model (examples/nlp_sequence_classification.py,
     LSTMClassifier.forward_packed: Embedding(padding_idx=0) -> LSTM over a PackedSequence ->
     [last hidden state, mean over real tokens] -> Linear; embed 64, hidden 128, vocabulary
-    20000), rebuilt here with the packing functions as a parameter (the example's class calls
-    batchops' directly and lives in a script): torch's side packs with
+    20000; batchops.models.LSTMClassifier, which the example imports): torch's side packs with
     torch.nn.utils.rnn.pack_padded_sequence / pad_packed_sequence, batchops' with
     batchops.pack_padded_sequence / pad_packed_sequence (enforce_sorted=False); nothing to fuse.
     The batch is one batch of batchops.data.BucketBatchSampler(max_tokens=4096) over 20000
@@ -77,9 +76,9 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from batchops.bench.case import Case, Skip
+from batchops.models import LSTMClassifier
 
 __all__ = [
     "OP",
@@ -89,7 +88,6 @@ __all__ = [
     "prepare_batchops",
     "describe_fusion",
     "torchvision_or_skip",
-    "PackedLSTMClassifier",
     "Workload",
     "workload",
     "model_case",
@@ -180,51 +178,14 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
-def _torch_packing():
+def _torch_packed_lstm_classifier(vocab: int, embed: int, hidden: int) -> LSTMClassifier:
+    """The NLP example's model packing with torch's functions (torch's side of the case)."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    return pack_padded_sequence, pad_packed_sequence
+    return LSTMClassifier(vocab, embed, hidden, pack=pack_padded_sequence, pad=pad_packed_sequence)
 
 
-class PackedLSTMClassifier(nn.Module):
-    """The NLP example's LSTMClassifier on its packed path, with the packing functions as a
-    parameter: `pack` and `pad` have the signatures of torch.nn.utils.rnn.pack_padded_sequence
-    and pad_packed_sequence (torch's by default; batchops' are drop-ins). Rebuilt here rather
-    than imported: the example is a script, and a benchmark must not depend on examples/."""
-
-    def __init__(
-        self,
-        vocab: int,
-        embed: int = 64,
-        hidden: int = 128,
-        classes: int = 2,
-        pack: Callable | None = None,
-        pad: Callable | None = None,
-    ):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, embed, padding_idx=0)
-        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
-        self.head = nn.Linear(2 * hidden, classes)
-        default_pack, default_pad = _torch_packing()
-        self.pack = pack or default_pack
-        self.pad = pad or default_pad
-
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) padded, lengths (B,) on the CPU: the LSTM never sees a padding token."""
-        packed_ids = self.pack(ids, lengths, batch_first=True, enforce_sorted=False)
-        packed = PackedSequence(
-            self.embedding(packed_ids.data),
-            packed_ids.batch_sizes,
-            packed_ids.sorted_indices,
-            packed_ids.unsorted_indices,
-        )
-        out, (h, _c) = self.lstm(packed)
-        padded, out_lengths = self.pad(out, batch_first=True)
-        mean = padded.sum(1) / out_lengths.to(padded.device, padded.dtype)[:, None]
-        return self.head(torch.cat([h[-1], mean], 1))
-
-
-def _use_batchops_packing(model: PackedLSTMClassifier) -> PackedLSTMClassifier:
+def _use_batchops_packing(model: LSTMClassifier) -> LSTMClassifier:
     import batchops
 
     model.pack, model.pad = batchops.pack_padded_sequence, batchops.pad_packed_sequence
@@ -328,7 +289,7 @@ def workload(name: str, device: torch.device, size: str = "default") -> Workload
         ids, lengths, labels = bucketed_batch(n, max_len, max_tokens, vocab)
 
         def make_model():
-            return PackedLSTMClassifier(vocab, embed, hidden)
+            return _torch_packed_lstm_classifier(vocab, embed, hidden)
 
         def make_batch(dev):
             return (ids.to(dev), lengths), labels.to(dev)  # lengths stay on the CPU, as the example's

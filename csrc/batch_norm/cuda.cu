@@ -180,16 +180,16 @@ at::Tensor launch_partial_reduce(const Reducer& r, const BatchNormLayout& l, con
 // Per-channel finalize kernels (one thread per channel; partials merged in order).
 
 template <typename acc_t>
-__global__ void finalize_stats(const WelfordData<acc_t>* partial, PartialGrid g, acc_t eps, acc_t momentum,
+__global__ void finalize_stats(const WelfordData<acc_t>* partial, PartialGrid g, double eps, double momentum,
                                const acc_t* momentum_tensor, bool update_running, const acc_t* running_mean,
                                const acc_t* running_var, acc_t* save_mean, acc_t* save_invstd,
                                acc_t* new_running_mean, acc_t* new_running_var) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
   const WelfordData<double> s = merge_chunk_partials(partial, g, c);
-  const double m = momentum_tensor ? double(*momentum_tensor) : double(momentum);
-  double mean, invstd, new_mean = 0, new_var = 0;  // in double like the CPU's finalize
-  batch_norm_finalize_channel<double>(s, double(eps), m, update_running,
+  const double m = momentum_tensor ? double(*momentum_tensor) : momentum;
+  double mean, invstd, new_mean = 0, new_var = 0;  // in double like the CPU's finalize, eps and momentum too
+  batch_norm_finalize_channel<double>(s, eps, m, update_running,
                                       update_running ? double(running_mean[c]) : 0.0,
                                       update_running ? double(running_var[c]) : 0.0, &mean, &invstd, &new_mean,
                                       &new_var);
@@ -234,15 +234,17 @@ __global__ void finalize_grads(const GradSums<acc_t>* partial, PartialGrid g, in
   }
   if (grad_weight) grad_weight[c] = acc_t(sgx * double(invstd[c]));
   if (grad_bias) grad_bias[c] = acc_t(sg);
-  auto k = batch_norm_backward_coeffs<acc_t>(acc_t(sg), acc_t(sgx), count, invstd[c], weight ? weight[c] : acc_t(1),
-                                             training);
+  // The coefficients in double, cast once, as the CPU's finalize (1 / count is inexact in float
+  // above 2^24 values, and proj would be rounded four times).
+  auto k = batch_norm_backward_coeffs<double>(sg, sgx, count, double(invstd[c]), weight ? double(weight[c]) : 1.0,
+                                              training);
   if (ext_mean_g) {  // batch_norm_backward_elemt: coefficients of the whole distributed batch
-    k.mean_g = ext_mean_g[c];
-    k.proj = ext_mean_gxhat[c] * invstd[c];
+    k.mean_g = double(ext_mean_g[c]);
+    k.proj = double(ext_mean_gxhat[c]) * double(invstd[c]);
   }
-  coeffs[3 * c] = k.mean_g;
-  coeffs[3 * c + 1] = k.proj;
-  coeffs[3 * c + 2] = k.scale;
+  coeffs[3 * c] = acc_t(k.mean_g);
+  coeffs[3 * c + 1] = acc_t(k.proj);
+  coeffs[3 * c + 2] = acc_t(k.scale);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ void forward_cuda(BatchNormForwardPlan& p) {
       WelfordReducer<scalar_t, acc_t> reducer{p.input.const_data_ptr<scalar_t>()};
       at::Tensor partial = launch_partial_reduce(reducer, l, g, p.input);
       finalize_stats<acc_t><<<channel_blocks, 256, 0, stream>>>(
-          reinterpret_cast<const WelfordData<acc_t>*>(partial.const_data_ptr()), g, acc_t(p.eps), acc_t(p.momentum),
+          reinterpret_cast<const WelfordData<acc_t>*>(partial.const_data_ptr()), g, p.eps, p.momentum,
           ptr_or_null<acc_t>(p.momentum_tensor), p.update_running, ptr_or_null<acc_t>(p.running_mean),
           ptr_or_null<acc_t>(p.running_var), save_mean, save_invstd,
           p.update_running ? p.new_running_mean.mutable_data_ptr<acc_t>() : nullptr,

@@ -98,6 +98,14 @@ MaxPool2dPlan plan_max_pool2d_backward(const at::Tensor& grad_output, const at::
   p.channels = input_size[dim - 3];
   p.h.in = input_size[dim - 2], p.w.in = input_size[dim - 1];
   p.h.out = indices.size(dim - 2), p.w.out = indices.size(dim - 1);
+  // The window arguments must be the forward's (with either ceil_mode), as torch's backward checks:
+  // the CUDA kernel finds an input's windows from them (the CPU's scatters by index), so other
+  // arguments would silently drop gradient there.
+  for (const PoolAxis* a : {&p.h, &p.w}) {
+    TORCH_CHECK(a->out == output_size(*a, false) || a->out == output_size(*a, true), op, ": indices of shape ",
+                indices.sizes(), " are not max_pool2d's output for input_size ", input_size, " with kernel_size ",
+                kernel_size, ", stride ", stride, ", padding ", padding, " and dilation ", dilation);
+  }
   // The forward made the indices in the input's layout; the gradient takes it back.
   const auto format = choose_format(indices);
   p.channels_last = format == at::MemoryFormat::ChannelsLast;

@@ -259,6 +259,13 @@ def test_op_errors():
         torch.ops.batchops.max_pool2d_backward(out, idx, [2, 4, 8, 8], [2], [2], [0], [1])
     with pytest.raises(IndexError, match="out of range"):
         torch.ops.batchops.max_pool2d_backward(out, idx + 64, list(x.shape), [2], [2], [0], [1])
+    # window arguments other than the forward's (4x4 indices from an 8x8 input need kernel 2, stride 2)
+    with pytest.raises(RuntimeError, match="are not max_pool2d's output"):
+        torch.ops.batchops.max_pool2d_backward(out, idx, list(x.shape), [3], [1], [0], [1])
+    # ceil_mode's output size is accepted too (the backward has no ceil_mode argument)
+    out, idx = torch.ops.batchops.max_pool2d(torch.randn(1, 2, 7, 7), [2], [2], [0], [1], True)
+    grad = torch.ops.batchops.max_pool2d_backward(torch.ones_like(out), idx, [1, 2, 7, 7], [2], [2], [0], [1])
+    assert grad.sum() == out.numel()
 
 
 def test_no_double_backward():

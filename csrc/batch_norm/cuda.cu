@@ -111,7 +111,7 @@ __global__ void partial_reduce_planar(Reducer r, int64_t N, int64_t C, int64_t i
   const int64_t end = begin + chunk < M ? begin + chunk : M;
   State s = r.init();
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-    const int64_t n = j / inner;
+    const int64_t n = index_div(j, inner);
     const int64_t i = n * C * inner + c * inner + (j - n * inner);
     r.update(s, i, c);
   }
@@ -251,7 +251,7 @@ __global__ void finalize_grads(const GradSums<acc_t>* partial, PartialGrid g, in
 // Elementwise passes.
 
 __host__ __device__ inline int64_t channel_of(int64_t i, bool rows, int64_t C, int64_t inner) {
-  return rows ? i % C : (i / inner) % C;
+  return rows ? index_mod(i, C) : index_mod(index_div(i, inner), C);
 }
 
 template <typename scalar_t, typename acc_t, Activation A, bool kResidual>

@@ -1,4 +1,4 @@
-// Host-side helpers the CUDA files share (include from .cu files only).
+// Helpers the CUDA files share (include from .cu files only).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +13,17 @@ namespace batchops {
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// a / b and a % b for non-negative indices, in 32-bit arithmetic when both fit. A GPU has no
+// 64-bit integer divide (the compiler emits a long sequence for it), and the elementwise kernels
+// divide per element to find a value's channel, row or window; the branch goes the same way for
+// every thread of a tensor under 2^32 elements.
+__host__ __device__ inline int64_t index_div(int64_t a, int64_t b) {
+  return ((a | b) >> 32) == 0 ? int64_t(uint32_t(a) / uint32_t(b)) : a / b;
+}
+__host__ __device__ inline int64_t index_mod(int64_t a, int64_t b) {
+  return ((a | b) >> 32) == 0 ? int64_t(uint32_t(a) % uint32_t(b)) : a % b;
 }
 
 // Blocks of `threads` for a grid-stride loop over n elements: one element per thread up to

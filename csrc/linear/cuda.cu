@@ -95,9 +95,9 @@ __global__ void forward_epilogue_kernel(scalar_t* z, scalar_t* y, const scalar_t
                                         int64_t N, int64_t rows_per_group) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / N;
+    const int64_t row = index_div(i, N);
     const int64_t col = i - row * N;
-    const acc_t b = bias != nullptr ? acc_t(bias[(row / rows_per_group) * N + col]) : acc_t(0);
+    const acc_t b = bias != nullptr ? acc_t(bias[index_div(row, rows_per_group) * N + col]) : acc_t(0);
     if (activation_saves_derivative(A) && z != y) {
       acc_t derivative;
       y[i] = scalar_t(linear_epilogue_saving_derivative<A, acc_t>(acc_t(z[i]), b, derivative));

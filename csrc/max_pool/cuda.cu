@@ -29,9 +29,11 @@ struct Layout {
   // The inverse, for a linear position in memory order.
   __device__ void coords(int64_t i, int64_t& n, int64_t& c, int64_t& y, int64_t& x) const {
     if (channels_last) {
-      c = i % C, i /= C, x = i % cols, i /= cols, y = i % rows, n = i / rows;
+      c = index_mod(i, C), i = index_div(i, C), x = index_mod(i, cols), i = index_div(i, cols);
+      y = index_mod(i, rows), n = index_div(i, rows);
     } else {
-      x = i % cols, i /= cols, y = i % rows, i /= rows, c = i % C, n = i / C;
+      x = index_mod(i, cols), i = index_div(i, cols), y = index_mod(i, rows), i = index_div(i, rows);
+      c = index_mod(i, C), n = index_div(i, C);
     }
   }
 };
@@ -76,10 +78,10 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
     in_layout.coords(i, n, c, ih, iw);
     // The outputs whose windows can reach (ih, iw); the index says which really took it.
     const int64_t span_h = (h.kernel - 1) * h.dilation + 1, span_w = (w.kernel - 1) * w.dilation + 1;
-    const int64_t oh0 = ih + h.padding < span_h ? 0 : (ih + h.padding - span_h) / h.stride + 1;
-    const int64_t ow0 = iw + w.padding < span_w ? 0 : (iw + w.padding - span_w) / w.stride + 1;
-    const int64_t oh1 = smaller((ih + h.padding) / h.stride + 1, h.out);
-    const int64_t ow1 = smaller((iw + w.padding) / w.stride + 1, w.out);
+    const int64_t oh0 = ih + h.padding < span_h ? 0 : index_div(ih + h.padding - span_h, h.stride) + 1;
+    const int64_t ow0 = iw + w.padding < span_w ? 0 : index_div(iw + w.padding - span_w, w.stride) + 1;
+    const int64_t oh1 = smaller(index_div(ih + h.padding, h.stride) + 1, h.out);
+    const int64_t ow1 = smaller(index_div(iw + w.padding, w.stride) + 1, w.out);
     const int64_t position = ih * w.in + iw;
     acc_t sum = 0;
     for (int64_t oh = oh0; oh < oh1; ++oh) {

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_launch.h"
 #include "packing/entry_points.h"
 #include "packing/packing.h"
 
@@ -16,7 +17,7 @@ __global__ void gather_rows_kernel(const unit_t* __restrict__ src, const unit_t*
                                    int64_t in_rows, int64_t units_per_row) {
   const int64_t total = out_rows * units_per_row;
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < total; u += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = u / units_per_row;
+    const int64_t row = index_div(u, units_per_row);
     const int64_t k = u - row * units_per_row;
     const int64_t r = index[row];
     CUDA_KERNEL_ASSERT(r < in_rows && r >= -1);

@@ -3,6 +3,11 @@
 // output: ~16 ms of faults against ~1.5 ms of stores). Asking for transparent huge pages on
 // the output before the kernel's first touch cuts the faults ~500x where THP is in "madvise"
 // mode (torch does the same for its own allocations under THP_MEM_ALLOC_ENABLE=1).
+// Only from 32 MiB, glibc's largest mmap threshold: below it glibc hands freed blocks out again
+// from its heap (its threshold rises to the size of each mmap'd block freed), already faulted
+// in, and there the madvise call itself cost 8-55 us a call (a 24.5 MiB output, AMD EPYC VM) for
+// nothing: eval forward at 16x64x56x56 went from 0.84-1.01x torch's to 0.57-1.01 channels-last
+// and 0.95-1.11 to 0.92-1.05 NCHW (A/B of builds, four alternations each) when it stopped at 8 MiB.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,7 +25,7 @@ inline void advise_huge_pages(const at::Tensor& t) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (!t.defined() || !t.device().is_cpu()) return;
   const auto bytes = static_cast<uintptr_t>(t.nbytes());
-  if (bytes < 4 * kHuge) return;
+  if (bytes < 16 * kHuge) return;
   const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = (begin + bytes) & ~(kHuge - 1);

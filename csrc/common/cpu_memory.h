@@ -7,7 +7,8 @@
 // from its heap (its threshold rises to the size of each mmap'd block freed), already faulted
 // in, and there the madvise call itself cost 8-55 us a call (a 24.5 MiB output, AMD EPYC VM) for
 // nothing: eval forward at 16x64x56x56 went from 0.84-1.01x torch's to 0.57-1.01 channels-last
-// and 0.95-1.11 to 0.92-1.05 NCHW (A/B of builds, four alternations each) when it stopped at 8 MiB.
+// and 0.95-1.11 to 0.92-1.05 NCHW (A/B of builds, four alternations each) when outputs of 8 to 32
+// MiB stopped being advised.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -195,14 +195,8 @@ void for_each_channel(int64_t C, F&& fn) {
 // helped on cache-resident data, but on data streamed from memory (a training step) reading each
 // row in 2 KiB pieces, a block's rows twice, cost more: 16x1024x7x7 forward+backward with ReLU
 // and a residual, inputs cycled through 96 MiB, 1.6-1.8 ms in chunks of 512, 1.2-1.3 whole.
-// fn(c0, width) for each chunk [c0, c0 + width). Every channel sees its rows in the same order
-// whatever the chunks: the same bits.
+// Every channel sees its rows in the same order whatever the chunks: the same bits.
 constexpr int64_t kColumnChunk = 2048;
-
-template <typename F>
-inline void for_column_chunks(int64_t C, F&& fn) {
-  for (int64_t c0 = 0; c0 < C; c0 += kColumnChunk) fn(c0, std::min(kColumnChunk, C - c0));
-}
 
 // Rows view (channels-last) loops run over channels innermost (contiguous, vectorised), as
 // functions with their pointers by value: a loop written inside a lambda reads the captured
@@ -237,14 +231,22 @@ inline void unrolled(F&& fn) {
   unrolled_over(fn, std::make_integer_sequence<int64_t, kCount>{});
 }
 
-// fn(std::integral_constant<int64_t, kRows>{}, r, row_step, seen) over rows [begin, end): kRows rows
-// at once (r, r + row_step, ...), then the rows left one by one (kRows = 1); `seen` is how many
-// rows earlier calls took (for the statistics' counts).
+// Every rows pass's walk over rows [begin, end) of C channels: for each column chunk [c0, c0 +
+// width), fn(std::integral_constant<int64_t, kRows>{}, r, row_step, seen, c0, width) with kRows
+// rows at once (r, r + row_step, ...), then the rows left one by one (kRows = 1); `seen` is how
+// many of the range's rows earlier calls of the chunk took (for the statistics' counts).
 template <typename F>
-inline void in_row_parts(int64_t begin, int64_t end, F&& fn) {
+inline void for_row_parts(int64_t C, int64_t begin, int64_t end, F&& fn) {
   const int64_t part = (end - begin) / kRowParts;
-  for (int64_t r = 0; r < part; ++r) fn(std::integral_constant<int64_t, kRowParts>{}, begin + r, part, kRowParts * r);
-  for (int64_t r = begin + kRowParts * part; r < end; ++r) fn(std::integral_constant<int64_t, 1>{}, r, 0, r - begin);
+  for (int64_t c0 = 0; c0 < C; c0 += kColumnChunk) {
+    const int64_t width = std::min(kColumnChunk, C - c0);
+    for (int64_t r = 0; r < part; ++r) {
+      fn(std::integral_constant<int64_t, kRowParts>{}, begin + r, part, kRowParts * r, c0, width);
+    }
+    for (int64_t r = begin + kRowParts * part; r < end; ++r) {
+      fn(std::integral_constant<int64_t, 1>{}, r, int64_t(0), r - begin, c0, width);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -330,11 +332,11 @@ inline void welford_add(acc v, acc inv_count, acc& m, acc& q) {
 }
 
 // Welford's update of the rows view for every channel, on d = x - shift, kRows rows at once: row
-// r (where x points) and the rows row_step, 2 * row_step, ... rows below it (in_row_parts), their
+// r (where x points) and the rows row_step, 2 * row_step, ... rows below it (for_row_parts), their
 // values merged as one batch into each channel's running values, with inv_count = 1 / (the count
 // after them). After each step every channel has seen the same count, so inv_count is one scalar
 // and the update vectorises across channels. Each step loads and stores a channel's mean and m2
-// once for kRows values: see in_row_parts.
+// once for kRows values: see for_row_parts.
 template <int64_t kRows, typename scalar_t>
 inline void rows_welford_rows(const scalar_t* x, int64_t row_step, int64_t C, int64_t c0, int64_t width,
                               opmath_t<scalar_t> inv_count, const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean,
@@ -440,11 +442,10 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
       C, [&](auto tile) { rows_welford_tile<decltype(tile)::value>(x, rows, shift, mu, q); });
   if (!tiled) {
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);
-    for_column_chunks(C, [&](int64_t c0, int64_t width) {
-      in_row_parts(0, rows, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t seen) {
-        constexpr int64_t kRows = decltype(rows_at_once)::value;
-        rows_welford_rows<kRows>(x + r * C, row_step, C, c0, width, acc(1) / acc(seen + kRows), shift, mu, q);
-      });
+    for_row_parts(C, 0, rows, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t seen, int64_t c0,
+                                  int64_t width) {
+      constexpr int64_t kRows = decltype(rows_at_once)::value;
+      rows_welford_rows<kRows>(x + r * C, row_step, C, c0, width, acc(1) / acc(seen + kRows), shift, mu, q);
     });
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -594,7 +595,7 @@ inline void forward_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int6
   for (int64_t i = off; i < off + len; ++i) forward_element<scalar_t, A, kResidual>(x, z, y, i, a);
 }
 
-// Channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: in_row_parts) of the rows view.
+// Channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: for_row_parts) of the rows view.
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual>
 inline void forward_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t r, int64_t row_step, int64_t C,
                          int64_t c0, int64_t width, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
@@ -747,7 +748,7 @@ void backward_apply_parts(const scalar_t* dy, const scalar_t* x, const scalar_t*
   });
 }
 
-// The same over channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: in_row_parts)
+// The same over channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: for_row_parts)
 // of the rows view.
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_apply_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
@@ -772,17 +773,15 @@ template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool
 void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
                          int64_t begin, int64_t end, int64_t C, const AffineColumns<opmath_t<scalar_t>>& a,
                          const CoeffColumns<opmath_t<scalar_t>>& k) {
-  for_column_chunks(C, [&](int64_t c0, int64_t width) {
-    in_row_parts(begin, end, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t) {
-      backward_apply_row<decltype(rows_at_once)::value, scalar_t, A, kResidual, kGradInput, kGradResidual>(
-          dy, x, z, dx, dz, r, row_step, C, c0, width, a.mean.data(), a.scale.data(), a.shift.data(),
-          k.mean_g.data(), k.proj.data(), k.scale.data());
-    });
+  for_row_parts(C, begin, end, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t, int64_t c0, int64_t width) {
+    backward_apply_row<decltype(rows_at_once)::value, scalar_t, A, kResidual, kGradInput, kGradResidual>(
+        dy, x, z, dx, dz, r, row_step, C, c0, width, a.mean.data(), a.scale.data(), a.shift.data(), k.mean_g.data(),
+        k.proj.data(), k.scale.data());
   });
 }
 
 // (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of rows r, r + row_step,
-// ... (kRows rows: in_row_parts), added to sg[c] and sgx[c]; with kStoreG, g also goes to g_out.
+// ... (kRows rows: for_row_parts), added to sg[c] and sgx[c]; with kStoreG, g also goes to g_out.
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
 inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t r,
                           int64_t row_step, int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,
@@ -995,13 +994,13 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
   } else {
     at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
-                       for_column_chunks(C, [&](int64_t c0, int64_t width) {
-                         in_row_parts(begin, end, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t) {
-                           forward_rows<decltype(rows_at_once)::value, scalar_t, A, kResidual>(
-                               x, z, y, r, row_step, C, c0, width, columns.mean.data(), columns.scale.data(),
-                               columns.shift.data());
-                         });
-                       });
+                       for_row_parts(C, begin, end,
+                                     [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t, int64_t c0,
+                                         int64_t width) {
+                                       forward_rows<decltype(rows_at_once)::value, scalar_t, A, kResidual>(
+                                           x, z, y, r, row_step, C, c0, width, columns.mean.data(),
+                                           columns.scale.data(), columns.shift.data());
+                                     });
                      });
   }
 }
@@ -1098,14 +1097,12 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
                 columns.shift.data(), scratch.data(), scratch.data() + C);
           });
           if (!tiled) {
-            for_column_chunks(C, [&](int64_t c0, int64_t width) {
-              in_row_parts(blocks.begin(blk), blocks.end(blk),
-                           [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t) {
-                             grad_sums_row<decltype(rows_at_once)::value, scalar_t, A, kResidual, kStoreG>(
-                                 dy, x, z, dz, r, row_step, C, c0, width, columns.mean.data(),
-                                 columns.scale.data(), columns.shift.data(), scratch.data(), scratch.data() + C);
-                           });
-            });
+            for_row_parts(C, blocks.begin(blk), blocks.end(blk),
+                          [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t, int64_t c0, int64_t width) {
+                            grad_sums_row<decltype(rows_at_once)::value, scalar_t, A, kResidual, kStoreG>(
+                                dy, x, z, dz, r, row_step, C, c0, width, columns.mean.data(), columns.scale.data(),
+                                columns.shift.data(), scratch.data(), scratch.data() + C);
+                          });
           }
           std::copy(scratch.begin(), scratch.begin() + 2 * C, partial.get() + 2 * blk * C);
         }

@@ -1513,6 +1513,26 @@ def test_cpu_isa_levels(monkeypatch, isa, shape, fmt, dtype):
                 torch.testing.assert_close(ours[key].double(), ref[key], atol=5e-2, rtol=2e-2, msg=key)
 
 
+# Channels-last rows whose width is not a multiple of the kernels' 16-channel vectors (MobileNet's
+# 24, 40, 72, 120): the last vector of a row overlaps the one before it (cpu_kernels.h,
+# for_channels_vectorised), so the statistics and gradient sums must not count the overlapped
+# channels twice; 17 is one full vector and one channel. Every activation, both modes, every
+# compiled instruction-set level (the vector is one, two or four registers wide).
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("C", [17, 24, 40, 72, 120])
+def test_channels_last_vector_tails(monkeypatch, isa, C):
+    cap_cpu_isa(monkeypatch, isa)
+    for shape in [(5, C, 6, 7), (211, C)]:  # channels-last 4-D, and the (N, C) rows of a 2-D input
+        inputs = make_inputs(shape, "cpu", f32, residual=True)
+        if len(shape) == 4:
+            inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+        for activation in (None, *ACTIVATIONS):
+            for training in (True, False):
+                ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
+                ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation=activation)
+                assert_results_close(ours, ref, f32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])

@@ -241,9 +241,10 @@ inline void unrolled(F&& fn) {
 // (an elementwise pass writes the overlapped channels again, the same values: no output aliases
 // an input; an accumulating pass is told which channels to take, `c >= full_end`, and leaves the
 // others as they are), and only rows narrower than a vector one channel at a time
-// [full_end, scalar_end). Each pass's loop body is a function with its pointers by value: as a
-// lambda (the closure by reference, or by value in some instantiations) GCC reloaded captured
-// pointers per channel and left loops scalar (ReLU backward with a residual gradient 18x slower).
+// [full_end, scalar_end). The three loops are written out in each pass around one function per
+// channel (the rule above, pointers by value): a helper taking the body as a lambda, its closure
+// by reference or by value, left some instantiations scalar (ReLU backward with a residual
+// gradient 18x slower).
 constexpr int64_t kChannelVector = 16;  // floats per AVX-512 vector (two AVX2, four SSE vectors)
 
 struct ChannelVectors {
@@ -356,7 +357,7 @@ inline void welford_add(acc v, acc inv_count, acc& m, acc& q) {
   m = new_mean;
 }
 
-// Welford's update of the rows view for every channel, on d = x - shift, kRows rows at once: row
+// Welford's update of the rows view for channel c (when `take`), on d = x - shift, kRows rows at once: row
 // r (where x points) and the rows row_step, 2 * row_step, ... rows below it (for_row_parts), their
 // values merged as one batch into each channel's running values, with inv_count = 1 / (the count
 // after them). After each step every channel has seen the same count, so inv_count is one scalar
@@ -389,6 +390,7 @@ inline void rows_welford_channel(const scalar_t* x, int64_t row_step, int64_t C,
   m2[c] = take ? q : q0;
 }
 
+// The same for channels [c0, c0 + width) (ChannelVectors).
 template <int64_t kRows, typename scalar_t>
 inline void rows_welford_rows(const scalar_t* x, int64_t row_step, int64_t C, int64_t c0, int64_t width,
                               opmath_t<scalar_t> inv_count, const opmath_t<scalar_t>* shift, opmath_t<scalar_t>* mean,
@@ -637,7 +639,7 @@ inline void forward_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int6
   for (int64_t i = off; i < off + len; ++i) forward_element<scalar_t, A, kResidual>(x, z, y, i, a);
 }
 
-// Channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: for_row_parts) of the rows view.
+// Channel c of rows r, r + row_step, ... (kRows rows: for_row_parts) of the rows view.
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual>
 inline void forward_channel(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t r, int64_t row_step, int64_t C,
                             int64_t c, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
@@ -646,6 +648,7 @@ inline void forward_channel(const scalar_t* x, const scalar_t* z, scalar_t* y, i
   unrolled<kRows>([&](auto k) { forward_element<scalar_t, A, kResidual>(x, z, y, (r + k * row_step) * C + c, a); });
 }
 
+// The same for channels [c0, c0 + width) (ChannelVectors).
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual>
 inline void forward_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t r, int64_t row_step, int64_t C,
                          int64_t c0, int64_t width, const opmath_t<scalar_t>* mean, const opmath_t<scalar_t>* scale,
@@ -806,8 +809,7 @@ void backward_apply_parts(const scalar_t* dy, const scalar_t* x, const scalar_t*
   });
 }
 
-// The same over channels [c0, c0 + width) of rows r, r + row_step, ... (kRows rows: for_row_parts)
-// of the rows view.
+// The same for channel c of rows r, r + row_step, ... (kRows rows: for_row_parts) of the rows view.
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_apply_channel(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
                                    int64_t r, int64_t row_step, int64_t C, int64_t c, const opmath_t<scalar_t>* mean,
@@ -823,6 +825,7 @@ inline void backward_apply_channel(const scalar_t* dy, const scalar_t* x, const 
   });
 }
 
+// ... and for channels [c0, c0 + width) (ChannelVectors).
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_apply_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
                                int64_t r, int64_t row_step, int64_t C, int64_t c0, int64_t width,
@@ -860,8 +863,8 @@ void backward_apply_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* 
   });
 }
 
-// (sum g, sum g * (x - mean)) per channel over channels [c0, c0 + width) of rows r, r + row_step,
-// ... (kRows rows: for_row_parts), added to sg[c] and sgx[c]; with kStoreG, g also goes to g_out.
+// (sum g, sum g * (x - mean)) of channel c over rows r, r + row_step, ... (kRows rows:
+// for_row_parts), added to sg[c] and sgx[c] when `take`; with kStoreG, g also goes to g_out.
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
 inline void grad_sums_channel(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t r,
                               int64_t row_step, int64_t C, int64_t c, const opmath_t<scalar_t>* mean,
@@ -891,6 +894,7 @@ inline void grad_sums_channel(const scalar_t* dy, const scalar_t* x, const scala
   sgx[c] = take ? sum_gx : sgx0;
 }
 
+// The same for channels [c0, c0 + width) (ChannelVectors).
 template <int64_t kRows, typename scalar_t, Activation A, bool kResidual, bool kStoreG>
 inline void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t r,
                           int64_t row_step, int64_t C, int64_t c0, int64_t width, const opmath_t<scalar_t>* mean,

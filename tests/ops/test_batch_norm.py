@@ -1515,7 +1515,7 @@ def test_cpu_isa_levels(monkeypatch, isa, shape, fmt, dtype):
 
 # Channels-last rows whose width is not a multiple of the kernels' 16-channel vectors (MobileNet's
 # 24, 40, 72, 120): the last vector of a row overlaps the one before it (cpu_kernels.h,
-# for_channels_vectorised), so the statistics and gradient sums must not count the overlapped
+# ChannelVectors), so the statistics and gradient sums must not count the overlapped
 # channels twice; 17 is one full vector and one channel. Every activation, both modes, every
 # compiled instruction-set level (the vector is one, two or four registers wide).
 @pytest.mark.parametrize("isa", ISA_LEVELS)

@@ -2,7 +2,6 @@
 // torch's for the same mistakes (RuntimeError), prefixed with the op and naming the argument.
 #include "max_pool/max_pool.h"
 #include "common/checks.h"
-#include "common/layout.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -106,8 +105,10 @@ MaxPool2dPlan plan_max_pool2d_backward(const at::Tensor& grad_output, const at::
                 indices.sizes(), " are not max_pool2d's output for input_size ", input_size, " with kernel_size ",
                 kernel_size, ", stride ", stride, ", padding ", padding, " and dilation ", dilation);
   }
-  // The forward made the indices in the input's layout; the gradient takes it back.
-  const auto format = choose_format(indices);
+  // The forward made the indices in the input's layout; the gradient takes it back. Read from the
+  // strides (suggest_memory_format), not from contiguity: a 1x1 output's indices are contiguous in
+  // both layouts, and only their strides still say channels-last.
+  const auto format = pool_format(indices);
   p.channels_last = format == at::MemoryFormat::ChannelsLast;
   p.indices = indices.contiguous(format);
   p.grad_output = grad_output.contiguous(format);

@@ -161,6 +161,22 @@ def test_backward_like_torch(device, dtype, layout):
     assert g.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (2, 3, 1, 1), (1, 3, 4, 4)], ids=["2x3x4x4", "2x3x1x1", "1x3x4x4"])
+def test_backward_layout_with_one_by_one_output(device, layout, shape):
+    """A window as large as the input leaves a 1x1 output, whose indices are contiguous in both
+    layouts: the gradient must still come back in the input's layout, as torch's does (its
+    backward is handed the input; ours reads the layout from the indices' strides)."""
+    x = laid_out(torch.randn(shape, device=device), layout).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    kernel = list(shape[2:])
+    (g,) = torch.autograd.grad(ours(x, kernel)[0].sum(), x)
+    (g_ref,) = torch.autograd.grad(F.max_pool2d(x_ref, kernel).sum(), x_ref)
+    assert_same(g, g_ref, "grad_input")
+    assert g.stride() == g_ref.stride()
+
+
 def test_large_plane_matches_torch():
     """resnet's stem at a training size, whose planes span many tasks of the parallel loop."""
     x = torch.randn(4, 64, 56, 56)

@@ -1,6 +1,7 @@
 """Per-op times inside one model's training step, torch's model against batchops', on the CPU.
 
     python scripts/model_op_times.py resnet50 NCHW [--steps 5]
+    python scripts/model_op_times.py efficientnet_b0 channels_last   # any torchvision classifier
 
 Every op of a step is timed by a TorchDispatchMode (time.perf_counter around the call, both
 providers alike), per op and input shape, and summed per step with the slowest 40% of each
@@ -67,7 +68,7 @@ def per_step_ms(step, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=list(models.MODELS))
+    parser.add_argument("model", help=f"one of {', '.join(models.MODELS)}, or any torchvision image classifier")
     parser.add_argument("layout", nargs="?", help="NCHW or channels_last for the convnets (default: the first)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=30, help="ops listed per provider")

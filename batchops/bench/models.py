@@ -256,10 +256,19 @@ def _sizes(device: torch.device, size: str) -> dict:
     return dict(image=(16, 112), tokens=(32, 128), d_model=256, nhead=8, ff=1024, lstm=lstm)
 
 
+def is_torchvision_classifier(name: str) -> bool:
+    """Whether `name` is one of torchvision's image classifiers (torchvision.models.list_models),
+    which workload() runs as it runs the benchmark's convnets (scripts/model_step.py: any of them)."""
+    tv = torchvision_or_skip()
+    return name in tv.models.list_models(module=tv.models)
+
+
 def workload(name: str, device: torch.device, size: str = "default") -> Workload:
-    """The workload of model `name` (one of MODELS) at `size` ("default", "quick", "smoke")."""
+    """The workload of model `name` at `size` ("default", "quick", "smoke"): one of MODELS, or any
+    other torchvision image classifier (efficientnet_b0, shufflenet_v2_x0_5, ...) set up as the
+    benchmark's convnets are."""
     s = _sizes(device, size)
-    if name in CONVNETS:
+    if name in CONVNETS or (name not in MODELS and is_torchvision_classifier(name)):
         batch, res = s["image"]
 
         def make_model():
@@ -297,7 +306,7 @@ def workload(name: str, device: torch.device, size: str = "default") -> Workload
         return Workload(
             name, tuple(ids.shape), make_model, make_batch, _adam, ("packed",), adapt_batchops=_use_batchops_packing
         )
-    raise ValueError(f"unknown model {name!r}; available: {MODELS}")
+    raise ValueError(f"unknown model {name!r}; available: {MODELS} or any torchvision image classifier")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ sizes; no timing assertions."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 
@@ -87,6 +88,33 @@ def test_prepare_batchops_converts_every_batch_norm_and_fuses():
     assert models.describe_fusion(report).startswith("fused 9 bn_act, 8 bn_add_act, 1 max_pool; 4 left unfused")
     _, report = models.prepare_batchops(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10))
     assert models.describe_fusion(report) == "fused 23 bn_act, 6 bn_add, 1 linear_act; 6 left unfused"
+
+
+@needs_torchvision
+def test_any_torchvision_classifier_runs_as_the_convnets_do():
+    """scripts/model_step.py and model_op_times.py take torchvision classifiers beyond the
+    benchmark's (shufflenet's 24-channel branches, efficientnet's SiLU): the same workload."""
+    assert "shufflenet_v2_x0_5" not in models.MODELS
+    case = models.model_case("shufflenet_v2_x0_5", CPU, "channels_last", size="smoke")
+    assert case.layout == "channels_last" and case.shape == models.workload("resnet18", CPU, "smoke").shape
+    test_both_providers_take_a_step_with_the_same_loss(case)
+    assert case.note.startswith("fused ")
+    with pytest.raises(ValueError, match="unknown model 'resnet_nonexistent'.*torchvision image classifier"):
+        models.workload("resnet_nonexistent", CPU)
+
+
+@needs_torchvision
+@pytest.mark.slow
+def test_model_step_script_prints_one_checked_line():
+    script = ROOT / "scripts" / "model_step.py"
+    args = [sys.executable, str(script), *"resnet18 channels_last --size smoke --reps 3 --budget 0.5".split()]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert re.match(rf"torch {re.escape(torch.__version__)} resnet18 channels_last step: torch [0-9.]+ \[", line), line
+    assert re.search(r"ratio [0-9.]+ \(fused 9 bn_act, 8 bn_add_act, 1 max_pool", line), line
+    bad = subprocess.run([*args[:2], "resnet_nonexistent"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode != 0 and "unknown model 'resnet_nonexistent'" in bad.stderr
 
 
 def test_the_lstm_classifier_packs_with_each_providers_functions():

@@ -117,6 +117,32 @@ def test_model_step_script_prints_one_checked_line():
     assert bad.returncode != 0 and "unknown model 'resnet_nonexistent'" in bad.stderr
 
 
+def test_model_op_times_counts_every_fused_family_on_both_sides():
+    """scripts/model_op_times.py's totals: batch norm, every activation batchops fuses and the
+    residual adds (its SiLU total once missed torch's SiLUs), not the convolutions or hardsigmoid."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_op_times", ROOT / "scripts" / "model_op_times.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    counted = [
+        "aten.native_batch_norm_backward.default 16x96x56x56",
+        "aten.silu_backward.default 16x96x56x56",
+        "aten.hardtanh_.default 16x96x56x56",
+        "aten.hardswish_backward.default 16x16x28x28",
+        "aten.gelu.default 32x128x1024",
+        "aten.threshold_backward.default 16x64x56x56",
+        "aten.add_.Tensor 16x64x56x56" + script.RESIDUAL_ADD,
+    ]
+    assert all(script.replaced_by_batchops(key) for key in counted)
+    others = [
+        "aten.convolution_backward.default 16x96x56x56",
+        "aten.hardsigmoid.default 16x96x1x1",
+        "aten.add_.Tensor 64",
+    ]
+    assert not any(script.replaced_by_batchops(key) for key in others)
+
+
 def test_the_lstm_classifier_packs_with_each_providers_functions():
     work = models.workload("lstm_classifier", CPU, "smoke")
     torch.manual_seed(0)

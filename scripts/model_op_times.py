@@ -23,15 +23,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from batchops.bench import models
 from batchops.bench.timing import reuse_freed_cpu_memory
 
-# Torch's ops that batchops' fused batch norm replaces: batch norm, the activations it fuses
-# (ReLU, ReLU6 = hardtanh, SiLU, GELU, hardswish) and their backwards, and the residual adds
+# Torch's ops that batchops replaces: batch norm, the activations it fuses (ReLU, ReLU6 =
+# hardtanh, SiLU, GELU, hardswish) and their backwards, max pool, and the residual adds
 # (add_ on a 4-D tensor in grad mode, i.e. in the forward; the optimizer's add_ runs without grad
 # mode and is on both sides). Both providers' totals count these families, batchops' with its
 # own ops, so that activations fuse leaves as torch's (a squeeze-excitation's SiLU after a
 # convolution) count on both sides. (Until 2026-12-06 the list had ReLU only and batchops' total
 # its own ops only: on efficientnet_b0 that read torch 24.1 ms against ours 29.4, where torch's
 # batch norms and SiLUs take 38.1 and ours 29.9.)
-REPLACED = ("native_batch_norm", "threshold_backward", "relu", "hardtanh", "silu", "gelu", "hardswish")
+REPLACED = ("native_batch_norm", "threshold_backward", "relu", "hardtanh", "silu", "gelu", "hardswish", "max_pool2d")
 RESIDUAL_ADD = " (residual add)"
 
 
@@ -92,7 +92,7 @@ def main() -> None:
         for key, ms in sorted(times.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {ms:8.2f}  {key}")
     print(
-        f"batch norm, its activations and the residual adds, ms per step: torch {totals['torch']:.1f}, "
+        f"batch norm, its activations, max pool and the residual adds, ms per step: torch {totals['torch']:.1f}, "
         f"batchops {totals['batchops']:.1f} (its ops and what fuse left as torch's)"
     )
 

@@ -119,7 +119,8 @@ def test_model_step_script_prints_one_checked_line():
 
 def test_model_op_times_counts_every_fused_family_on_both_sides():
     """scripts/model_op_times.py's totals: batch norm, every activation batchops fuses and the
-    residual adds (its SiLU total once missed torch's SiLUs), not the convolutions or hardsigmoid."""
+    residual adds (its SiLU total once missed torch's SiLUs) and max pool, not the convolutions or
+    hardsigmoid."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("model_op_times", ROOT / "scripts" / "model_op_times.py")
@@ -132,6 +133,7 @@ def test_model_op_times_counts_every_fused_family_on_both_sides():
         "aten.hardswish_backward.default 16x16x28x28",
         "aten.gelu.default 32x128x1024",
         "aten.threshold_backward.default 16x64x56x56",
+        "aten.max_pool2d_with_indices_backward.default 16x64x28x28",
         "aten.add_.Tensor 16x64x56x56" + script.RESIDUAL_ADD,
     ]
     assert all(script.replaced_by_batchops(key) for key in counted)

@@ -30,7 +30,8 @@ from batchops.bench.timing import reuse_freed_cpu_memory
 # own ops, so that activations fuse leaves as torch's (a squeeze-excitation's SiLU after a
 # convolution) count on both sides. (Until 2026-12-06 the list had ReLU only and batchops' total
 # its own ops only: on efficientnet_b0 that read torch 24.1 ms against ours 29.4, where torch's
-# batch norms and SiLUs take 38.1 and ours 29.9.)
+# batch norms and SiLUs take 38.1 and ours 29.9.) Meant for the convnets: in the transformer
+# batchops' Linear + GELU is one op, products included, against torch's GELU alone.
 REPLACED = ("native_batch_norm", "threshold_backward", "relu", "hardtanh", "silu", "gelu", "hardswish", "max_pool2d")
 RESIDUAL_ADD = " (residual add)"
 

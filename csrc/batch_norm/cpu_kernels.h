@@ -669,18 +669,87 @@ inline void forward_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, int6
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Eval forward: y = act(x * alpha + beta [+ z]) with alpha = invstd * weight and beta = bias -
+// running_mean * alpha, per channel, as torch's eval kernel computes it (the training forward
+// keeps (x - mean) * scale + shift, whose mean it has just computed). Two constants per channel
+// instead of three: on the rows view (channels-last) the third column was a third load per value.
+// The rows are taken one at a time, in memory order: the training passes' four rows at once
+// (for_row_parts) pay off where a channel's running sums are loaded and stored, not here. A
+// standalone loop of each, 2 threads, AMD EPYC, cache-warm: 256 rows x 2048 channels 54-58 us
+// (three columns, four rows) -> 31-32 (two columns, one row); 12544 x 64 54-56 -> 41; 3136 x 256
+// 57 -> 42; three columns one row at a time was the slowest (61 us at 256 x 2048). But a row at a
+// time is one stream per thread, and on data that comes from memory that waits on latency: the
+// op alone in a loop over the same 12.8 MB input (16x256x28x28, 16x64x56x56, mostly in the
+// last-level cache) was as fast one row or four rows at a time, but alternating with torch's
+// call (which evicts it; the benchmark's rows) a row at a time took 1.21-1.39x torch's time at
+// 16x256x28x28 against 0.68-1.08 four at a time (five processes each), while at 6.4 MB
+// (16x512x14x14, 16x128x28x28) a row at a time was as fast or faster. So inputs from
+// kEvalRowPartsFrom values up (2 Mi: 8 MiB of float, a quarter of this machine's L3, where input
+// and output no longer stay in it beside the layers around them) keep the training forward's
+// rows pass, with a column of zeros for the mean: (x - 0) * alpha + beta, the same values. A
+// two-column version of that pass measured slower in one set of runs (16x64x56x56 alone in a
+// loop, medians 750-760 us against 390-590) and the unchanged pass as slow in the next: this
+// host's drift from minute to minute was larger than any difference, so the pass is kept as
+// it was.
+constexpr int64_t kEvalRowPartsFrom = int64_t(1) << 21;
+
+template <typename acc, typename stat_t>
+void eval_constants(int64_t C, double eps, const stat_t* rm, const stat_t* rv, const stat_t* w, const stat_t* b,
+                    stat_t* save_mean, stat_t* save_invstd, acc* alpha, acc* beta) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const stat_t invstd = stat_t(1) / std::sqrt(rv[c] + stat_t(eps));
+    const acc a = acc(invstd * (w ? w[c] : stat_t(1)));
+    save_mean[c] = rm[c];  // saved for a backward in eval mode, as torch's op returns them
+    save_invstd[c] = invstd;
+    alpha[c] = a;
+    beta[c] = acc(b ? b[c] : stat_t(0)) - acc(rm[c]) * a;
+  }
+}
+
+template <typename scalar_t, Activation A, bool kResidual>
+inline void eval_element(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t i, opmath_t<scalar_t> alpha,
+                         opmath_t<scalar_t> beta) {
+  using acc = opmath_t<scalar_t>;
+  acc v = static_cast<acc>(x[i]) * alpha + beta;
+  if constexpr (kResidual) v += static_cast<acc>(z[i]);
+  y[i] = static_cast<scalar_t>(activation_forward<A>(v));
+}
+
+// One span of len values, value i with constants alpha[i], beta[i]: a row of the rows view, or a
+// sample's part of a channel chunk (eval_forward_channel_chunks). Vectorised to the end as the
+// rows passes are (ChannelVectors).
+template <typename scalar_t, Activation A, bool kResidual>
+inline void eval_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t len,
+                      const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
+  const ChannelVectors v(0, len);
+#pragma omp simd
+  for (int64_t i = 0; i < v.full_end; ++i) eval_element<scalar_t, A, kResidual>(x, z, y, i, alpha[i], beta[i]);
+  if (v.overlap) {
+#pragma omp simd
+    for (int64_t k = 0; k < kChannelVector; ++k) {
+      const int64_t i = v.last + k;
+      eval_element<scalar_t, A, kResidual>(x, z, y, i, alpha[i], beta[i]);
+    }
+  }
+  for (int64_t i = v.full_end; i < v.scalar_end; ++i) {
+    eval_element<scalar_t, A, kResidual>(x, z, y, i, alpha[i], beta[i]);
+  }
+}
+
 // The eval forward on very short planar runs (inner <= 16: resnet50's 4x4 layers, 1x1 to 4x4
 // maps) with a batch of 4 or more. Run by run (forward_span), a run of 16 values cost as much
 // loop set-up as arithmetic: the op took as long as torch's and 2.5x a plain x * 2 over the same
 // tensor. Here a task takes a chunk of channels, writes their constants out repeated inner times
-// (kEvalChunk values: three arrays of 1 KiB), then goes through the chunk's span of every
-// sample, C * inner values apart, in one vectorised loop (forward_rows). The same arithmetic per
-// value as run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, five
-// processes: 16x512x4x4 1.02-1.12 -> 0.72-0.95, 16x2048x4x4 0.83-1.03 -> 0.68-0.77. Chunks of
-// 512-2048 values did less well (2048: 24 KiB of constants, L1 is 32 KiB), and at 7x7 (runs of
-// 49 values: three vectors and a remainder) run by run stayed ahead (0.62-0.71 against
-// 0.65-0.85), so the threshold is 16. Constants repeated across the whole row (three arrays of
-// C * inner) were read back from L2/L3 for every sample: slower than run by run.
+// (kEvalChunk values: two arrays of 1 KiB), then goes through the chunk's span of every sample,
+// C * inner values apart, in one vectorised loop (eval_span). The same arithmetic per value as
+// run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, five processes
+// (three constants then): 16x512x4x4 1.02-1.12 -> 0.72-0.95, 16x2048x4x4 0.83-1.03 -> 0.68-0.77.
+// Chunks of 512-2048 values did less well (2048: 24 KiB of constants, L1 is 32 KiB), and at 7x7 (runs of 49
+// values: three vectors and a remainder) run by run stayed ahead (0.62-0.71 against 0.65-0.85),
+// so the threshold is 16. Constants repeated across the whole row (arrays of C * inner) were read
+// back from L2/L3 for every sample: slower than run by run.
 constexpr int64_t kEvalChunk = 256;
 constexpr int64_t kEvalShortRun = 16;
 
@@ -691,34 +760,66 @@ inline bool eval_by_channel_chunks(const BatchNormLayout& l) {
 
 template <typename scalar_t, Activation A, bool kResidual>
 void eval_forward_channel_chunks(const scalar_t* x, const scalar_t* z, scalar_t* y, const BatchNormLayout& l,
-                                 const Affine<opmath_t<scalar_t>>* affine) {
+                                 const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
   using acc = opmath_t<scalar_t>;
   const int64_t inner = l.inner, sample = l.C * inner;
   const int64_t width = std::max<int64_t>(1, kEvalChunk / inner);  // channels per chunk
   at::parallel_for(0, (l.C + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
-    acc* mean = thread_scratch<acc>(3 * width * inner);
-    acc* scale = mean + width * inner;
-    acc* shift = scale + width * inner;
+    acc* alphas = thread_scratch<acc>(2 * width * inner);
+    acc* betas = alphas + width * inner;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t c0 = chunk * width, channels = std::min(width, l.C - c0), off = c0 * inner;
       for (int64_t c = 0; c < channels; ++c) {
-        const Affine<acc> a = affine[c0 + c];
-        acc* m = mean + c * inner;
-        acc* k = scale + c * inner;
-        acc* b = shift + c * inner;
+        const acc a = alpha[c0 + c], b = beta[c0 + c];
+        acc* ac = alphas + c * inner;
+        acc* bc = betas + c * inner;
 #pragma omp simd
         for (int64_t i = 0; i < inner; ++i) {
-          m[i] = a.mean;
-          k[i] = a.scale;
-          b[i] = a.shift;
+          ac[i] = a;
+          bc[i] = b;
         }
       }
       for (int64_t n = 0; n < l.N; ++n) {
-        forward_rows<1, scalar_t, A, kResidual>(x + off, kResidual ? z + off : nullptr, y + off, n, 0, sample, 0,
-                                                channels * inner, mean, scale, shift);
+        const int64_t at = n * sample + off;
+        eval_span<scalar_t, A, kResidual>(x + at, kResidual ? z + at : nullptr, y + at, channels * inner, alphas,
+                                          betas);
       }
     }
   });
+}
+
+// The whole eval forward of a non-empty input; zeros: C zeros (a mean column for forward_rows).
+template <typename scalar_t, Activation A, bool kResidual>
+void eval_forward(const scalar_t* x, const scalar_t* z, scalar_t* y, const BatchNormLayout& l,
+                  const opmath_t<scalar_t>* zeros, const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
+  using acc = opmath_t<scalar_t>;
+  const int64_t C = l.C;
+  if (eval_by_channel_chunks(l)) {
+    eval_forward_channel_chunks<scalar_t, A, kResidual>(x, z, y, l, alpha, beta);
+  } else if (!l.rows) {
+    // x * alpha + beta as forward_span's (x - 0) * alpha + beta: x - 0 is x for every float.
+    for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
+      forward_span<scalar_t, A, kResidual>(x, z, y, off, len, Affine<acc>{acc(0), alpha[c], beta[c]});
+    });
+  } else {
+    const bool by_parts = l.per_channel() * C >= kEvalRowPartsFrom;
+    at::parallel_for(0, l.per_channel(), std::max<int64_t>(1, kPiece / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       if (by_parts) {  // the training forward's rows pass, (x - 0) * alpha + beta
+                         for_row_parts(C, begin, end,
+                                       [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t, int64_t c0,
+                                           int64_t width) {
+                                         forward_rows<decltype(rows_at_once)::value, scalar_t, A, kResidual>(
+                                             x, z, y, r, row_step, C, c0, width, zeros, alpha, beta);
+                                       });
+                         return;
+                       }
+                       for (int64_t r = begin; r < end; ++r) {
+                         eval_span<scalar_t, A, kResidual>(x + r * C, kResidual ? z + r * C : nullptr, y + r * C, C,
+                                                           alpha, beta);
+                       }
+                     });
+  }
 }
 
 // g = dy * act'(pre), pre recomputed from x (and z): no full-size tensor is saved for it.
@@ -1038,21 +1139,18 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
   };
 
   // Eval: the running statistics are the ones to normalise with (and to save).
-  auto set_eval_stats = [&](int64_t c) {
-    save_mean[c] = rm[c];
-    save_invstd[c] = stat_t(1) / std::sqrt(rv[c] + stat_t(p.eps));
-  };
-  if (empty) {
-    for_each_channel(C, [&](int64_t c) {
-      if (p.training) {
-        finalize(c, WelfordData<double>{});
-      } else {
-        set_eval_stats(c);
-      }
-    });
+  if (!p.training) {
+    std::unique_ptr<acc[]> constants(new acc[3 * C]());  // zeros, alpha, beta
+    acc* alpha = constants.get() + C;
+    eval_constants<acc, stat_t>(C, p.eps, rm, rv, w, b, save_mean, save_invstd, alpha, alpha + C);
+    if (!empty) eval_forward<scalar_t, A, kResidual>(x, z, y, l, constants.get(), alpha, alpha + C);
     return;
   }
-  if (p.training && channels_resident(l)) {
+  if (empty) {
+    for_each_channel(C, [&](int64_t c) { finalize(c, WelfordData<double>{}); });
+    return;
+  }
+  if (channels_resident(l)) {
     const int64_t pc = l.per_channel();
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
       scalar_t* buf = thread_scratch<scalar_t>(width * pc);
@@ -1081,20 +1179,11 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
       affine[c] = a;
     }
   };
-  if (p.training) {
-    all_channel_stats(x, l, [&](int64_t c, const WelfordData<double>& stats) {
-      finalize(c, stats);
-      set_constants(c);
-    });
-  } else {
-    for_each_channel(C, [&](int64_t c) {
-      set_eval_stats(c);
-      set_constants(c);
-    });
-  }
-  if (!p.training && eval_by_channel_chunks(l)) {
-    eval_forward_channel_chunks<scalar_t, A, kResidual>(x, z, y, l, affine.data());
-  } else if (!l.rows) {
+  all_channel_stats(x, l, [&](int64_t c, const WelfordData<double>& stats) {
+    finalize(c, stats);
+    set_constants(c);
+  });
+  if (!l.rows) {
     for_planar_parts(l, [&](int64_t off, int64_t len, int64_t c, int64_t) {
       forward_span<scalar_t, A, kResidual>(x, z, y, off, len, affine[c]);
     });

@@ -9,6 +9,7 @@ where torch's own float64 result is not accurate enough (x = 1e4 + noise).
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -446,10 +447,14 @@ def test_mean_offset(device, dtype, layout):
         torch.testing.assert_close(ours[g].double(), ref[g], rtol=0, atol=t_grad * scale, msg=lambda m: f"{g}: {m}")
     torch.testing.assert_close(ours["rm"].double(), ref["rm"], rtol=0, atol=t_rm)
     torch.testing.assert_close(ours["rv"].double(), ref["rv"], rtol=0, atol=t_rv)
-    # eval with running statistics near 1e4
+    # eval with running statistics near 1e4, computed as torch's eval kernel does: x * alpha + beta
+    # (alpha = w * invstd, beta = b - running_mean * alpha), both terms near 1e4 * alpha (up to
+    # ~1.1e4), each rounded to half an ulp of that in float32 (4.9e-4): torch's own eval output
+    # is off by as much (0.6-1.0e-3 here, the same as ours)
+    t_eval = t_out if dtype == f64 else 2e-3
     ours_e = evaluate(ours_impl, **inputs, training=False)
     ref_e = evaluate(manual_reference, **inputs, training=False, cast=f64, shift=offset)
-    torch.testing.assert_close(ours_e["y"].double(), ref_e["y"], rtol=0, atol=t_out)
+    torch.testing.assert_close(ours_e["y"].double(), ref_e["y"], rtol=0, atol=t_eval)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1531,6 +1536,26 @@ def test_channels_last_vector_tails(monkeypatch, isa, C):
                 ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
                 ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation=activation)
                 assert_results_close(ours, ref, f32)
+
+
+# The channels-last eval forward takes rows one at a time below 2**21 values and four at a time
+# from there (cpu_kernels.h, kEvalRowPartsFrom); the smaller shapes above cover the first.
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("C", [40, 64])
+def test_channels_last_eval_of_large_inputs(monkeypatch, isa, C):
+    cap_cpu_isa(monkeypatch, isa)
+    # just above 2**21 values, in an odd number of rows (so that a thread's range ends in rows
+    # taken one at a time, after the four-at-a-time ones)
+    shape = (3, C, 127, (2**21 // (3 * C * 127) + 1) | 1)
+    assert 2**21 <= math.prod(shape) < 2**21 + 10**5 and math.prod(shape[:1] + shape[2:]) % 2 == 1
+    inputs = make_inputs(shape, "cpu", f32, residual=True)
+    inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    for activation, residual in ((None, False), ("relu", True)):
+        args = inputs if residual else {**inputs, "z": None}
+        ours = evaluate(ours_impl, **args, training=False, activation=activation)
+        ref = evaluate(torch_impl, **args, cast=f64, training=False, activation=activation)
+        assert ours["y"].is_contiguous(memory_format=torch.channels_last)
+        assert_results_close(ours, ref, f32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

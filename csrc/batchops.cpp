@@ -5,13 +5,17 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "batch_norm/batch_norm.h"
 #include "common/activation.h"
 #include "common/cpu_isa.h"
+#include "common/python_entry.h"
 #include "linear/linear.h"
+#include "max_pool/max_pool.h"
+#include "packing/packing.h"
 
 TORCH_LIBRARY(batchops, m) {}
 
-// A plain Python module (no pybind11: faster to compile). Importing it runs the
+// A plain Python module (the C API, not pybind11's module machinery). Importing it runs the
 // registrations above; its attributes record how it was built, for batchops.build_info().
 #ifndef BATCHOPS_TORCH_VERSION
 #define BATCHOPS_TORCH_VERSION "unknown"
@@ -32,8 +36,20 @@ static PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// cpu_isa, and each op's entry for plain-tensor calls under the op's name (common/python_entry.h).
 static PyMethodDef batchops_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use now: default, avx2 or avx512."},
+    batchops::python_entry::method<batchops::BatchNormForwardOp>(),
+    batchops::python_entry::method<batchops::BatchNormBackwardOp>(),
+    batchops::python_entry::method<batchops::BatchNormStatsOp>(),
+    batchops::python_entry::method<batchops::BatchNormBackwardElemtOp>(),
+    batchops::python_entry::method<batchops::LinearForwardOp>(),
+    batchops::python_entry::method<batchops::LinearBackwardOp>(),
+    batchops::python_entry::method<batchops::GroupedLinearForwardOp>(),
+    batchops::python_entry::method<batchops::GroupedLinearBackwardOp>(),
+    batchops::python_entry::method<batchops::MaxPool2dOp>(),
+    batchops::python_entry::method<batchops::MaxPool2dBackwardOp>(),
+    batchops::python_entry::method<batchops::GatherRowsOp>(),
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef batchops_module = {PyModuleDef_HEAD_INIT, "_C", "batchops compiled kernels", -1,

@@ -13,10 +13,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchops._extension import extension_available, require_extension
-from batchops.ops.common import kernel_memory_format, stat_dtype
+from batchops._extension import extension_available
+from batchops.ops.common import kernel_memory_format, op_caller, stat_dtype
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_elemt"]
+
+_batch_norm_forward = op_caller("batch_norm_forward")
+_batch_norm_backward = op_caller("batch_norm_backward")
+_batch_norm_stats = op_caller("batch_norm_stats")
+_batch_norm_backward_elemt = op_caller("batch_norm_backward_elemt")
 
 
 def batch_norm_forward(
@@ -33,8 +38,7 @@ def batch_norm_forward(
     activation: str | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (output, save_mean, save_invstd, new_running_mean, new_running_var)."""
-    require_extension()
-    return torch.ops.batchops.batch_norm_forward(
+    return _batch_norm_forward(
         input, weight, bias, residual, running_mean, running_var, training, momentum, momentum_tensor, eps, activation
     )
 
@@ -52,8 +56,7 @@ def batch_norm_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_input, grad_weight, grad_bias, grad_residual); unrequested ones are empty."""
-    require_extension()
-    return torch.ops.batchops.batch_norm_backward(
+    return _batch_norm_backward(
         grad_output, input, weight, bias, residual, save_mean, save_invstd, training, activation, output_mask
     )
 
@@ -61,8 +64,7 @@ def batch_norm_backward(
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """-> (mean, m2): per-channel mean and sum of squared deviations (float32, float64 for
     float64 input); zeros for an empty batch. The count is input.numel() // input.size(1)."""
-    require_extension()
-    return torch.ops.batchops.batch_norm_stats(input)
+    return _batch_norm_stats(input)
 
 
 # The same leading arguments as batch_norm_backward: both ops' schemas take the forward's saved
@@ -82,8 +84,7 @@ def batch_norm_backward_elemt(
 ) -> tuple[Tensor, Tensor]:
     """-> (grad_input, grad_residual) from the given per-channel mean(g) and mean(g * xhat) of the
     whole (distributed) batch; unrequested ones are empty."""
-    require_extension()
-    return torch.ops.batchops.batch_norm_backward_elemt(
+    return _batch_norm_backward_elemt(
         grad_output,
         input,
         weight,

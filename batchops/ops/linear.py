@@ -14,17 +14,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchops._extension import compiled_module, extension_available, require_extension
+from batchops._extension import compiled_module, extension_available
+from batchops.ops.common import op_caller
 
 __all__ = ["linear_forward", "grouped_linear_forward"]
+
+_linear_forward = op_caller("linear_forward")
+_grouped_linear_forward = op_caller("grouped_linear_forward")
 
 
 def linear_forward(
     input: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, save_for_backward: bool = True
 ) -> tuple[Tensor, Tensor]:
     """-> (output, saved)."""
-    require_extension()
-    return torch.ops.batchops.linear_forward(input, weight, bias, activation, save_for_backward)
+    return _linear_forward(input, weight, bias, activation, save_for_backward)
 
 
 def grouped_linear_forward(
@@ -36,8 +39,7 @@ def grouped_linear_forward(
     save_for_backward: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (output, saved, group_offsets)."""
-    require_extension()
-    return torch.ops.batchops.grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward)
+    return _grouped_linear_forward(input, weight, bias, group_sizes, activation, save_for_backward)
 
 
 def _out_shape(input, out_features):

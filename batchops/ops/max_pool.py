@@ -12,10 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from batchops._extension import extension_available, require_extension
-from batchops.ops.common import kernel_memory_format
+from batchops._extension import extension_available
+from batchops.ops.common import kernel_memory_format, op_caller
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
+
+_max_pool2d = op_caller("max_pool2d")
+_max_pool2d_backward = op_caller("max_pool2d_backward")
 
 
 def max_pool2d(
@@ -27,8 +30,7 @@ def max_pool2d(
     ceil_mode: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """input (N, C, H, W) or (C, H, W) -> (output, indices), as torch's max_pool2d_with_indices."""
-    require_extension()
-    return torch.ops.batchops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def max_pool2d_backward(
@@ -41,10 +43,7 @@ def max_pool2d_backward(
     dilation: Sequence[int],
 ) -> Tensor:
     """The input's gradient: each output's gradient added at its index."""
-    require_extension()
-    return torch.ops.batchops.max_pool2d_backward(
-        grad_output, indices, input_size, kernel_size, stride, padding, dilation
-    )
+    return _max_pool2d_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation)
 
 
 def _fake_forward(input, kernel_size, stride=(), padding=(0,), dilation=(1,), ceil_mode=False):

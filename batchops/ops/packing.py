@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchops._extension import extension_available, require_extension
+from batchops._extension import extension_available
+from batchops.ops.common import op_caller
 
 __all__ = ["gather_rows"]
+
+_gather_rows = op_caller("gather_rows")
 
 
 def gather_rows(input: Tensor, index: Tensor, inverse_index: Tensor | None = None, fill: float = 0) -> Tensor:
@@ -20,8 +23,7 @@ def gather_rows(input: Tensor, index: Tensor, inverse_index: Tensor | None = Non
 
     `inverse_index` (R,) maps each input row to its output row (or -1); when given, the
     backward is one more gather (it must then be the exact inverse of an injective index)."""
-    require_extension()
-    return torch.ops.batchops.gather_rows(input, index, inverse_index, fill)
+    return _gather_rows(input, index, inverse_index, fill)
 
 
 def _fake(input, index, inverse_index, fill):

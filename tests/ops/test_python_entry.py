@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 import batchops
 from batchops._extension import compiled_module
 
-from tests.helpers import RecordOps
+from tests.helpers import DEVICES, RecordOps
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -112,9 +112,10 @@ def test_every_op_has_an_entry():
         assert callable(getattr(compiled_module(), name)), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", OPS)
-def test_entry_matches_torch_ops(name):
-    args = _args(name)
+def test_entry_matches_torch_ops(name, device):
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _args(name))
     ours = getattr(compiled_module(), name)(*args)
     assert ours is not NotImplemented
     theirs = getattr(torch.ops.batchops, name).default(*args)

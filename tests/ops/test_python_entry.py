@@ -252,3 +252,12 @@ def test_op_caller_under_fake_tensors():
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         out = batchops.ops.batch_norm_forward(*fake)
     assert out[0].shape == args[0].shape
+
+
+def test_entry_with_meta_tensors():
+    # Plain tensors on the meta device: the entry dispatches to the fake kernels registered from Python.
+    args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in _args("batch_norm_forward"))
+    ours = compiled_module().batch_norm_forward(*args)
+    theirs = torch.ops.batchops.batch_norm_forward.default(*args)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.device.type == "meta" and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype

@@ -64,8 +64,10 @@ def op_caller(name: str) -> Callable[..., Any]:
             require_extension()
 
         return unavailable
-    entry = getattr(compiled_module(), name)
+    entry = getattr(compiled_module(), name, None)
     overload = getattr(torch.ops.batchops, name).default
+    if entry is None:  # a _C built before the entries existed (not rebuilt after an update)
+        return overload
     is_compiling = torch.compiler.is_compiling
 
     def call(*args: Any) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -149,12 +147,11 @@ def batch_norm(
         activation,
     )
     if training and running_mean is not None:
-        # no_grad (1.5 us, as much as both copies) only where a buffer is an autograd leaf:
-        # new_mean and new_var never require grad. (_foreach_copy_ of the two took 2.1 us.)
-        buffer_is_leaf = running_mean.requires_grad or running_var.requires_grad
-        with torch.no_grad() if buffer_is_leaf else contextlib.nullcontext():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+        # No torch.no_grad() needed (1.5 us, as much as both copies): new_mean and new_var never
+        # require grad, and the op refuses running statistics that require grad while grad mode
+        # is on, as torch's does. (_foreach_copy_ of the two took 2.1 us.)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
     return output
 
 

@@ -10,8 +10,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <functional>
+#include <initializer_list>
+#include <memory>
+#include <type_traits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -91,6 +96,51 @@ inline variable_list call_backward_op(at::TensorList inputs, const std::function
     if (t.defined()) defined.push_back(t);
   }
   return NoDoubleBackward::apply(at::TensorList(defined), call, message);
+}
+
+// ---------------------------------------------------------------------------------------
+// Hand-written backward nodes, as torch's generated ones (NativeBatchNormBackward0) are written,
+// for ops whose per-call cost matters: a torch::autograd::Function costs ~7 us more per forward +
+// backward (VariableInfo per input and output, _wrap_outputs' checks, a node even when nothing
+// requires grad, saved_data's string map). A node subclass keeps SavedVariables and plain fields,
+// asks task_should_compute_output(i) for input i's gradient and returns one gradient per next edge.
+
+// torch 2.11 holds graph nodes in std::shared_ptr (freed through torch's deleteNode, which unlinks
+// long chains without recursion), 2.14 in c10::intrusive_ptr; Edge::function says which.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+namespace detail {
+// Unqualified on purpose: a dependent call, found by argument-dependent lookup in torch::autograd
+// (the node's base class) only where it exists, i.e. where the graph uses std::shared_ptr.
+template <typename N>
+void delete_node(N* node) {
+  deleteNode(node);
+}
+}  // namespace detail
+
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<N>(new N(), &detail::delete_node<N>);
+  } else {
+    return c10::make_intrusive<N>();
+  }
+}
+
+// What the generated autograd kernels check before they build a node, with torch's messages and
+// error types: an op without a forward-mode derivative refuses dual tensors
+// (NotImplementedError) instead of silently dropping their tangents ...
+inline void refuse_forward_ad(const char* op, std::initializer_list<std::optional<at::Tensor>> differentiable) {
+  for (const auto& t : differentiable) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(t), "Trying to use forward AD with batchops.", op,
+                                " that does not support it.");
+  }
+}
+// ... and an argument it has no gradient for must not require one (RuntimeError).
+inline void check_not_differentiable(const std::optional<at::Tensor>& t, const char* arg, const char* op) {
+  TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad() && at::GradMode::is_enabled()),
+              "The function 'batchops.", op, "' is not differentiable with respect to argument '", arg,
+              "'. This input cannot have requires_grad True.");
 }
 
 // Unrequested gradients come back from the ops as empty tensors; autograd wants undefined ones.

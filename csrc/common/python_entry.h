@@ -27,7 +27,6 @@
 #include <array>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <utility>
 
 #include "common/op.h"

@@ -1,8 +1,7 @@
 // Autograd for batch_norm_forward / batch_norm_backward, in C++ (the Autograd dispatch key, both
-// devices); why C++: common/autograd.h. Measured on the CPU (BatchNorm2d forward + backward,
-// 8x64x7x7 float32): 0.17 ms with torch.library.register_autograd, torch 0.09 ms. The backward
-// node is written by hand, as torch's generated NativeBatchNormBackward0 is, not as a
-// torch::autograd::Function: forward + backward at 2x8x2x2 took ~44 us that way against torch's ~37.
+// devices), with a hand-written backward node; why both: common/autograd.h. Measured on the CPU
+// (BatchNorm2d forward + backward, 8x64x7x7 float32): 0.17 ms with
+// torch.library.register_autograd, torch 0.09 ms.
 //
 // Only the output is differentiable: backward takes no gradients of the statistics
 // (save_mean, save_invstd, the new running stats), which get no grad_fn, so a loss built on them
@@ -23,7 +22,6 @@ namespace batchops {
 namespace {
 
 using namespace batchops::autograd;
-using torch::autograd::SavedVariable;
 using Mask = std::array<bool, 4>;
 
 // Next edges, and so gradients, in this order; an absent argument (None) has an invalid edge.
@@ -67,32 +65,19 @@ struct BatchNormBackwardNode final : public torch::autograd::Node {
   std::optional<std::string> activation;
 };
 
-using ForwardResults = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-ForwardResults batch_norm_forward_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                                           const OptTensor& residual, const OptTensor& running_mean,
-                                           const OptTensor& running_var, bool training, double momentum,
-                                           const OptTensor& momentum_tensor, double eps, OptName activation) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_forward_autograd(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+    const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+    const OptTensor& momentum_tensor, double eps, OptName activation) {
   const char* op = BatchNormForwardOp::name;
-  refuse_forward_ad(op, {input, weight, bias, residual});
   check_not_differentiable(running_mean, "running_mean", op);
   check_not_differentiable(running_var, "running_var", op);
   check_not_differentiable(momentum_tensor, "momentum_tensor", op);
-  // Built before the op runs, as torch's generated kernels do (the node takes the next
-  // sequence number, which orders the backward pass), and only when a gradient can flow.
-  decltype(make_node<BatchNormBackwardNode>()) node;
-  if (torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
-    node = make_node<BatchNormBackwardNode>();
-    node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
-  }
-  ForwardResults results;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    results = op_handle<BatchNormForwardOp>().call(input, weight, bias, residual, running_mean, running_var, training,
-                                                   momentum, momentum_tensor, eps, activation);
-  }
+  auto node = node_for<BatchNormBackwardNode>(op, input, weight, bias, residual);
+  auto results = call_below_autograd<BatchNormForwardOp>(input, weight, bias, residual, running_mean, running_var,
+                                                         training, momentum, momentum_tensor, eps, activation);
   if (node) {
-    torch::autograd::set_history(std::get<0>(results), NodePtr(node));
+    set_history(std::get<0>(results), node);
     node->input = SavedVariable(input, false);
     node->weight = SavedVariable(value_or_undefined(weight), false);
     node->bias = SavedVariable(value_or_undefined(bias), false);

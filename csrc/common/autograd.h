@@ -1,25 +1,46 @@
-// What the ops' C++ autograd kernels share (linear/, batch_norm/, packing/autograd.cpp).
+// What the ops' C++ autograd kernels share (batch_norm/, linear/, max_pool/, packing/autograd.cpp).
 //
 // Why autograd in C++ at all: torch.library.register_autograd runs ~40-60 us of Python per
 // forward + backward (autograd_impl, fill_defaults, Function.apply, setup_context, the
 // backward's redispatch), as long as a small layer's whole step on the CPU. Fake kernels stay
-// in Python (batchops/ops/); torch.compile traces through these Functions as it does through
-// torchvision's C++ autograd ops.
+// in Python (batchops/ops/); torch.compile traces through these kernels as it does through
+// torch's own.
+//
+// Why hand-written nodes, not torch::autograd::Function: each forward op's Autograd kernel builds
+// a backward node (a torch::autograd::Node subclass) the way torch's generated kernels build
+// theirs (NativeBatchNormBackward0): only when a gradient can flow, with SavedVariables and plain
+// fields. A Function builds its node on every call, nothing requiring grad included, with
+// metadata per input and output and a string-keyed map for the context: a batch-norm training
+// call (2x8x2x2, forward + autograd.grad) took 120 us that way and 92 this way (torch's: 86-91), an
+// eval module call 20 us and 15 (torch's: 18).
+//
+// The pattern (batch_norm/autograd.cpp is the fullest example):
+//   struct MyBackward final : torch::autograd::Node {
+//     std::string name() const override;                        // the profiler's and grad_fn's name
+//     void release_variables() override;                        // reset_data() each SavedVariable
+//     variable_list apply(variable_list&& grads) override;      // a gradient per next edge
+//     SavedVariable input, ...;                                 // plus plain fields
+//   };
+//   auto node = node_for<MyBackward>(MyOp::name, input, weight);  // the differentiable inputs
+//   auto out = call_below_autograd<MyOp>(args...);
+//   if (node) { set_history(out, node); node->input = SavedVariable(input, false); ... }
+// apply locks mutex_ (release_variables may run on another thread), asks
+// task_should_compute_output(i) whether input i's gradient is wanted (false for an absent input,
+// whose edge is invalid) and unpacks outputs it saved with unpack(getptr()).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/custom_function.h>  // NoDoubleBackward below
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
 #include <functional>
-#include <initializer_list>
 #include <memory>
-#include <type_traits>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -27,42 +48,24 @@
 
 namespace batchops::autograd {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::AutogradContext;  // NoDoubleBackward
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using OptName = std::optional<c10::string_view>;  // an activation name, as the schemas take it
 
-// Activation names cross Function::apply as std::string (a string_view argument would dangle in
-// the saved context) and are kept in the context as an IValue (None or a string).
+// Activation names are kept in nodes as std::string (the schema's string_view would dangle).
 inline std::optional<std::string> name_string(std::optional<c10::string_view> name) {
   return name ? std::optional<std::string>(std::string(name->data(), name->size())) : std::nullopt;
 }
 inline std::optional<c10::string_view> name_view(const std::optional<std::string>& name) {
   return name ? std::optional<c10::string_view>(c10::string_view(*name)) : std::nullopt;
 }
-inline c10::IValue name_ivalue(const std::optional<std::string>& name) {
-  return name ? c10::IValue(*name) : c10::IValue();
-}
-inline std::optional<std::string> saved_name(AutogradContext* ctx, const std::string& key) {
-  const c10::IValue& v = ctx->saved_data[key];
-  return v.isNone() ? std::nullopt : std::optional<std::string>(v.toStringRef());
-}
 
 inline at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); }
 inline std::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
-
-// Function::apply gives edges only to defined tensor arguments, and needs_input_grad takes the
-// edge's index: this counts them. Call add with each tensor argument in order (an absent one,
-// None, as an undefined tensor).
-struct InputEdges {
-  int next = 0;
-  // The edge index of a tensor argument, or -1 when it is absent.
-  int add(const at::Tensor& t) { return t.defined() ? next++ : -1; }
-};
-inline bool needs_grad(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
 
 // The backward ops under autograd. Normally (no graph is being built) they run below autograd.
 // When one could be (create_graph=True, or a caller with tensors that require grad), they run
@@ -99,15 +102,12 @@ inline variable_list call_backward_op(at::TensorList inputs, const std::function
 }
 
 // ---------------------------------------------------------------------------------------
-// Hand-written backward nodes, as torch's generated ones (NativeBatchNormBackward0) are written,
-// for ops whose per-call cost matters: a torch::autograd::Function costs ~7 us more per forward +
-// backward (VariableInfo per input and output, _wrap_outputs' checks, a node even when nothing
-// requires grad, saved_data's string map). A node subclass keeps SavedVariables and plain fields,
-// asks task_should_compute_output(i) for input i's gradient and returns one gradient per next edge.
+// Building backward nodes (see the top of this file).
 
 // torch 2.11 holds graph nodes in std::shared_ptr (freed through torch's deleteNode, which unlinks
 // long chains without recursion), 2.14 in c10::intrusive_ptr; Edge::function says which.
 using NodePtr = decltype(torch::autograd::Edge::function);
+using torch::autograd::SavedVariable;
 
 namespace detail {
 // Unqualified on purpose: a dependent call, found by argument-dependent lookup in torch::autograd
@@ -116,27 +116,49 @@ template <typename N>
 void delete_node(N* node) {
   deleteNode(node);
 }
-}  // namespace detail
 
 template <typename N>
 auto make_node() {
   if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::shared_ptr<N>(new N(), &detail::delete_node<N>);
+    return std::shared_ptr<N>(new N(), &delete_node<N>);
   } else {
     return c10::make_intrusive<N>();
   }
 }
+}  // namespace detail
 
-// What the generated autograd kernels check before they build a node, with torch's messages and
-// error types: an op without a forward-mode derivative refuses dual tensors
-// (NotImplementedError) instead of silently dropping their tangents ...
-inline void refuse_forward_ad(const char* op, std::initializer_list<std::optional<at::Tensor>> differentiable) {
-  for (const auto& t : differentiable) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(t), "Trying to use forward AD with batchops.", op,
-                                " that does not support it.");
+// The node for a call of `op` whose differentiable arguments are `inputs` (Tensor or optional
+// Tensor; the node's next edges, in this order), or a null pointer when no gradient can flow
+// (grad mode off or none requires grad). Built before the op runs, as torch's generated kernels
+// do: the node takes the next sequence number, which orders the backward pass. As they do, it
+// refuses dual tensors (forward-mode AD: NotImplementedError) instead of dropping the tangents.
+template <typename N, typename... Inputs>
+auto node_for(const char* op, const Inputs&... inputs) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(torch::autograd::isFwGradDefined(inputs) || ...),
+                              "Trying to use forward AD with batchops.", op, " that does not support it.");
+  decltype(detail::make_node<N>()) node;
+  if (torch::autograd::compute_requires_grad(inputs...)) {
+    node = detail::make_node<N>();
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
   }
+  return node;
 }
-// ... and an argument it has no gradient for must not require one (RuntimeError).
+
+// The op below autograd (its CPU / CUDA kernel; the caller builds the graph).
+template <typename Op, typename... Args>
+auto call_below_autograd(const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op_handle<Op>().call(args...);
+}
+
+// `output`'s gradient flows into `node` (its next input).
+template <typename N>
+void set_history(const at::Tensor& output, const N& node) {
+  torch::autograd::set_history(output, NodePtr(node));
+}
+
+// An argument the op has no gradient for must not require one, as torch's generated kernels
+// check (RuntimeError, torch's message).
 inline void check_not_differentiable(const std::optional<at::Tensor>& t, const char* arg, const char* op) {
   TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad() && at::GradMode::is_enabled()),
               "The function 'batchops.", op, "' is not differentiable with respect to argument '", arg,
@@ -147,16 +169,9 @@ inline void check_not_differentiable(const std::optional<at::Tensor>& t, const c
 inline at::Tensor requested(const at::Tensor& grad, bool wanted) { return wanted ? grad : at::Tensor(); }
 
 // ---------------------------------------------------------------------------------------
-// The Autograd kernels, generic over an op's signature (common/op.h), so that no op restates it.
+// The backward ops' Autograd kernel, generic over an op's signature (common/op.h).
 
 namespace detail {
-// Function::apply's arguments: activation names cross as std::string (see name_string).
-template <typename T>
-decltype(auto) for_apply(T&& value) {
-  return std::forward<T>(value);
-}
-inline std::optional<std::string> for_apply(std::optional<c10::string_view> name) { return name_string(name); }
-
 // An op's results from / to a variable_list.
 template <typename Ret>
 struct Results;
@@ -187,16 +202,6 @@ inline void collect_tensor(std::vector<at::Tensor>& out, const std::optional<at:
 template <typename T>
 void collect_tensor(std::vector<at::Tensor>&, const T&) {}
 }  // namespace detail
-
-// A forward op's Autograd kernel: runs `Function` (a torch::autograd::Function whose forward
-// takes the op's arguments, names as std::string) and returns its outputs as the op's results.
-//   impl_op<MyForwardOp>(m, &FunctionKernel<MyFunction, MyForwardOp::Sig>::call);
-template <typename Function, typename Sig>
-struct FunctionKernel;
-template <typename Function, typename Ret, typename... Args>
-struct FunctionKernel<Function, Ret(Args...)> {
-  static Ret call(Args... args) { return detail::Results<Ret>::from(Function::apply(detail::for_apply(args)...)); }
-};
 
 // A backward op's Autograd kernel: the op below autograd, refusing a gradient of its gradient
 // with Op::double_backward_error (call_backward_op).

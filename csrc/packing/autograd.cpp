@@ -1,5 +1,5 @@
-// Autograd for gather_rows, in C++ (the Autograd dispatch key, both devices); why C++:
-// common/autograd.h.
+// Autograd for gather_rows, in C++ (the Autograd dispatch key, both devices), with a hand-written
+// backward node; why: common/autograd.h.
 //
 // out[i] = input[index[i]] (or the fill row where index[i] = -1). Its gradient is the reverse
 // map: with inverse_index (input row -> output row or -1, the exact inverse of an injective
@@ -10,7 +10,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "common/autograd.h"
 #include "packing/packing.h"
@@ -20,46 +23,59 @@ namespace {
 
 using namespace batchops::autograd;
 
-struct GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& index,
-                               const OptTensor& inverse_index, const c10::Scalar& fill) {
-    Tensor output;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      output = op_handle<GatherRowsOp>().call(input, index, inverse_index, fill);
-    }
-    ctx->save_for_backward({index, value_or_undefined(inverse_index)});
-    ctx->saved_data["input_rows"] = input.sym_size(0);  // symbolic under torch.compile
-    return {output};
+struct GatherRowsBackwardNode final : public torch::autograd::Node {
+  std::string name() const override { return "batchops::GatherRowsBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    index.reset_data();
+    inverse_index.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(4);
+  // Runs with grad mode on under create_graph=True: the ops below then build their own nodes.
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list result(1);
     const Tensor& grad = grads[0];
-    if (!ctx->needs_input_grad(0)) return result;  // input is edge 0
-    const auto s = ctx->get_saved_variables();
-    const Tensor &index = s[0], &inverse_index = s[1];
-    if (inverse_index.defined()) {
-      result[0] = op_handle<GatherRowsOp>().call(grad, inverse_index, index, 0);
+    if (!task_should_compute_output(0) || !grad.defined()) return result;
+    const Tensor idx = index.unpack(), inverse = inverse_index.unpack();
+    if (inverse.defined()) {
+      result[0] = op_handle<GatherRowsOp>().call(grad, inverse, idx, 0);
     } else {
       auto sizes = grad.sym_sizes().vec();
-      sizes[0] = ctx->saved_data["input_rows"].toSymInt();
+      sizes[0] = input_rows;
       std::vector<c10::SymInt> mask_shape(grad.dim(), 1);
-      mask_shape[0] = index.sym_size(0);
+      mask_shape[0] = idx.sym_size(0);
       // Fill rows (index -1) are left out: their gradient is replaced by zeros, not multiplied
       // by zero, so a NaN or inf in a padding slot's gradient cannot reach input row 0.
-      const Tensor fill_rows = index.lt(0).reshape_symint(mask_shape);
-      result[0] = at::zeros_symint(sizes, grad.options())
-                      .index_add(0, index.clamp_min(0), grad.masked_fill(fill_rows, 0));
+      const Tensor fill_rows = idx.lt(0).reshape_symint(mask_shape);
+      result[0] = at::zeros_symint(sizes, grad.options()).index_add(0, idx.clamp_min(0), grad.masked_fill(fill_rows, 0));
     }
     return result;
   }
+
+  SavedVariable index, inverse_index;
+  c10::SymInt input_rows;  // symbolic under torch.compile
 };
+
+// The index maps take no gradient (integer tensors); only the input has an edge.
+Tensor gather_rows_autograd(const Tensor& input, const Tensor& index, const OptTensor& inverse_index,
+                            const c10::Scalar& fill) {
+  auto node = node_for<GatherRowsBackwardNode>(GatherRowsOp::name, input);
+  Tensor output = call_below_autograd<GatherRowsOp>(input, index, inverse_index, fill);
+  if (node) {
+    set_history(output, node);
+    node->index = SavedVariable(index, false);
+    node->inverse_index = SavedVariable(value_or_undefined(inverse_index), false);
+    node->input_rows = input.sym_size(0);
+  }
+  return output;
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchops, Autograd, m) {
-  impl_op<GatherRowsOp>(m, &FunctionKernel<GatherRowsFunction, GatherRowsOp::Sig>::call);
+  impl_op<GatherRowsOp>(m, &gather_rows_autograd);
 }
 
 }  // namespace batchops

@@ -717,122 +717,23 @@ def test_forward_op_only_output_is_differentiable(device):
 
 
 # ---------------------------------------------------------------------------------------
-# The backward node (csrc/batch_norm/autograd.cpp, written by hand as torch's generated nodes are):
-# the autograd mechanics a torch op has must hold for ours.
-
-
-def _bn_graph(device, *, residual=True, activation="relu", requires=("x", "w", "b", "z")):
-    """Batch norm (training) on float64 leaves; `requires` names the ones that require grad."""
-    inputs = make_inputs((4, 3, 5), device, f64, residual=residual)
-    leaves = {k: inputs[k].requires_grad_(k in requires) for k in ("x", "w", "b", "z") if inputs[k] is not None}
-
-    def run():
-        return BF.batch_norm(
-            leaves["x"], None, None, leaves["w"], leaves["b"], True, activation=activation, residual=leaves.get("z")
-        )
-
-    return leaves, inputs["gy"], run
+# The backward node (csrc/batch_norm/autograd.cpp); the mechanics every op's node shares (freed
+# saved tensors, in-place detection, saved-tensor hooks, anomaly mode, forward AD refused) are
+# in test_autograd_nodes.py.
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_node_graph(device):
-    """One node per call, with an edge per differentiable input (input, weight, bias, residual;
-    an absent one has none) and gradients only for the inputs that require them."""
-    leaves, gy, run = _bn_graph(device, requires=("w",))
-    y = run()
-    assert y.grad_fn.name() == "batchops::BatchNormBackward"
-    edges = y.grad_fn.next_functions
-    assert len(edges) == 4 and edges[0][0] is None and edges[1][0] is not None
-    (gw,) = torch.autograd.grad(y, leaves["w"], gy)
-    ref_w = leaves["w"].detach().clone().requires_grad_()
-    y_ref = torch_impl(leaves["x"], None, None, ref_w, leaves["b"], True, 0.1, 1e-5, "relu", leaves["z"])
-    torch.testing.assert_close(gw, torch.autograd.grad(y_ref, ref_w, gy)[0], **tol(f64))
-    # Nothing requires grad, or grad mode is off: no node at all.
-    leaves["w"].requires_grad_(False)
-    assert run().grad_fn is None
-    with torch.no_grad():
-        leaves["x"].requires_grad_()
-        assert run().grad_fn is None
-    # Without bias and residual their edges are invalid, not missing.
-    inputs = make_inputs((4, 3, 5), device, f64, bias=False)
-    x = inputs["x"].requires_grad_()
-    y = BF.batch_norm(x, None, None, inputs["w"], None, True)
-    assert len(y.grad_fn.next_functions) == 4 and y.grad_fn.next_functions[2][0] is None
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_node_frees_saved_tensors(device):
-    """A second backward without retain_graph raises as torch's does; with it, it repeats."""
-    leaves, gy, run = _bn_graph(device)
-    y = run()
-    first = torch.autograd.grad(y, list(leaves.values()), gy, retain_graph=True)
-    second = torch.autograd.grad(y, list(leaves.values()), gy)
-    for a, b in zip(first, second):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        torch.autograd.grad(y, list(leaves.values()), gy)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_node_detects_inplace_changes(device):
-    """An input changed in place after the forward call makes backward raise (version counter)."""
-    leaves, gy, run = _bn_graph(device, requires=("w",))
-    y = run()
-    with torch.no_grad():
-        leaves["x"].mul_(2)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.backward(gy)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_node_uses_saved_tensor_hooks(device):
-    """torch.autograd.graph.saved_tensors_hooks (activation offloading, checkpointing tools) see
-    every tensor the node saves, and the gradients come out the same through them."""
-    leaves, gy, run = _bn_graph(device)
-    expected = torch.autograd.grad(run(), list(leaves.values()), gy)
-    packed, unpacked = [], []
-
-    def pack(t):
-        packed.append(t)
-        return t.clone()
-
-    def unpack(t):
-        unpacked.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        y = run()
-    # input, weight, bias, residual, save_mean, save_invstd
-    assert len(packed) == 6
-    grads = torch.autograd.grad(y, list(leaves.values()), gy)
-    assert len(unpacked) == 6
-    for a, b in zip(grads, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
-def test_backward_node_under_anomaly_mode(device):
-    leaves, gy, run = _bn_graph(device)
-    expected = torch.autograd.grad(run(), list(leaves.values()), gy)
-    with torch.autograd.detect_anomaly(check_nan=True):
-        grads = torch.autograd.grad(run(), list(leaves.values()), gy)
-    for a, b in zip(grads, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-def test_forward_ad_is_refused(device):
-    """No forward-mode derivative: dual inputs raise NotImplementedError, as torch's ops without
-    one do, instead of silently dropping the tangent."""
-    import torch.autograd.forward_ad as fwAD
-
-    inputs = make_inputs((4, 3, 5), device, f64)
-    with fwAD.dual_level():
-        x = fwAD.make_dual(inputs["x"], torch.ones_like(inputs["x"]))
-        with pytest.raises(NotImplementedError, match="forward AD with batchops.batch_norm_forward"):
-            BF.batch_norm(x, None, None, inputs["w"], inputs["b"], True)
+def test_backward_node_edges(device):
+    """An edge per differentiable argument (input, weight, bias, residual), an invalid one for an
+    absent argument, and a gradient only for what requires one (here the weight alone)."""
+    inputs = make_inputs((4, 3, 5), device, f64, bias=False, residual=True)
+    w = inputs["w"].requires_grad_()
+    y = BF.batch_norm(inputs["x"], None, None, w, None, True, activation="relu", residual=inputs["z"])
+    assert [fn is not None for fn, _ in y.grad_fn.next_functions] == [False, True, False, False]
+    (gw,) = torch.autograd.grad(y, w, inputs["gy"])
+    w_ref = w.detach().clone().requires_grad_()
+    y_ref = torch_impl(inputs["x"], None, None, w_ref, None, True, 0.1, 1e-5, "relu", inputs["z"])
+    torch.testing.assert_close(gw, torch.autograd.grad(y_ref, w_ref, inputs["gy"])[0], **tol(f64))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -433,6 +433,21 @@ inline bool with_row_tile(int64_t C, F&& fn) {
   return false;
 }
 
+// Whether this build's vector registers hold the statistics tile's running values (shift, mean
+// and m2 of 64 floats: 12 of AVX-512's 32 registers, 24 of AVX2's 16). Where they do not, the
+// updated mean and m2 spill, every row's update then waits on a store and a reload, and the tile
+// lost to row by row: AVX2 build on an AMD EPYC without AVX-512 (family 25), channels-last
+// BatchNorm2d forward + backward against torch's, 2 threads, two alternations: 16x64x56x56
+// 1.06-1.09 tiled, 0.82-0.83 row by row; 16x64x28x28 1.00-1.02 and 0.70-0.78. Tiles of 32 or 16
+// channels walked down the rows one after another were worse still (1.13-1.47). The gradient
+// sums' tile (two updated arrays) measured the same as row by row and as 32-channel tiles there
+// (0.72-0.89 each, within the noise): kept on every build.
+#if BATCHOPS_CPU_VARIANT_AVX512
+constexpr bool kStatisticsTileInRegisters = true;
+#else
+constexpr bool kStatisticsTileInRegisters = false;
+#endif
+
 // Welford's update over rows [0, rows) of one-tile rows, the running values in local arrays of a
 // size known at compile time, which the compiler keeps in registers for the whole walk: the
 // step of rows_welford_rows (welford_add) without a load and a store of mean and m2 per value.
@@ -469,8 +484,9 @@ inline void rows_welford_tile(const scalar_t* x, int64_t rows, opmath_t<scalar_t
 // value costs a load and a store of its channel's mean and m2 besides its own load: on inputs
 // streamed from memory the pass takes 1.1-2.3x the time of torch.sum over the same data
 // (scripts/cold_batch_norm.py). Where a row is one tile of channels (64 floats: resnets' first
-// stage), the tile goes down the rows with its running values in registers (rows_welford_tile):
-// 16x64x56x56, 1.17-1.66x torch.sum's time -> 0.98-1.02. Wider rows walked tile by tile read
+// stage) and the registers hold it (AVX-512: kStatisticsTileInRegisters), the tile goes down the
+// rows with its running values in registers (rows_welford_tile): 16x64x56x56, 1.17-1.66x
+// torch.sum's time -> 0.98-1.02. Wider rows walked tile by tile read
 // each row in 256-byte pieces a row apart, which streamed worse than row by row (16x1024x7x7
 // 1.56 -> 1.98x torch.sum, 16x256x28x28 1.41 -> 1.89; prefetching the next block into L2 did not
 // help), so they stay row by row.
@@ -482,8 +498,9 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
   acc* shift = scratch.data();
   acc* mu = shift + C;
   acc* q = mu + C;
-  const bool tiled = with_row_tile<scalar_t, 1>(
-      C, [&](auto tile) { rows_welford_tile<decltype(tile)::value>(x, rows, shift, mu, q); });
+  const bool tiled = kStatisticsTileInRegisters && with_row_tile<scalar_t, 1>(C, [&](auto tile) {
+    rows_welford_tile<decltype(tile)::value>(x, rows, shift, mu, q);
+  });
   if (!tiled) {
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);
     for_row_parts(C, 0, rows, [&](auto rows_at_once, int64_t r, int64_t row_step, int64_t seen, int64_t c0,

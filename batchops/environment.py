@@ -55,16 +55,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_model() -> str:
-    """The processor's model name from /proc/cpuinfo, else what the platform module says."""
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's fields from /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor only
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return fields
+
+
+def cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo, else what the platform module says. Virtual
+    machines often report only the brand ("AMD EPYC") for processors as different as AVX2-only and
+    AVX-512 ones, so the family / model numbers and the widest vector extension follow:
+    "AMD EPYC (family 25, model 1, AVX2)"."""
+    fields = _cpuinfo_fields()
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    details = [f"family {fields['cpu family']}"] if "cpu family" in fields else []
+    if "model" in fields:
+        details.append(f"model {fields['model']}")
+    flags = set(fields.get("flags", "").split())
+    if flags:
+        details.append("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def device_name(device: torch.device) -> str:
@@ -143,7 +162,8 @@ def environment_lines(device: torch.device, when: _dt.datetime) -> list[str]:
     return [
         f"- device: {device.type}, {device_name(device)}"
         + (
-            f" (torch threads: {torch.get_num_threads()}, os.cpu_count: {os.cpu_count()})"
+            f" (torch threads: {torch.get_num_threads()}, os.cpu_count: {os.cpu_count()};"
+            f" batchops CPU kernels: {info['cpu_kernel_isa']})"
             if device.type == "cpu"
             else f" (CUDA {torch.version.cuda}, torch threads: {torch.get_num_threads()})"
         ),

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import batchops
 from batchops.environment import (
     cpu_model,
     device_name,
@@ -40,10 +41,34 @@ def test_device_tag_and_name():
     assert cache is None or cache > 0
 
 
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (
+            {"model name": "AMD EPYC", "cpu family": "25", "model": "17", "flags": "fpu avx2 avx512f"},
+            "AMD EPYC (family 25, model 17, AVX-512)",
+        ),
+        (
+            {"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx avx2"},
+            "AMD EPYC (family 25, model 1, AVX2)",
+        ),
+        ({"model name": "Some CPU", "flags": "fpu sse2"}, "Some CPU (no AVX2)"),
+        ({"model name": "Some CPU"}, "Some CPU"),
+    ],
+)
+def test_cpu_model_says_which_processor(monkeypatch, fields, expected):
+    """VMs name AVX2-only and AVX-512 processors alike ("AMD EPYC"): results say which it was."""
+    import batchops.environment as environment
+
+    monkeypatch.setattr(environment, "_cpuinfo_fields", lambda: fields)
+    assert environment.cpu_model() == expected
+
+
 def test_environment_lines_and_revision():
     when = datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc)
     device, versions, date = environment_lines(torch.device("cpu"), when)
     assert device.startswith(f"- device: cpu, {cpu_model()} (torch threads: {torch.get_num_threads()}")
+    assert device.endswith(f"batchops CPU kernels: {batchops.build_info()['cpu_kernel_isa']})")
     assert versions.startswith(f"- torch {torch.__version__}; batchops ")
     assert date.startswith("- date: 2026-01-02 03:04 UTC; python ")
     rev = git_revision()

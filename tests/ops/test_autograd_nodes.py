@@ -26,11 +26,11 @@ class Case:
     node: str  # grad_fn.name()
     edges: int  # next edges: one per differentiable argument, present or not
     saved: int  # tensors the node saves (what saved-tensor hooks see)
-    leaves: Callable[[str], dict[str, torch.Tensor]]  # float64 inputs that require grad
+    leaves: Callable[[], dict[str, torch.Tensor]]  # the float64 inputs (on the CPU; _setup moves them)
     run: Callable[..., torch.Tensor]
 
 
-def _bn_leaves(device):
+def _bn_leaves():
     g = torch.Generator().manual_seed(0)
     shape = (4, 3, 5)
     return {
@@ -41,7 +41,7 @@ def _bn_leaves(device):
     }
 
 
-def _linear_leaves(device, grouped=False):
+def _linear_leaves(grouped=False):
     g = torch.Generator().manual_seed(0)
     G = (2,) if grouped else ()
     return {
@@ -51,11 +51,11 @@ def _linear_leaves(device, grouped=False):
     }
 
 
-def _pool_leaves(device):
+def _pool_leaves():
     return {"x": torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=f64)}
 
 
-def _rows_leaves(device):
+def _rows_leaves():
     return {"x": torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=f64)}
 
 
@@ -83,7 +83,7 @@ CASES = {
         "batchops::GroupedLinearBackward",
         3,
         5,
-        lambda d: _linear_leaves(d, grouped=True),
+        lambda: _linear_leaves(grouped=True),
         lambda p: BF.grouped_linear(p["x"], p["w"], p["b"], activation="silu"),
     ),
     # indices only
@@ -101,7 +101,7 @@ CASES = {
 
 def _setup(name, device):
     case = CASES[name]
-    leaves = {k: v.to(device).requires_grad_() for k, v in case.leaves(device).items()}
+    leaves = {k: v.to(device).requires_grad_() for k, v in case.leaves().items()}
     y = case.run(leaves)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=f64).to(device)
     return case, leaves, gy
@@ -120,7 +120,7 @@ def _assert_equal(got, expected):
 @pytest.mark.parametrize("name", CASES)
 def test_node_and_edges(device, name):
     """One node per call, an edge per differentiable argument; no node when nothing can flow."""
-    case, leaves, gy = _setup(name, device)
+    case, leaves, _ = _setup(name, device)
     y = case.run(leaves)
     assert y.grad_fn.name() == case.node
     assert len(y.grad_fn.next_functions) == case.edges

@@ -10,10 +10,10 @@
 #include <torch/library.h>
 
 #include <array>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "batch_norm/batch_norm.h"
 #include "common/autograd.h"
@@ -27,20 +27,18 @@ using Mask = std::array<bool, 4>;
 // Next edges, and so gradients, in this order; an absent argument (None) has an invalid edge.
 enum Differentiable : size_t { kInput, kWeight, kBias, kResidual, kDifferentiableCount };
 
-struct BatchNormBackwardNode final : public torch::autograd::Node {
+struct BatchNormBackwardNode final : public BackwardNode<BatchNormBackwardNode> {
   std::string name() const override { return "batchops::BatchNormBackward"; }
+  auto fields() { return std::tie(input, weight, bias, residual, save_mean, save_invstd, training, activation); }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&input, &weight, &bias, &residual, &save_mean, &save_invstd}) v->reset_data();
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Mask mask;
-    for (size_t i = 0; i < kDifferentiableCount; ++i) mask[i] = task_should_compute_output(i);
+  static variable_list backward(const variable_list& grads, const std::vector<bool>& needed, const Tensor& input,
+                                const Tensor& weight, const Tensor& bias, const Tensor& residual,
+                                const Tensor& save_mean, const Tensor& save_invstd, bool training,
+                                const std::optional<std::string>& activation) {
     variable_list result(kDifferentiableCount);
     const Tensor& grad_output = grads[0];
+    Mask mask;
+    for (size_t i = 0; i < kDifferentiableCount; ++i) mask[i] = needed[i];
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
     // Without an activation the residual's gradient is grad_output itself: handed on as torch's
     // add backward does, not copied by the kernel (a full-size write saved).
@@ -50,9 +48,8 @@ struct BatchNormBackwardNode final : public torch::autograd::Node {
     if (op_mask[0] || op_mask[1] || op_mask[2] || op_mask[3]) {
       // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
       auto [gi, gw, gb, gr] = op_handle<BatchNormBackwardOp>().call(
-          grad_output, input.unpack(), optional_if_defined(weight.unpack()), optional_if_defined(bias.unpack()),
-          optional_if_defined(residual.unpack()), save_mean.unpack(), save_invstd.unpack(), training,
-          name_view(activation), op_mask);
+          grad_output, input, optional_if_defined(weight), optional_if_defined(bias), optional_if_defined(residual),
+          save_mean, save_invstd, training, name_view(activation), op_mask);
       const Tensor g[kDifferentiableCount] = {gi, gw, gb, gr};
       for (size_t i = 0; i < kDifferentiableCount; ++i) result[i] = requested(g[i], op_mask[i]);
     }

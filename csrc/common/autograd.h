@@ -14,19 +14,19 @@
 // call (2x8x2x2, forward + autograd.grad) took 120 us that way and 92 this way (torch's: 86-91), an
 // eval module call 20 us and 15 (torch's: 18).
 //
-// The pattern (batch_norm/autograd.cpp is the fullest example):
-//   struct MyBackward final : torch::autograd::Node {
-//     std::string name() const override;                        // the profiler's and grad_fn's name
-//     void release_variables() override;                        // reset_data() each SavedVariable
-//     variable_list apply(variable_list&& grads) override;      // a gradient per next edge
-//     SavedVariable input, ...;                                 // plus plain fields
+// The pattern (batch_norm/autograd.cpp is the fullest example; BackwardNode below):
+//   struct MyBackward final : BackwardNode<MyBackward> {
+//     std::string name() const override;                 // the profiler's and grad_fn's name
+//     auto fields() { return std::tie(input, alpha); }   // what backward reads
+//     static variable_list backward(grads, needed, const Tensor& input, const double& alpha);
+//     SavedVariable input; double alpha;
 //   };
 //   auto node = node_for<MyBackward>(MyOp::name, input, weight);  // the differentiable inputs
 //   auto out = call_below_autograd<MyOp>(args...);
 //   if (node) { set_history(out, node); node->input = SavedVariable(input, false); ... }
-// apply locks mutex_ (release_variables may run on another thread), asks
-// task_should_compute_output(i) whether input i's gradient is wanted (false for an absent input,
-// whose edge is invalid) and unpacks outputs it saved with unpack(getptr()).
+// BackwardNode gives the node apply (under mutex_, which release_variables may take on another
+// thread), release_variables and compiled autograd's compiled_args / apply_with_saved, all from
+// fields() and backward.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -34,9 +34,12 @@
 #include <torch/csrc/autograd/custom_function.h>  // NoDoubleBackward below
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
+#include <cctype>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -143,6 +146,155 @@ auto node_for(const char* op, const Inputs&... inputs) {
   }
   return node;
 }
+
+// The base of every backward node (the pattern: top of this file). The node lists its fields
+// (SavedVariable, SavedOutput for an output of the forward op, whose grad_fn is this node, and
+// plain values) and writes backward as a static function of the gradients, `needed` (whether
+// next edge i wants a gradient: false for an absent input) and the fields in order, each saved
+// variable as its tensor (undefined when it was absent), each plain field as it is. backward must
+// only call ops: under compiled autograd it runs on the tensors of a graph being traced, as torch's
+// generated nodes' functional backward does, and the plain fields must be types compiled autograd
+// packs (bool, int64_t, double, std::string, c10::SymInt, vectors and optionals of them).
+struct SavedOutput : SavedVariable {
+  using SavedVariable::SavedVariable;
+};
+
+namespace detail {
+template <typename Field>
+using BackwardArg = std::conditional_t<std::is_base_of_v<SavedVariable, Field>, at::Tensor, Field>;
+// A tensor travels through compiled autograd's IValue packing as an optional (None when undefined).
+template <typename Value>
+using Packed = std::conditional_t<std::is_same_v<Value, at::Tensor>, std::optional<at::Tensor>, Value>;
+}  // namespace detail
+
+template <typename Derived>
+struct BackwardNode : public torch::autograd::Node {
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for_each_field([](auto& field) {
+      if constexpr (std::is_base_of_v<SavedVariable, std::decay_t<decltype(field)>>) field.reset_data();
+    });
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::apply(
+        [&](auto&... field) { return Derived::backward(grads, needed_gradients(), unpack(field)...); },
+        derived().fields());
+  }
+
+  // Compiled autograd (torch/csrc/dynamo/compiled_autograd.h): what identifies this node's
+  // backward graph, and the backward as a call in that graph.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    const_cast<BackwardNode*>(this)->for_each_field([&](auto& field) {
+      if constexpr (std::is_base_of_v<SavedVariable, std::decay_t<decltype(field)>>) {
+        args.collect(field, std::is_same_v<std::decay_t<decltype(field)>, SavedOutput>);
+      } else {
+        args.collect(field);
+      }
+    });
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    namespace ca = torch::dynamo::autograd;
+    for_each_field([&](auto& field) { saved.before(field); });
+    const auto& python = ca::getPyCompilerInterface();
+    // Bound once per process and node type, as torch's generated nodes do (a name binds once).
+    static const std::string functional_name = bind(python, saved.get_py_compiler(), name());
+    ca::PackedArgs args;
+    args.pack(needed_gradients());
+    std::apply([&](auto&... field) { (args.pack(to_packed(unpack(field))), ...); }, derived().fields());
+    auto output_metadata = ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+        ca::get_input_metadata(next_edges()));
+    variable_list result = python->call_function(saved.get_py_compiler(), "apply_functional", functional_name, grads,
+                                                 args.vec(), output_metadata);
+    for_each_field([&](auto& field) { saved.after(field); });
+    return result;
+  }
+
+ private:
+  // Derived is incomplete here: what depends on its fields is named in templates, used in bodies.
+  template <typename N = Derived>
+  using Fields = decltype(std::declval<N&>().fields());  // a tuple of references
+  template <size_t I, typename N = Derived>
+  using ArgAt = detail::BackwardArg<std::decay_t<std::tuple_element_t<I, Fields<N>>>>;
+  template <typename N = Derived>
+  static constexpr size_t field_count() {
+    return std::tuple_size_v<Fields<N>>;
+  }
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+
+  template <typename F>
+  void for_each_field(F&& f) {
+    std::apply([&](auto&... field) { (f(field), ...); }, derived().fields());
+  }
+
+  std::vector<bool> needed_gradients() {
+    std::vector<bool> needed(num_outputs());
+    for (size_t i = 0; i < needed.size(); ++i) needed[i] = task_should_compute_output(i);
+    return needed;
+  }
+
+  // What backward gets for a field: a saved variable's tensor, a plain field as it is.
+  template <typename T>
+  decltype(auto) unpack(const T& field) {
+    if constexpr (std::is_same_v<T, SavedOutput>) {
+      return at::Tensor(field.unpack(getptr()));
+    } else if constexpr (std::is_base_of_v<SavedVariable, T>) {
+      return at::Tensor(field.unpack());
+    } else {
+      return (field);  // const T&
+    }
+  }
+
+  static std::string bind(const std::unique_ptr<torch::dynamo::autograd::PyCompilerInterface>& python,
+                          PyObject* compiler, std::string name) {
+    // A Python identifier: the graph's code names the function.
+    for (char& c : name) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+    return python->bind_function(compiler, name, &BackwardNode::apply_functional,
+                                 schema(std::make_index_sequence<field_count()>{}));
+  }
+
+  template <size_t... I>
+  static std::vector<at::TypePtr> schema(std::index_sequence<I...>) {
+    namespace ca = torch::dynamo::autograd;
+    return {ca::IValuePacker<std::vector<bool>>::packed_type(),
+            ca::IValuePacker<detail::Packed<ArgAt<I>>>::packed_type()...};
+  }
+
+  // The backward as compiled autograd calls it, on what apply_with_saved packed.
+  static variable_list apply_functional(const variable_list& grads, const std::vector<at::IValue>& packed) {
+    return apply_unpacked(grads, packed, std::make_index_sequence<field_count()>{});
+  }
+  template <size_t... I>
+  static variable_list apply_unpacked(const variable_list& grads, const std::vector<at::IValue>& packed,
+                                      std::index_sequence<I...>) {
+    torch::dynamo::autograd::PackedArgs args(packed);
+    const auto needed = args.unpack<std::vector<bool>>();
+    // Braced initialisation: the arguments unpack in order.
+    std::tuple<ArgAt<I>...> values{from_packed<ArgAt<I>>(args)...};
+    return std::apply([&](const auto&... value) { return Derived::backward(grads, needed, value...); }, values);
+  }
+
+  template <typename Value>
+  static auto to_packed(const Value& value) {
+    if constexpr (std::is_same_v<Value, at::Tensor>) {
+      return optional_if_defined(value);
+    } else {
+      return value;
+    }
+  }
+  template <typename Value>
+  static Value from_packed(torch::dynamo::autograd::PackedArgs& args) {
+    if constexpr (std::is_same_v<Value, at::Tensor>) {
+      return value_or_undefined(args.unpack<std::optional<at::Tensor>>());
+    } else {
+      return args.unpack<Value>();
+    }
+  }
+};
 
 // The op below autograd (its CPU / CUDA kernel; the caller builds the graph).
 template <typename Op, typename... Args>

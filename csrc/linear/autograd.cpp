@@ -12,10 +12,10 @@
 #include <ATen/ops/empty.h>
 
 #include <array>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common/activation.h"
 #include "common/autograd.h"
@@ -32,19 +32,19 @@ Activation kind(const std::optional<std::string>& act) { return parse_activation
 // Backward of linear_forward (kGrouped false) and grouped_linear_forward (true). Next edges:
 // input, weight, bias (invalid when there is none); group sizes and offsets take no gradient.
 template <bool kGrouped>
-struct LinearBackwardNode final : public torch::autograd::Node {
+struct LinearBackwardNode final : public BackwardNode<LinearBackwardNode<kGrouped>> {
   std::string name() const override {
     return kGrouped ? "batchops::GroupedLinearBackward" : "batchops::LinearBackward";
   }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&input, &weight, &bias, &output, &saved, &group_sizes, &group_offsets}) v->reset_data();
+  auto fields() {
+    return std::tie(input, weight, bias, output, saved, group_sizes, group_offsets, activation, save_for_backward);
   }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const Mask mask = {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
+  static variable_list backward(const variable_list& grads, const std::vector<bool>& needed, const Tensor& x,
+                                const Tensor& weight, const Tensor& bias, const Tensor& output, const Tensor& saved,
+                                const Tensor& group_sizes, const Tensor& group_offsets,
+                                const std::optional<std::string>& activation, bool save_for_backward) {
+    const Mask mask = {needed[0], needed[1], needed[2]};
     variable_list result(3);
     const Tensor& grad_output = grads[0];
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2])) return result;
@@ -52,21 +52,17 @@ struct LinearBackwardNode final : public torch::autograd::Node {
                 "batchops linear backward: the forward op ran with save_for_backward=False, so it saved nothing for "
                 "the backward of activation '", *activation, "'; call it with save_for_backward=True "
                 "(batchops.functional does when a gradient is needed)");
-    const Tensor x = input.unpack();
     // The output is saved for relu only (backward reads y > 0); the ops take an empty tensor otherwise.
-    Tensor out = output.unpack(getptr());
-    if (!out.defined()) out = at::empty({0}, x.options());
+    const Tensor out = output.defined() ? output : at::empty({0}, x.options());
     // Through the dispatcher: the backward op's own Autograd kernel (below) refuses double backward.
     Tensor gi, gw, gb;
     if constexpr (kGrouped) {
       std::tie(gi, gw, gb) = op_handle<GroupedLinearBackwardOp>().call(
-          grad_output, x, weight.unpack(), optional_if_defined(bias.unpack()),
-          optional_if_defined(group_sizes.unpack()), out, saved.unpack(), name_view(activation), mask,
-          group_offsets.unpack());
+          grad_output, x, weight, optional_if_defined(bias), optional_if_defined(group_sizes), out, saved,
+          name_view(activation), mask, group_offsets);
     } else {
-      std::tie(gi, gw, gb) = op_handle<LinearBackwardOp>().call(grad_output, x, weight.unpack(),
-                                                                optional_if_defined(bias.unpack()), out,
-                                                                saved.unpack(), name_view(activation), mask);
+      std::tie(gi, gw, gb) = op_handle<LinearBackwardOp>().call(grad_output, x, weight, optional_if_defined(bias),
+                                                                out, saved, name_view(activation), mask);
     }
     return {requested(gi, mask[0]), requested(gw, mask[1]), requested(gb, mask[2])};
   }
@@ -81,11 +77,12 @@ struct LinearBackwardNode final : public torch::autograd::Node {
     save_for_backward = save_for_backward_;
     // The output has this node as its grad_fn: saved as an output, so the node does not own
     // itself through it. `saved` (the activation's derivative, or empty) has no grad_fn.
-    if (kind(activation) == Activation::kReLU) output = SavedVariable(y, true);
+    if (kind(activation) == Activation::kReLU) output = SavedOutput(y, true);
     saved = SavedVariable(derivative, false);
   }
 
-  SavedVariable input, weight, bias, output, saved, group_sizes, group_offsets;
+  SavedVariable input, weight, bias, saved, group_sizes, group_offsets;
+  SavedOutput output;
   std::optional<std::string> activation;
   bool save_for_backward = true;
 };

@@ -3,7 +3,6 @@
 // not the input.
 #include <torch/library.h>
 
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -16,20 +15,18 @@ namespace {
 
 using namespace batchops::autograd;
 
-struct MaxPool2dBackwardNode final : public torch::autograd::Node {
+struct MaxPool2dBackwardNode final : public BackwardNode<MaxPool2dBackwardNode> {
   std::string name() const override { return "batchops::MaxPool2dBackward"; }
+  auto fields() { return std::tie(indices, input_size, kernel_size, stride, padding, dilation); }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    indices.reset_data();
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  static variable_list backward(const variable_list& grads, const std::vector<bool>& needed, const Tensor& indices,
+                                const std::vector<c10::SymInt>& input_size, const std::vector<int64_t>& kernel_size,
+                                const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                                const std::vector<int64_t>& dilation) {
     variable_list result(1);
-    if (!task_should_compute_output(0) || !grads[0].defined()) return result;
-    result[0] = op_handle<MaxPool2dBackwardOp>().call(grads[0], indices.unpack(), input_size, kernel_size, stride,
-                                                      padding, dilation);
+    if (!needed[0] || !grads[0].defined()) return result;
+    result[0] =
+        op_handle<MaxPool2dBackwardOp>().call(grads[0], indices, input_size, kernel_size, stride, padding, dilation);
     return result;
   }
 

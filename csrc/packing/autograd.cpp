@@ -10,7 +10,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -23,33 +22,28 @@ namespace {
 
 using namespace batchops::autograd;
 
-struct GatherRowsBackwardNode final : public torch::autograd::Node {
+struct GatherRowsBackwardNode final : public BackwardNode<GatherRowsBackwardNode> {
   std::string name() const override { return "batchops::GatherRowsBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    index.reset_data();
-    inverse_index.reset_data();
-  }
+  auto fields() { return std::tie(index, inverse_index, input_rows); }
 
   // Runs with grad mode on under create_graph=True: the ops below then build their own nodes.
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  static variable_list backward(const variable_list& grads, const std::vector<bool>& needed, const Tensor& index,
+                                const Tensor& inverse_index, const c10::SymInt& input_rows) {
     variable_list result(1);
     const Tensor& grad = grads[0];
-    if (!task_should_compute_output(0) || !grad.defined()) return result;
-    const Tensor idx = index.unpack(), inverse = inverse_index.unpack();
-    if (inverse.defined()) {
-      result[0] = op_handle<GatherRowsOp>().call(grad, inverse, idx, 0);
+    if (!needed[0] || !grad.defined()) return result;
+    if (inverse_index.defined()) {
+      result[0] = op_handle<GatherRowsOp>().call(grad, inverse_index, index, 0);
     } else {
       auto sizes = grad.sym_sizes().vec();
       sizes[0] = input_rows;
       std::vector<c10::SymInt> mask_shape(grad.dim(), 1);
-      mask_shape[0] = idx.sym_size(0);
+      mask_shape[0] = index.sym_size(0);
       // Fill rows (index -1) are left out: their gradient is replaced by zeros, not multiplied
       // by zero, so a NaN or inf in a padding slot's gradient cannot reach input row 0.
-      const Tensor fill_rows = idx.lt(0).reshape_symint(mask_shape);
-      result[0] = at::zeros_symint(sizes, grad.options()).index_add(0, idx.clamp_min(0), grad.masked_fill(fill_rows, 0));
+      const Tensor fill_rows = index.lt(0).reshape_symint(mask_shape);
+      result[0] =
+          at::zeros_symint(sizes, grad.options()).index_add(0, index.clamp_min(0), grad.masked_fill(fill_rows, 0));
     }
     return result;
   }

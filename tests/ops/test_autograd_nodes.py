@@ -5,6 +5,7 @@ is compared with itself through the mechanism under test."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -241,3 +242,68 @@ def test_gather_rows_double_backward(device):
     x = torch.randn(5, 3, dtype=f64, device=device, requires_grad=True)
     index = _ROW_INDEX.to(device)
     torch.autograd.gradgradcheck(lambda t: gather_rows(t, index), (x,))
+
+
+def _capturing_aot_eager(captured):
+    """torch.compile's aot_eager backend (fake-tensor tracing, no code generation), keeping each
+    graph it is given in `captured`."""
+
+    def compiler(gm, example_inputs):
+        captured.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    return torch.compile(backend=compiler, fullgraph=True)
+
+
+def _compiled_backward(run, leaves, gy, compiled):
+    """Backward of (run(leaves) * gy).sum() under compiled autograd (the backward pass traced and
+    run through `compiled`, a torch.compile); the leaves' gradients."""
+    from torch._dynamo import compiled_autograd
+
+    for t in leaves.values():
+        t.grad = None
+    loss = (run(leaves) * gy).sum()
+    with compiled_autograd._enable(compiled):
+        loss.backward()
+    return [t.grad for t in leaves.values()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_autograd(device, name):
+    """Compiled autograd (torch._dynamo.compiled_autograd, torch.compile of the backward pass)
+    puts each node into its graph (compiled_args / apply_with_saved) and traces its backward with
+    fake tensors (aot_eager): the gradients are eager autograd's, and a second backward of the same
+    graph reuses the captured one."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    case, leaves, gy = _setup(name, device)
+    expected = _grads(case.run(leaves), leaves, gy)
+    captured = []
+    compiled = _capturing_aot_eager(captured)
+    for _ in range(2):
+        got = _compiled_backward(case.run, leaves, gy, compiled)
+        torch.testing.assert_close(got, list(expected))
+    assert counters["compiled_autograd"]["captures"] == 1
+    assert re.sub(r"\W", "_", case.node) in captured[0].code  # the node's backward, in the graph
+
+
+def test_compiled_autograd_keys_on_the_nodes_fields():
+    """A node's plain fields (here the activation) are part of compiled autograd's cache key: the
+    same graph with SiLU after ReLU is captured again, not run with ReLU's backward."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, leaves, gy = _setup("batch_norm", "cpu")
+    compiled = _capturing_aot_eager([])
+    for activation in ("relu", "silu"):
+
+        def run(p, activation=activation):
+            return BF.batch_norm(p["x"], None, None, p["w"], p["b"], True, activation=activation, residual=p["z"])
+
+        expected = _grads(run(leaves), leaves, gy)
+        torch.testing.assert_close(_compiled_backward(run, leaves, gy, compiled), list(expected))
+    assert counters["compiled_autograd"]["captures"] == 2

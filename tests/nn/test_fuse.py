@@ -451,6 +451,39 @@ def test_compiled_small_residual_net_inductor(layout, dynamic):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_ddp_with_compiled_autograd(tmp_path, monkeypatch):
+    """A fused model under DistributedDataParallel whose backward compiled autograd captures
+    (DDP's python reducer, the way torch.compile runs DDP's gradient hooks in the backward graph):
+    the batchops nodes go into that graph and the step is the unfused model's. One gloo rank
+    in this process is enough for the mechanics; the multi-rank training paths are in tests/train."""
+    import torch.distributed as dist
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = SmallResNet().to(f64)
+    fused = batchops.fuse(copy.deepcopy(model))
+    x = torch.randn(4, 3, 8, 8, dtype=f64)
+    target = torch.tensor([0, 1, 2, 4])
+    out, loss, grads = step(model, x, target)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", "python_reducer")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(fused)
+        with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            d_out, d_loss, d_grads = step(ddp, x, target)
+    finally:
+        dist.destroy_process_group()
+    assert counters["compiled_autograd"]["captures"] == 1
+    torch.testing.assert_close(d_out, out)
+    torch.testing.assert_close(d_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(d_grads[f"module.{name}"], grad, msg=name)
+
+
 # ---- what fuse leaves alone, and why
 
 

@@ -451,7 +451,7 @@ def test_compiled_small_residual_net_inductor(layout, dynamic):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_ddp_with_compiled_autograd(tmp_path, monkeypatch):
+def test_ddp_with_compiled_autograd(tmp_path):
     """A fused model under DistributedDataParallel whose backward compiled autograd captures
     (DDP's python reducer, the way torch.compile runs DDP's gradient hooks in the backward graph):
     the batchops nodes go into that graph and the step is the unfused model's. One gloo rank
@@ -469,12 +469,15 @@ def test_ddp_with_compiled_autograd(tmp_path, monkeypatch):
     x = torch.randn(4, 3, 8, 8, dtype=f64)
     target = torch.tensor([0, 1, 2, 4])
     out, loss, grads = step(model, x, target)
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", "python_reducer")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes a config option it cannot see in
+    # the module's __dict__ (torch's config keeps them elsewhere), and every later torch.compile
+    # in the process then fails.
     try:
-        ddp = DistributedDataParallel(fused)
-        with compiled_autograd._enable(torch.compile(backend="aot_eager")):
-            d_out, d_loss, d_grads = step(ddp, x, target)
+        with torch._dynamo.config.patch(optimize_ddp="python_reducer"):
+            ddp = DistributedDataParallel(fused)
+            with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                d_out, d_loss, d_grads = step(ddp, x, target)
     finally:
         dist.destroy_process_group()
     assert counters["compiled_autograd"]["captures"] == 1

@@ -307,3 +307,59 @@ def test_compiled_autograd_keys_on_the_nodes_fields():
         expected = _grads(run(leaves), leaves, gy)
         torch.testing.assert_close(_compiled_backward(run, leaves, gy, compiled), list(expected))
     assert counters["compiled_autograd"]["captures"] == 2
+
+
+def _sized_case(name, size):
+    """An input of `size` (rows, or height and width) for the nodes with sizes among their fields
+    (max_pool2d keeps the input's size, gather_rows its row count) and for batch norm."""
+    g = torch.Generator().manual_seed(size)
+    if name == "max_pool2d":
+        leaves = {"x": torch.randn(2, 3, size, size, generator=g, dtype=f64)}
+        run = CASES[name].run
+    elif name == "gather_rows":
+        leaves = {"x": torch.randn(size, 3, generator=g, dtype=f64)}
+        run = CASES[name].run
+    else:
+        leaves = {"x": torch.randn(size, 3, 5, generator=g, dtype=f64), "w": torch.rand(3, generator=g, dtype=f64)}
+
+        def run(p):
+            return BF.batch_norm(p["x"], None, None, p["w"], None, True, activation="silu")
+
+    return {k: v.requires_grad_() for k, v in leaves.items()}, run
+
+
+@pytest.mark.parametrize("name", ["max_pool2d", "gather_rows", "batch_norm"])
+def test_compiled_autograd_dynamic_sizes(name):
+    """Compiled autograd (dynamic by default) captures the backward once with symbolic sizes (the
+    nodes' SymInt fields go in as symbols, not constants) and runs it for three input sizes: each
+    one's gradients are eager autograd's. (batch_norm: an absent bias, whose gradient is not wanted.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _capturing_aot_eager([])
+    for size in (6, 8, 10):
+        leaves, run = _sized_case(name, size)
+        gy = torch.randn(run(leaves).shape, generator=torch.Generator().manual_seed(1), dtype=f64)
+        expected = _grads(run(leaves), leaves, gy)
+        torch.testing.assert_close(_compiled_backward(run, leaves, gy, compiled), list(expected))
+    assert counters["compiled_autograd"]["captures"] == 1
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "linear_relu"])
+def test_compiled_autograd_with_saved_tensor_hooks(name):
+    """Saved tensors packed by saved_tensors_hooks are unpacked inside the compiled backward (the
+    hook runs in its graph): the gradients are eager autograd's. linear_relu saves its own output."""
+    torch._dynamo.reset()
+    case, leaves, gy = _setup(name, "cpu")
+    expected = _grads(case.run(leaves), leaves, gy)
+    unpacked = []
+
+    def unpack(t):
+        unpacked.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), unpack):
+        got = _compiled_backward(case.run, leaves, gy, _capturing_aot_eager([]))
+    torch.testing.assert_close(got, list(expected))
+    assert len(unpacked) == case.saved + 1  # and the loss's multiply by gy, which saves gy

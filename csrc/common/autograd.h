@@ -162,9 +162,6 @@ struct SavedOutput : SavedVariable {
 namespace detail {
 template <typename Field>
 using BackwardArg = std::conditional_t<std::is_base_of_v<SavedVariable, Field>, at::Tensor, Field>;
-// A tensor travels through compiled autograd's IValue packing as an optional (None when undefined).
-template <typename Value>
-using Packed = std::conditional_t<std::is_same_v<Value, at::Tensor>, std::optional<at::Tensor>, Value>;
 }  // namespace detail
 
 template <typename Derived>
@@ -200,8 +197,16 @@ struct BackwardNode : public torch::autograd::Node {
     namespace ca = torch::dynamo::autograd;
     for_each_field([&](auto& field) { saved.before(field); });
     const auto& python = ca::getPyCompilerInterface();
-    // Bound once per process and node type, as torch's generated nodes do (a name binds once).
-    static const std::string functional_name = bind(python, saved.get_py_compiler(), name());
+    // Bound once per process and node type (a name binds once), with a plain flag as torch's
+    // generated nodes have: the capture holds the GIL, and a guarded static initialiser calling
+    // into Python could wait on a thread that waits for the GIL.
+    static bool bound = false;
+    const std::string functional_name = python_identifier(name());
+    if (!bound) {
+      python->bind_function(saved.get_py_compiler(), functional_name, &BackwardNode::apply_functional,
+                            schema(std::make_index_sequence<field_count()>{}));
+      bound = true;
+    }
     ca::PackedArgs args;
     args.pack(needed_gradients());
     std::apply([&](auto&... field) { (args.pack(to_packed(unpack(field))), ...); }, derived().fields());
@@ -249,19 +254,18 @@ struct BackwardNode : public torch::autograd::Node {
     }
   }
 
-  static std::string bind(const std::unique_ptr<torch::dynamo::autograd::PyCompilerInterface>& python,
-                          PyObject* compiler, std::string name) {
-    // A Python identifier: the graph's code names the function.
+  // The graph's code names the bound function: "batchops::BatchNormBackward" -> batchops__BatchNormBackward.
+  static std::string python_identifier(std::string name) {
     for (char& c : name) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
-    return python->bind_function(compiler, name, &BackwardNode::apply_functional,
-                                 schema(std::make_index_sequence<field_count()>{}));
+    return name;
   }
 
+  // The packed types of apply_functional's arguments: `needed`, then each field as to_packed gives it.
   template <size_t... I>
   static std::vector<at::TypePtr> schema(std::index_sequence<I...>) {
     namespace ca = torch::dynamo::autograd;
     return {ca::IValuePacker<std::vector<bool>>::packed_type(),
-            ca::IValuePacker<detail::Packed<ArgAt<I>>>::packed_type()...};
+            ca::IValuePacker<decltype(to_packed(std::declval<const ArgAt<I>&>()))>::packed_type()...};
   }
 
   // The backward as compiled autograd calls it, on what apply_with_saved packed.
@@ -278,6 +282,7 @@ struct BackwardNode : public torch::autograd::Node {
     return std::apply([&](const auto&... value) { return Derived::backward(grads, needed, value...); }, values);
   }
 
+  // A tensor travels through compiled autograd's IValue packing as an optional (None when undefined).
   template <typename Value>
   static auto to_packed(const Value& value) {
     if constexpr (std::is_same_v<Value, at::Tensor>) {

@@ -106,6 +106,46 @@ def test_time_interleaved_takes_the_samples_asked_for():
     assert time_interleaved({}, torch.device("cpu"), settings) == {}
 
 
+def test_time_interleaved_collects_no_old_generation_among_its_samples(monkeypatch):
+    # A full collection walks every Python object and evicts the caches, slowing the next calls:
+    # it may run before the first call only; between rounds the young generations are collected,
+    # which still frees the providers' cyclic garbage, and the collector is restored.
+    import gc
+    import weakref
+
+    import batchops.bench.timing as timing
+
+    events, cycles = [], []
+    real_collect = gc.collect
+
+    def collect(generation=2):
+        events.append(("collect", generation))
+        return real_collect(generation)
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    def provider():
+        events.append(("call", gc.isenabled()))
+        cycles.append(weakref.ref(Cycle()))
+
+    monkeypatch.setattr(timing.gc, "collect", collect)
+    settings = TimingSettings(warmup_s=0.0, min_warmup=2, budget_s=0.0, min_reps=40, max_reps=40)
+    assert gc.isenabled()
+    time_interleaved({"a": provider, "b": provider}, torch.device("cpu"), settings)
+    first_call = next(i for i, e in enumerate(events) if e[0] == "call")
+    assert ("collect", 2) in events[:first_call]
+    assert all(e != ("collect", 2) for e in events[first_call:])
+    assert events.count(("collect", 1)) == 40 // 16
+    assert all(enabled is False for kind, enabled in events if kind == "call")
+    assert gc.isenabled()
+    # Everything made before the last between-rounds collection was freed by it.
+    last = max(i for i, e in enumerate(events) if e == ("collect", 1))
+    made_before = sum(1 for kind, _ in events[:last] if kind == "call")
+    assert all(ref() is None for ref in cycles[:made_before])
+
+
 def test_copy_bandwidth_keeps_the_best_measurement():
     a = CopyBandwidth(bytes_per_s=2e9, tensor_bytes=2**28, reps=5, cache_bytes=32 * 2**20)
     both = a.combined(CopyBandwidth(bytes_per_s=3e9, tensor_bytes=2**28, reps=5, cache_bytes=32 * 2**20))

@@ -14,7 +14,9 @@ The method follows Liger-Kernel's benchmarks and triton.testing.do_bench:
   cache) is the physical limit of a memory-bound op, against which bytes moved / median time
   is reported;
 * on the CPU, glibc's malloc can be told to keep freed blocks (reuse_freed_cpu_memory), and
-  CpuContention says how busy other processes kept the machine during the run.
+  CpuContention says how busy other processes kept the machine during the run;
+* Python's garbage collector is off while a case is timed, as in `timeit`: one full collection
+  before the warm-up, the young generations between rounds (time_interleaved says why).
 """
 
 from __future__ import annotations

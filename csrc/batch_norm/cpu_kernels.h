@@ -439,13 +439,19 @@ inline bool with_row_tile(int64_t C, F&& fn) {
 // lost to row by row: AVX2 build on an AMD EPYC without AVX-512 (family 25), channels-last
 // BatchNorm2d forward + backward against torch's, 2 threads, two alternations: 16x64x56x56
 // 1.06-1.09 tiled, 0.82-0.83 row by row; 16x64x28x28 1.00-1.02 and 0.70-0.78. Tiles of 32 or 16
-// channels walked down the rows one after another were worse still (1.13-1.47). The gradient
-// sums' tile (two updated arrays) measured the same as row by row and as 32-channel tiles there
-// (0.72-0.89 each, within the noise): kept on every build.
+// channels walked down the rows one after another were worse still (1.13-1.47).
+// The gradient sums' widest tile (kGradSumsWidestTile, in units of 64 floats): at 64 channels the
+// tile measured the same as row by row and as 32-channel tiles on AVX2 (0.72-0.89 each, within
+// the noise), so every build keeps it; at 128 (mean and two sums: 24 of AVX-512's registers, 48
+// of AVX2's) the AVX2 build lost to row by row: the backward op against torch's, channels-last,
+// 2 threads, three alternating processes per choice: 16x128x28x28 0.88-0.93 tiled, 0.73-0.84 row
+// by row; 16x128x40x40 0.92-1.05 and 0.80-0.92 (16x128x14x14 the same either way).
 #if BATCHOPS_CPU_VARIANT_AVX512
 constexpr bool kStatisticsTileInRegisters = true;
+constexpr int64_t kGradSumsWidestTile = 2;
 #else
 constexpr bool kStatisticsTileInRegisters = false;
+constexpr int64_t kGradSumsWidestTile = 1;
 #endif
 
 // Welford's update over rows [0, rows) of one-tile rows, the running values in local arrays of a
@@ -1308,7 +1314,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
         std::vector<acc> scratch(2 * C);  // sg, sgx
         for (int64_t blk = begin; blk < end; ++blk) {
           std::fill(scratch.begin(), scratch.end(), acc(0));
-          const bool tiled = with_row_tile<scalar_t, 2>(C, [&](auto tile) {
+          const bool tiled = with_row_tile<scalar_t, kGradSumsWidestTile>(C, [&](auto tile) {
             grad_sums_tile<decltype(tile)::value, scalar_t, A, kResidual, kStoreG>(
                 dy, x, z, dz, blocks.begin(blk), blocks.end(blk), columns.mean.data(), columns.scale.data(),
                 columns.shift.data(), scratch.data(), scratch.data() + C);

@@ -131,13 +131,14 @@ def test_time_interleaved_collects_no_old_generation_among_its_samples(monkeypat
         cycles.append(weakref.ref(Cycle()))
 
     monkeypatch.setattr(timing.gc, "collect", collect)
-    settings = TimingSettings(warmup_s=0.0, min_warmup=2, budget_s=0.0, min_reps=40, max_reps=40)
+    settings = TimingSettings(warmup_s=0.0, min_warmup=20, budget_s=0.0, min_reps=40, max_reps=40)
     assert gc.isenabled()
     time_interleaved({"a": provider, "b": provider}, torch.device("cpu"), settings)
     first_call = next(i for i, e in enumerate(events) if e[0] == "call")
     assert ("collect", 2) in events[:first_call]
     assert all(e != ("collect", 2) for e in events[first_call:])
-    assert events.count(("collect", 1)) == 40 // 16
+    # Every 16 warm-up calls of a provider (20 calls each: one each) and every 16 rounds (40: two).
+    assert events.count(("collect", 1)) == 2 * (20 // 16) + 40 // 16
     assert all(enabled is False for kind, enabled in events if kind == "call")
     assert gc.isenabled()
     # Everything made before the last between-rounds collection was freed by it.

@@ -69,8 +69,7 @@ def run_case(case: Case, device: torch.device, settings: TimingSettings, check: 
             }
             row.note = check_providers(timed, case.dtype)
         row.note = "; ".join(n for n in (case.note, row.note) if n)
-        fns.pop(REFERENCE, None)  # free the float64 copies before timing
-        gc.collect()
+        fns.pop(REFERENCE, None)  # free the float64 copies before timing (which starts with a full collection)
         row.times = time_interleaved(fns, device, settings)
         row.peak = {name: peak_memory_bytes(fn, device) for name, fn in fns.items()}
         if case.profile_calls > 0:

@@ -30,9 +30,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=40, help="at most this many steps per provider")
     parser.add_argument("--budget", type=float, default=25.0, help="seconds of timed steps, both providers")
     parser.add_argument("--size", choices=("default", "quick", "smoke"), default="default")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's adaptive malloc thresholds, as a plain training script has them (by default they "
+        "are fixed as in `batchops bench`: batchops.bench.timing.reuse_freed_cpu_memory)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    reuse_freed_cpu_memory()
+    if not args.default_malloc:
+        reuse_freed_cpu_memory()
     device = torch.device("cpu")
     case = models.model_case(args.model, device, args.layout, compiled=args.compiled, size=args.size)
     case.profile_calls = 0  # the timing only; `batchops bench --op models` has the profile

@@ -107,7 +107,11 @@ def test_any_torchvision_classifier_runs_as_the_convnets_do():
 @pytest.mark.slow
 def test_model_step_script_prints_one_checked_line():
     script = ROOT / "scripts" / "model_step.py"
-    args = [sys.executable, str(script), *"resnet18 channels_last --size smoke --reps 3 --budget 0.5".split()]
+    args = [
+        sys.executable,
+        str(script),
+        *"resnet18 channels_last --size smoke --reps 3 --budget 0.5 --default-malloc".split(),
+    ]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()

@@ -1393,6 +1393,26 @@ def test_cpu_isa_levels(monkeypatch, isa, dtype, mode):
             check_half(*impls, inputs, dtype, activation=activation, **kw)
 
 
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_cpu_gelu_epilogue_over_a_wide_range(monkeypatch, isa):
+    """The float GELU epilogue (intrinsics on AVX2 and AVX-512: exp as 2^t clamped far out, a
+    reciprocal estimate plus a Newton step) against float64 torch over pre-activations from -40 to
+    40, value and saved derivative (through backward), in every lane position (N = 37)."""
+    cap_cpu_isa(monkeypatch, isa)
+    N = 37
+    x = torch.linspace(-40.0, 40.0, 4001, dtype=f32).unsqueeze(1)  # K = 1: pre = x * w + b
+    w = torch.ones(N, 1, dtype=f32)
+    b = torch.linspace(-0.5, 0.5, N, dtype=f32)
+    x.requires_grad_()
+    y = BF.linear(x, w, b, activation="gelu")
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) / N)
+    pre = (x.detach() * w.T + b).double().requires_grad_()  # the float32 pre-activations, exactly
+    ref = F.gelu(pre)
+    (ref_gx,) = torch.autograd.grad(ref, pre, torch.ones_like(ref) / N)
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(gx.double(), ref_gx.sum(1, keepdim=True), rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.cuda
 def test_cuda_more_than_65535_groups():
     """reduce_bias_kernel strides groups over gridDim.y (capped at 65535) instead of one block

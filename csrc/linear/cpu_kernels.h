@@ -66,7 +66,10 @@ inline __m512 gelu_with_derivative_ps(__m512 x, __m512& derivative) {
   p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(1.0000001192092896f));
   const __m512 e = _mm512_scalef_ps(p2, n);
   // erfc(|x| / sqrt 2) / 2 = poly(s) s e, s = 1 / (1 + p |x| / sqrt 2), coefficients halved.
-  const __m512 den = _mm512_fmadd_ps(_mm512_abs_ps(x), _mm512_set1_ps(float(0.3275911 * M_SQRT1_2)), one);
+  // |x| capped where q is 0 anyway, so that the Newton step below never meets rcp(inf) * inf:
+  // gelu(+inf) = inf, as torch's (its derivative there NaN, as torch's: inf * pdf with pdf 0).
+  const __m512 den = _mm512_fmadd_ps(_mm512_min_ps(_mm512_abs_ps(x), _mm512_set1_ps(1e30f)),
+                                     _mm512_set1_ps(float(0.3275911 * M_SQRT1_2)), one);
   __m512 s = _mm512_rcp14_ps(den);
   s = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(den, s, one), s);  // Newton: 2^-28 relative
   __m512 poly = _mm512_set1_ps(0.5f * 1.061405429f);
@@ -98,15 +101,14 @@ struct GeluLanes {
 #elif defined(BATCHOPS_CPU_AVX2_INTRINSICS)
 // The same in AVX2 (8 lanes): the auto-vectorised loop of activation.h made Linear+GELU's forward
 // 1.06x torch's on an AMD EPYC without AVX-512 (its epilogue 1.5 ms against torch's whole GELU
-// 1.05 at 8192x256). AVX2 has no scalef and no masks: 2^n is built from its exponent bits, so
-// t is clamped at -100, where the AVX-512 version goes to -150 (e = 2^-100 ~ 8e-31: for |x| >
-// 11.8 the cdf's q and the pdf stay ~1e-30 instead of reaching 0, and no value becomes
-// subnormal), the reciprocal starts from rcp_ps (12 bits; one Newton step: ~2^-23), and the tail
-// goes through maskload / maskstore.
+// 1.05 at 8192x256). AVX2 has no scalef and no masks: 2^n is built from its exponent bits for t
+// clamped at -100 and e set to 0 below (|x| > 11.8, where q and the pdf are below 1e-30), so no
+// value becomes subnormal; the reciprocal starts from rcp_ps (12 bits; one Newton step: ~2^-23);
+// the tail goes through maskload / maskstore.
 inline __m256 gelu_with_derivative_ps(__m256 x, __m256& derivative) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 t = _mm256_max_ps(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.72134752044448170f)),
-                                 _mm256_set1_ps(-100.0f));
+  const __m256 t_exact = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.72134752044448170f));
+  const __m256 t = _mm256_max_ps(t_exact, _mm256_set1_ps(-100.0f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 frac = _mm256_sub_ps(t, n);
   __m256 p2 = _mm256_set1_ps(1.3276183744892478e-3f);
@@ -116,8 +118,11 @@ inline __m256 gelu_with_derivative_ps(__m256 x, __m256& derivative) {
   p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(6.931469440460205e-1f));
   p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(1.0000001192092896f));
   const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 e = _mm256_mul_ps(p2, _mm256_castsi256_ps(power));
-  const __m256 abs_x = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  // Zero below the clamp (the value is below 1e-30 there), as scalef's underflow gives on AVX-512.
+  const __m256 e = _mm256_and_ps(_mm256_mul_ps(p2, _mm256_castsi256_ps(power)),
+                                 _mm256_cmp_ps(t_exact, _mm256_set1_ps(-100.0f), _CMP_GE_OQ));
+  // |x| capped as in the AVX-512 version: gelu(+inf) = inf, its derivative NaN, as torch's.
+  const __m256 abs_x = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(1e30f));
   const __m256 den = _mm256_fmadd_ps(abs_x, _mm256_set1_ps(float(0.3275911 * M_SQRT1_2)), one);
   __m256 s = _mm256_rcp_ps(den);
   s = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(den, s, one), s);

@@ -1397,10 +1397,14 @@ def test_cpu_isa_levels(monkeypatch, isa, dtype, mode):
 def test_cpu_gelu_epilogue_over_a_wide_range(monkeypatch, isa):
     """The float GELU epilogue (intrinsics on AVX2 and AVX-512: exp as 2^t clamped far out, a
     reciprocal estimate plus a Newton step) against float64 torch over pre-activations from -40 to
-    40, value and saved derivative (through backward), in every lane position (N = 37)."""
+    40, value and saved derivative (through backward), in every lane position (N = 37); and at
+    +-1e30 and +-inf: values as torch's (gelu(inf) = inf, gelu(-inf) = NaN; the intrinsics once
+    gave NaN at +inf, rcp(inf) in their Newton step), derivatives at +-1e30 as torch's and at
+    +-inf not finite (torch's NaN; the generic path's exp clamps, giving +-inf)."""
     cap_cpu_isa(monkeypatch, isa)
     N = 37
-    x = torch.linspace(-40.0, 40.0, 4001, dtype=f32).unsqueeze(1)  # K = 1: pre = x * w + b
+    far = torch.tensor([1e30, -1e30, float("inf"), -float("inf")])
+    x = torch.cat([torch.linspace(-40.0, 40.0, 4001), far]).to(f32).unsqueeze(1)  # K = 1: pre = x * w + b
     w = torch.ones(N, 1, dtype=f32)
     b = torch.linspace(-0.5, 0.5, N, dtype=f32)
     x.requires_grad_()
@@ -1409,8 +1413,10 @@ def test_cpu_gelu_epilogue_over_a_wide_range(monkeypatch, isa):
     pre = (x.detach() * w.T + b).double().requires_grad_()  # the float32 pre-activations, exactly
     ref = F.gelu(pre)
     (ref_gx,) = torch.autograd.grad(ref, pre, torch.ones_like(ref) / N)
-    torch.testing.assert_close(y.double(), ref.detach(), rtol=2e-6, atol=1e-6)
-    torch.testing.assert_close(gx.double(), ref_gx.sum(1, keepdim=True), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=2e-6, atol=1e-6, equal_nan=True)
+    finite = x.detach().isfinite().squeeze(1)
+    torch.testing.assert_close(gx[finite].double(), ref_gx.sum(1, keepdim=True)[finite], rtol=2e-6, atol=1e-6)
+    assert not gx[~finite].isfinite().any()
 
 
 @pytest.mark.cuda

@@ -54,9 +54,33 @@ namespace detail {
 // std::erf and std::tanh stay scalar without -ffast-math, which made fused silu/gelu 5x slower
 // than relu on the CPU. Cephes' expf polynomial (about 1 ulp on [-87, 88], clamped outside),
 // Abramowitz & Stegun 7.1.26 for erf (absolute error < 1.5e-7), tanh from exp.
+
+// min(max(x, lo), hi) computed on keys that order floats as integers (the sign-magnitude bits
+// turned two's complement; -0 just below +0, NaN beyond +-inf). A compare-and-select clamp let
+// GCC fold the bound's constant into the rest of the formula: it computed the function twice and
+// blended at the end (silu's division twice), where integer min / max are one instruction each.
+// Fused silu forward, AVX2 EPYC, cache-warm loop: 1.02-1.40 -> 0.71 ns a value. The key of
+// float bits is an involution: the same function turns a key back into bits.
+inline int32_t order_key_of_bits(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
+
+inline float clamp_by_order_key(float x, int32_t lo_key, int32_t hi_key) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t key = order_key_of_bits(bits);
+  key = key < hi_key ? key : hi_key;
+  key = key > lo_key ? key : lo_key;
+  bits = order_key_of_bits(key);
+  float y;
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+
 inline float vector_expf(float x) {
-  x = x > 88.0f ? 88.0f : x;
-  x = x < -87.0f ? -87.0f : x;
+  // [-87, 88]: 0xc2ae0000 is -87.0f's bits, 0x42b00000 88.0f's. NaN goes to a bound, so exp
+  // and tanh here are finite at NaN (a select giving NaN back cost silu's backward 20%):
+  // every activation takes its NaN from x instead (x * s, x * cdf, 0.5 * x; test_linear's
+  // test_nan_propagates).
+  x = clamp_by_order_key(x, order_key_of_bits(int32_t(0xc2ae0000u)), 0x42b00000);
   // n = round(x / ln 2) by the 1.5 * 2^23 trick (|x / ln 2| < 2^22 here): a vector add and
   // subtract, where a floor through an int conversion and a compare cost 25% more per element.
   const float t = x * 1.44269504088896341f;
@@ -78,20 +102,18 @@ inline float vector_expf(float x) {
 
 // erf(x) given exp(-x * x), which GELU's derivative needs too (one exp instead of two).
 inline float vector_erff_given_exp(float x, float exp_neg_x2) {
-  const float ax = x < 0.0f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  // fabs and copysign are bit operations; selects on x < 0 made GCC compute both signs' paths
+  // (two divisions) and blend.
+  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(x));
   const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  const float y = 1.0f - poly * exp_neg_x2;
-  return x < 0.0f ? -y : y;
+  return std::copysign(1.0f - poly * exp_neg_x2, x);
 }
 
 inline float vector_erff(float x) { return vector_erff_given_exp(x, vector_expf(-x * x)); }
 
 inline float vector_tanhf(float x) {
-  const float ax = x < 0.0f ? -x : x;
-  const float e = vector_expf(-2.0f * ax);
-  const float y = (1.0f - e) / (1.0f + e);
-  return x < 0.0f ? -y : y;
+  const float e = vector_expf(-2.0f * std::fabs(x));
+  return std::copysign((1.0f - e) / (1.0f + e), x);
 }
 
 }  // namespace detail

@@ -207,6 +207,28 @@ def test_relu_gradient_at_nan_is_torchs(device, training, layout):
         torch.testing.assert_close(ours[key].double(), ref[key], equal_nan=True, **t, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_nan_pre_activation_is_nan_through_the_activation(device, training, layout, activation):
+    """The CPU's float exp and tanh (common/activation.h) clamp NaN to a bound, so a NaN
+    pre-activation must come out NaN through x itself: the output and grad_residual are NaN
+    exactly where torch's are (and the channel's grad_input, through the gradient sums)."""
+    inputs = make_inputs((4, 80, 3, 3), device, f32, residual=True)  # 80 channels: vector loops and tails
+    inputs["z"].view(-1)[::7] = float("nan")
+    if layout == "channels_last":
+        inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
+    ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation=activation)
+    nan = inputs["z"].isnan()
+    assert ours["y"][nan].isnan().all() and ours["gz"][nan].isnan().all()
+    for key in ("y", "gx", "gw", "gb", "gz"):
+        assert torch.equal(ours[key].isnan(), ref[key].isnan()), key
+        t = tol(f32, grad=key.startswith("g"))
+        torch.testing.assert_close(ours[key].double(), ref[key], equal_nan=True, **t, msg=lambda m: f"{key}: {m}")
+
+
 def test_manual_reference_agrees_with_torch():
     """The pure-PyTorch reference used below is itself checked against torch."""
     inputs = make_inputs((4, 5, 3, 2), "cpu", f64, residual=True)

@@ -100,12 +100,17 @@ inline float vector_expf(float x) {
   return y * scale;
 }
 
+// Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-x^2) for x >= 0,
+// t = 1 / (1 + p x). Here and in linear's GELU intrinsics (linear/cpu_kernels.h).
+inline constexpr float kErfP = 0.3275911f;
+inline constexpr float kErfA[5] = {0.254829592f, -0.284496736f, 1.421413741f, -1.453152027f, 1.061405429f};
+
 // erf(x) given exp(-x * x), which GELU's derivative needs too (one exp instead of two).
 inline float vector_erff_given_exp(float x, float exp_neg_x2) {
   // fabs and copysign are bit operations; selects on x < 0 made GCC compute both signs' paths
   // (two divisions) and blend.
-  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(x));
-  const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  const float t = 1.0f / (1.0f + kErfP * std::fabs(x));
+  const float poly = ((((kErfA[4] * t + kErfA[3]) * t + kErfA[2]) * t + kErfA[1]) * t + kErfA[0]) * t;
   return std::copysign(1.0f - poly * exp_neg_x2, x);
 }
 

@@ -41,6 +41,21 @@ void forward_rows(scalar_t* z, scalar_t* derivative, const at::opmath_type<scala
   }
 }
 
+#if defined(BATCHOPS_CPU_AVX512_INTRINSICS) || defined(BATCHOPS_CPU_AVX2_INTRINSICS)
+// The constants of the GELU intrinsics below, one set for both instruction sets.
+// exp(-x^2 / 2) = 2^t, t = x^2 * kGeluExp2Scale.
+constexpr float kGeluExp2Scale = -0.72134752044448170f;  // -log2(e) / 2
+// 2^f on [-1/2, 1/2], highest degree first (relative error 2.4e-7).
+constexpr float kExp2Poly[6] = {1.3276183744892478e-3f, 9.675540030002594e-3f, 5.550714209675789e-2f,
+                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
+// erf's t = 1 / (1 + p |x| / sqrt 2) (activation.h's A & S 7.1.26 at x / sqrt 2).
+constexpr float kGeluErfP = float(detail::kErfP * M_SQRT1_2);
+// erfc(|x| / sqrt 2) / 2 = poly(s) s e: A & S's coefficients halved, highest degree first.
+constexpr float kHalfErfcPoly[5] = {0.5f * detail::kErfA[4], 0.5f * detail::kErfA[3], 0.5f * detail::kErfA[2],
+                                    0.5f * detail::kErfA[1], 0.5f * detail::kErfA[0]};
+constexpr float kGeluPdfScale = float(M_2_SQRTPI * M_SQRT1_2 * 0.5);  // 1 / sqrt(2 pi)
+#endif
+
 #if defined(BATCHOPS_CPU_AVX512_INTRINSICS)
 // Float GELU and its derivative, 16 lanes at a time in AVX-512 intrinsics (Linear+GELU's
 // case). The epilogue is bound by memory and arithmetic about equally, so the arithmetic is
@@ -54,33 +69,33 @@ void forward_rows(scalar_t* z, scalar_t* derivative, const at::opmath_type<scala
 inline __m512 gelu_with_derivative_ps(__m512 x, __m512& derivative) {
   const __m512 one = _mm512_set1_ps(1.0f);
   // exp(-x^2 / 2) = 2^t, t = -x^2 log2(e) / 2, clamped where the result is 0 in float anyway.
-  const __m512 t = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.72134752044448170f)),
+  const __m512 t = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(kGeluExp2Scale)),
                                  _mm512_set1_ps(-150.0f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 frac = _mm512_sub_ps(t, n);
-  __m512 p2 = _mm512_set1_ps(1.3276183744892478e-3f);
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(9.675540030002594e-3f));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(5.550714209675789e-2f));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(2.4022120237350464e-1f));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(6.931469440460205e-1f));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(1.0000001192092896f));
+  __m512 p2 = _mm512_set1_ps(kExp2Poly[0]);
+  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[1]));
+  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[2]));
+  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[3]));
+  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[4]));
+  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[5]));
   const __m512 e = _mm512_scalef_ps(p2, n);
   // erfc(|x| / sqrt 2) / 2 = poly(s) s e, s = 1 / (1 + p |x| / sqrt 2), coefficients halved.
   // |x| capped where q is 0 anyway, so that the Newton step below never meets rcp(inf) * inf:
   // gelu(+inf) = inf, as torch's (its derivative there NaN, as torch's: inf * pdf with pdf 0).
   const __m512 den = _mm512_fmadd_ps(_mm512_min_ps(_mm512_abs_ps(x), _mm512_set1_ps(1e30f)),
-                                     _mm512_set1_ps(float(0.3275911 * M_SQRT1_2)), one);
+                                     _mm512_set1_ps(kGeluErfP), one);
   __m512 s = _mm512_rcp14_ps(den);
   s = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(den, s, one), s);  // Newton: 2^-28 relative
-  __m512 poly = _mm512_set1_ps(0.5f * 1.061405429f);
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(0.5f * -1.453152027f));
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(0.5f * 1.421413741f));
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(0.5f * -0.284496736f));
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(0.5f * 0.254829592f));
+  __m512 poly = _mm512_set1_ps(kHalfErfcPoly[0]);
+  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[1]));
+  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[2]));
+  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[3]));
+  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[4]));
   const __m512 q = _mm512_mul_ps(_mm512_mul_ps(poly, s), e);
   const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, q), q);
-  const __m512 pdf = _mm512_mul_ps(e, _mm512_set1_ps(float(M_2_SQRTPI * M_SQRT1_2 * 0.5)));
+  const __m512 pdf = _mm512_mul_ps(e, _mm512_set1_ps(kGeluPdfScale));
   derivative = _mm512_fmadd_ps(x, pdf, cdf);
   return _mm512_mul_ps(x, cdf);
 }
@@ -107,34 +122,34 @@ struct GeluLanes {
 // the tail goes through maskload / maskstore.
 inline __m256 gelu_with_derivative_ps(__m256 x, __m256& derivative) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 t_exact = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.72134752044448170f));
+  const __m256 t_exact = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(kGeluExp2Scale));
   const __m256 t = _mm256_max_ps(t_exact, _mm256_set1_ps(-100.0f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 frac = _mm256_sub_ps(t, n);
-  __m256 p2 = _mm256_set1_ps(1.3276183744892478e-3f);
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(9.675540030002594e-3f));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(5.550714209675789e-2f));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(2.4022120237350464e-1f));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(6.931469440460205e-1f));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(1.0000001192092896f));
+  __m256 p2 = _mm256_set1_ps(kExp2Poly[0]);
+  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[1]));
+  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[2]));
+  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[3]));
+  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[4]));
+  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[5]));
   const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   // Zero below the clamp (the value is below 1e-30 there), as scalef's underflow gives on AVX-512.
   const __m256 e = _mm256_and_ps(_mm256_mul_ps(p2, _mm256_castsi256_ps(power)),
                                  _mm256_cmp_ps(t_exact, _mm256_set1_ps(-100.0f), _CMP_GE_OQ));
   // |x| capped as in the AVX-512 version: gelu(+inf) = inf, its derivative NaN, as torch's.
   const __m256 abs_x = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(1e30f));
-  const __m256 den = _mm256_fmadd_ps(abs_x, _mm256_set1_ps(float(0.3275911 * M_SQRT1_2)), one);
+  const __m256 den = _mm256_fmadd_ps(abs_x, _mm256_set1_ps(kGeluErfP), one);
   __m256 s = _mm256_rcp_ps(den);
   s = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(den, s, one), s);
-  __m256 poly = _mm256_set1_ps(0.5f * 1.061405429f);
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(0.5f * -1.453152027f));
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(0.5f * 1.421413741f));
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(0.5f * -0.284496736f));
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(0.5f * 0.254829592f));
+  __m256 poly = _mm256_set1_ps(kHalfErfcPoly[0]);
+  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[1]));
+  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[2]));
+  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[3]));
+  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[4]));
   const __m256 q = _mm256_mul_ps(_mm256_mul_ps(poly, s), e);
   const __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   const __m256 cdf = _mm256_blendv_ps(_mm256_sub_ps(one, q), q, negative);
-  const __m256 pdf = _mm256_mul_ps(e, _mm256_set1_ps(float(M_2_SQRTPI * M_SQRT1_2 * 0.5)));
+  const __m256 pdf = _mm256_mul_ps(e, _mm256_set1_ps(kGeluPdfScale));
   derivative = _mm256_fmadd_ps(x, pdf, cdf);
   return _mm256_mul_ps(x, cdf);
 }

@@ -56,7 +56,7 @@ def test_bench_smoke_writes_a_table_with_both_providers(tmp_path, capsys):
     header = next(line for line in text.splitlines() if line.startswith("| op |"))
     assert "torch ms" in header and "batchops ms" in header and "ratio" in header
     rows = [line for line in text.splitlines() if line.startswith("| BatchNorm2d")]
-    assert len(rows) == 12
+    assert len(rows) == 14  # per layout: 3 modes plain, ReLU, SiLU, add+ReLU, eval
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[5] != "-" and cells[6] != "-", row  # both providers were timed

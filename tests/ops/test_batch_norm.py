@@ -229,6 +229,31 @@ def test_nan_pre_activation_is_nan_through_the_activation(device, training, layo
         torch.testing.assert_close(ours[key].double(), ref[key], equal_nan=True, **t, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [f64, f32], ids=_dtype_id)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("C", [12, 32, 40])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activation_gradient_without_residual_in_every_backward_path(device, dtype, training, layout, C, activation):
+    """Without a residual, the CPU backward stores g = dy * act'(pre) in grad_input during the
+    sums pass and finishes grad_input in place for silu / gelu / gelu_tanh, where the rows
+    passes have no overlapping last vector (C <= 16 or a multiple of 16: 12, 32), and recomputes
+    g otherwise (40 channels-last; ReLU everywhere). Every case against torch, with the
+    parameters' gradients and without weight and bias (grad_input alone: in training the sums
+    pass still runs, in eval it does not)."""
+    inputs = make_inputs((3, C, 5, 3), device, dtype)
+    if layout == "channels_last":
+        inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation=activation)
+    ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
+    assert_results_close(ours, ref, dtype, keys=("y", "gx", "gw", "gb"))
+    no_affine = {**inputs, "w": None, "b": None}
+    ref = evaluate(torch_impl, **no_affine, cast=f64, training=training, activation=activation)
+    ours = evaluate(ours_impl, **no_affine, training=training, activation=activation)
+    assert_results_close(ours, ref, dtype, keys=("y", "gx"))
+
+
 def test_manual_reference_agrees_with_torch():
     """The pure-PyTorch reference used below is itself checked against torch."""
     inputs = make_inputs((4, 5, 3, 2), "cpu", f64, residual=True)

@@ -186,6 +186,14 @@ def test_functional_matches_torch(device, dtype, training, activation, residual)
         assert torch.equal(ours["rm"], inputs["rm"]) and torch.equal(ours["rv"], inputs["rv"])
 
 
+def _inputs_with_nan_residual(device, layout: str) -> dict:
+    """float32 inputs with a residual holding NaN at every 7th value: NaN pre-activations there,
+    finite batch statistics. 80 channels: vector loops and tails."""
+    inputs = make_inputs((4, 80, 3, 3), device, f32, residual=True)
+    inputs["z"].view(-1)[::7] = float("nan")
+    return _inputs_channels_last(inputs) if layout == "channels_last" else inputs
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
@@ -193,10 +201,7 @@ def test_relu_gradient_at_nan_is_torchs(device, training, layout):
     """A NaN pre-activation (here from the residual) passes the gradient through ReLU, as
     torch's relu backward does (its mask is `output <= 0`, false at NaN): grad_residual is the
     incoming gradient there and the batch norm's gradients are finite."""
-    inputs = make_inputs((4, 80, 3, 3), device, f32, residual=True)  # 80 channels: vector loops and tails
-    inputs["z"].view(-1)[::7] = float("nan")
-    if layout == "channels_last":
-        inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    inputs = _inputs_with_nan_residual(device, layout)
     ours = evaluate(ours_impl, **inputs, training=training, activation="relu")
     ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation="relu")
     nan = inputs["z"].isnan()
@@ -215,10 +220,7 @@ def test_nan_pre_activation_is_nan_through_the_activation(device, training, layo
     """The CPU's float exp and tanh (common/activation.h) clamp NaN to a bound, so a NaN
     pre-activation must come out NaN through x itself: the output and grad_residual are NaN
     exactly where torch's are (and the channel's grad_input, through the gradient sums)."""
-    inputs = make_inputs((4, 80, 3, 3), device, f32, residual=True)  # 80 channels: vector loops and tails
-    inputs["z"].view(-1)[::7] = float("nan")
-    if layout == "channels_last":
-        inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    inputs = _inputs_with_nan_residual(device, layout)
     ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
     ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation=activation)
     nan = inputs["z"].isnan()
@@ -244,7 +246,7 @@ def test_activation_gradient_without_residual_in_every_backward_path(device, dty
     pass still runs, in eval it does not)."""
     inputs = make_inputs((3, C, 5, 3), device, dtype)
     if layout == "channels_last":
-        inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+        inputs = _inputs_channels_last(inputs)
     ref = evaluate(torch_impl, **inputs, cast=f64, training=training, activation=activation)
     ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
     assert_results_close(ours, ref, dtype, keys=("y", "gx", "gw", "gb"))
@@ -377,6 +379,11 @@ def test_eval_sample_does_not_depend_on_its_batch(device, dtype, shape):
 
 def _channels_last(t):
     return t.contiguous(memory_format=torch.channels_last)
+
+
+def _inputs_channels_last(inputs: dict) -> dict:
+    """make_inputs' tensors with the 4-D ones (x, z, gy) channels-last, the rest as they are."""
+    return {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
 
 
 def _channels_last_3d(t):
@@ -522,7 +529,7 @@ def test_half_precision(device, dtype, training, mixed, fused, layout):
     shape = (8, 6, 7, 5)
     inputs = make_inputs(shape, device, dtype, residual=fused, param_dtype=f32 if mixed else dtype)
     if layout == "channels_last":
-        inputs = {k: _channels_last(v) if v is not None and v.dim() == 4 else v for k, v in inputs.items()}
+        inputs = _inputs_channels_last(inputs)
     kwargs = dict(training=training, activation="silu" if fused else None)
     ours = evaluate(ours_impl, **inputs, **kwargs)
     theirs = evaluate(torch_impl, **inputs, **kwargs)
@@ -1612,7 +1619,7 @@ def test_channels_last_vector_tails(monkeypatch, isa, C):
     for shape in [(5, C, 6, 7), (211, C)]:  # channels-last 4-D, and the (N, C) rows of a 2-D input
         inputs = make_inputs(shape, "cpu", f32, residual=True)
         if len(shape) == 4:
-            inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+            inputs = _inputs_channels_last(inputs)
         for activation in (None, *ACTIVATIONS):
             for training in (True, False):
                 ours = evaluate(ours_impl, **inputs, training=training, activation=activation)
@@ -1631,7 +1638,7 @@ def test_channels_last_eval_of_large_inputs(monkeypatch, isa, C):
     shape = (3, C, 127, (2**21 // (3 * C * 127) + 1) | 1)
     assert 2**21 <= math.prod(shape) < 2**21 + 10**5 and math.prod(shape[:1] + shape[2:]) % 2 == 1
     inputs = make_inputs(shape, "cpu", f32, residual=True)
-    inputs = {k: (_channels_last(v) if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+    inputs = _inputs_channels_last(inputs)
     for activation, residual in ((None, False), ("relu", True)):
         args = inputs if residual else {**inputs, "z": None}
         ours = evaluate(ours_impl, **args, training=False, activation=activation)

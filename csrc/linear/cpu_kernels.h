@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <iterator>  // std::size
+
 #include "linear/linear.h"
 #include "common/cpu_dtypes.h"  // BATCHOPS_CPU_DISPATCH_DTYPES for this build
 
@@ -74,11 +76,9 @@ inline __m512 gelu_with_derivative_ps(__m512 x, __m512& derivative) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 frac = _mm512_sub_ps(t, n);
   __m512 p2 = _mm512_set1_ps(kExp2Poly[0]);
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[1]));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[2]));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[3]));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[4]));
-  p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[5]));
+  for (size_t i = 1; i < std::size(kExp2Poly); ++i) {  // Horner (unrolled by GCC: a constant count)
+    p2 = _mm512_fmadd_ps(p2, frac, _mm512_set1_ps(kExp2Poly[i]));
+  }
   const __m512 e = _mm512_scalef_ps(p2, n);
   // erfc(|x| / sqrt 2) / 2 = poly(s) s e, s = 1 / (1 + p |x| / sqrt 2), coefficients halved.
   // |x| capped where q is 0 anyway, so that the Newton step below never meets rcp(inf) * inf:
@@ -88,10 +88,9 @@ inline __m512 gelu_with_derivative_ps(__m512 x, __m512& derivative) {
   __m512 s = _mm512_rcp14_ps(den);
   s = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(den, s, one), s);  // Newton: 2^-28 relative
   __m512 poly = _mm512_set1_ps(kHalfErfcPoly[0]);
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[1]));
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[2]));
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[3]));
-  poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[4]));
+  for (size_t i = 1; i < std::size(kHalfErfcPoly); ++i) {
+    poly = _mm512_fmadd_ps(poly, s, _mm512_set1_ps(kHalfErfcPoly[i]));
+  }
   const __m512 q = _mm512_mul_ps(_mm512_mul_ps(poly, s), e);
   const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, q), q);
@@ -127,11 +126,9 @@ inline __m256 gelu_with_derivative_ps(__m256 x, __m256& derivative) {
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 frac = _mm256_sub_ps(t, n);
   __m256 p2 = _mm256_set1_ps(kExp2Poly[0]);
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[1]));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[2]));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[3]));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[4]));
-  p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[5]));
+  for (size_t i = 1; i < std::size(kExp2Poly); ++i) {  // Horner (unrolled by GCC: a constant count)
+    p2 = _mm256_fmadd_ps(p2, frac, _mm256_set1_ps(kExp2Poly[i]));
+  }
   const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   // Zero below the clamp (the value is below 1e-30 there), as scalef's underflow gives on AVX-512.
   const __m256 e = _mm256_and_ps(_mm256_mul_ps(p2, _mm256_castsi256_ps(power)),
@@ -142,10 +139,9 @@ inline __m256 gelu_with_derivative_ps(__m256 x, __m256& derivative) {
   __m256 s = _mm256_rcp_ps(den);
   s = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(den, s, one), s);
   __m256 poly = _mm256_set1_ps(kHalfErfcPoly[0]);
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[1]));
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[2]));
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[3]));
-  poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[4]));
+  for (size_t i = 1; i < std::size(kHalfErfcPoly); ++i) {
+    poly = _mm256_fmadd_ps(poly, s, _mm256_set1_ps(kHalfErfcPoly[i]));
+  }
   const __m256 q = _mm256_mul_ps(_mm256_mul_ps(poly, s), e);
   const __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   const __m256 cdf = _mm256_blendv_ps(_mm256_sub_ps(one, q), q, negative);

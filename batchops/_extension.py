@@ -56,6 +56,12 @@ def compiled_module():
     return _C
 
 
+def cpu_kernel_isa() -> str | None:
+    """The instruction set batchops' CPU kernels run with now: "default", "avx2" or "avx512" (the
+    processor's best, capped by BATCHOPS_CPU_ISA, read at each call); None without the extension."""
+    return _C.cpu_isa() if _C is not None else None
+
+
 def build_info() -> dict:
     """How the compiled module was built: whether CUDA kernels exist, for which archs, and
     against which torch, next to the torch that is running now."""
@@ -76,5 +82,5 @@ def build_info() -> dict:
         info["cuda_kernels"] = bool(_C.with_cuda)
         info["cuda_archs"] = [a for a in _C.cuda_archs.replace(" ", ";").split(";") if a]
         info["built_with_torch"] = _C.torch_version
-        info["cpu_kernel_isa"] = _C.cpu_isa()  # default / avx2 / avx512, chosen at run time
+        info["cpu_kernel_isa"] = cpu_kernel_isa()
     return info

@@ -3,10 +3,11 @@ resnet's stem pool (kernel 3, stride 2, padding 1) on the 64-channel output of i
 convolution: 16x64x56x56 (batch 16 at 112x112, the model benchmark's resnet input) and
 32x64x112x112 (batch 32 at 224x224), float32, contiguous (NCHW) and channels-last.
 "forward" is the training forward (values and indices: a model that trains needs the
-indices), "full" adds the backward (the input's gradient). batchops.functional.max_pool2d runs
-torch's kernel for channels-last inputs (ours is no faster there), so those rows measure the
-routing, ~1.0. At 32x64x112x112 both sides spend much of their time faulting in the 51 MB of
-indices (above the 32 MiB malloc is set to reuse).
+indices), "full" adds the backward (the input's gradient). For channels-last inputs
+batchops.functional.max_pool2d runs batchops' kernel where the AVX-512 kernels run and torch's
+elsewhere (the note says which), where those rows measure the routing, ~1.0. At 32x64x112x112
+both sides spend much of their time faulting in the 51 MB of indices (above the 32 MiB malloc
+is set to reuse).
 
 Counting rule for "batchops bytes": S = the input's bytes, O = the output's values (S/4 here).
 Forward: S read, O x 4 bytes of values and O x 8 of int64 indices written: S + 12 O = 1.75 S.
@@ -60,6 +61,17 @@ def _build(shape, layout: torch.memory_format, mode: str):
     return build
 
 
+def _channels_last_note(layout: torch.memory_format, device: torch.device) -> str:
+    if layout == torch.contiguous_format:
+        return ""
+    from batchops.functional import _runs_batchops_max_pool
+
+    probe = torch.empty(1, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
+    if _runs_batchops_max_pool(probe):
+        return "batchops' channels-last kernel (AVX-512)"
+    return "batchops runs torch's kernel here (as fast)"
+
+
 def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> list[Case]:
     dtype = torch.float32
     out = []
@@ -80,7 +92,7 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
                         build=_build(shape, layout, mode),
                         bytes_moved=one_way if mode == "forward" else 2 * one_way,
                         bytes_rule="S+12O" if mode == "forward" else "2(S+12O)",
-                        note="" if layout == torch.contiguous_format else "batchops runs torch's kernel here (as fast)",
+                        note=_channels_last_note(layout, device),
                     )
                 )
     return out

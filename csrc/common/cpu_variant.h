@@ -19,9 +19,11 @@
 #if BATCHOPS_CPU_VARIANT_AVX512
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c")
 #define BATCHOPS_CPU_NS cpu_avx512
+#define BATCHOPS_CPU_VECTOR_BYTES 64
 #else
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c")
 #define BATCHOPS_CPU_NS cpu_avx2
+#define BATCHOPS_CPU_VECTOR_BYTES 32
 #endif
 #define BATCHOPS_CPU_FLOAT32_ONLY 1
 #include BATCHOPS_CPU_KERNELS_HEADER

@@ -24,9 +24,11 @@ namespace batchops {
 #if BATCHOPS_CPU_VARIANTS
 namespace cpu_avx2 {
 void max_pool2d_forward(MaxPool2dPlan& p);
+bool max_pool2d_backward_channels_last(MaxPool2dPlan& p);
 }  // namespace cpu_avx2
 namespace cpu_avx512 {
 void max_pool2d_forward(MaxPool2dPlan& p);
+bool max_pool2d_backward_channels_last(MaxPool2dPlan& p);
 }  // namespace cpu_avx512
 #endif
 
@@ -94,6 +96,11 @@ struct CpuMaxPool {
     cpu_kernel_for(p.input.scalar_type(), BATCHOPS_CPU_KERNELS(max_pool2d_forward))(p);
   }
   static void backward(MaxPool2dPlan& p) {
+    // Channels-last gathers where it can (cpu_kernels.h), else scatters.
+    if (p.channels_last &&
+        cpu_kernel_for(p.grad_output.scalar_type(), BATCHOPS_CPU_KERNELS(max_pool2d_backward_channels_last))(p)) {
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.grad_output.scalar_type(),
                                     "batchops_max_pool2d_backward_cpu", [&] {
                                       p.channels_last ? backward_channels_last<scalar_t>(p)

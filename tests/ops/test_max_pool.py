@@ -117,8 +117,10 @@ def test_ties_nan_inf_like_torch(device, dtype, layout, special):
 def check_special_values(device, dtype, layout, special):
     torch.manual_seed(0)
     # Rows of 70: 34 interior outputs at stride 2 (two runs of 16 and an overlapping third in
-    # the CPU's float32 fast path), 68 at stride 1; and short rows of 14.
-    for shape in [(2, 3, 11, 70), (2, 5, 15, 14)]:
+    # the CPU's float32 fast path), 68 at stride 1; and short rows of 14. Channels-last float32
+    # compares a vector of channels at a time (4, 8 or 16 by instruction set), the last vector
+    # overlapping the one before: 21 channels take that path on every level, 3 and 5 the loop.
+    for shape in [(2, 3, 11, 70), (2, 5, 15, 14), (2, 21, 9, 12)]:
         x = laid_out(tied_data(shape, dtype, device, nan="nan" in special, inf="inf" in special), layout)
         for window in [
             (3, 2, 1, 1, False),
@@ -159,6 +161,42 @@ def test_backward_like_torch(device, dtype, layout):
     else:  # CUDA sums reduced dtypes in float, in its own order
         torch.testing.assert_close(g, g_ref)
     assert g.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("channels", [16, 21, 40])
+@pytest.mark.parametrize("window", [(3, 2, 1, 1, False), (3, 1, 1, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), True)])
+def test_channels_last_backward_at_every_cpu_isa_is_torchs(monkeypatch, isa, channels, window):
+    """Channels-last float32 with 16 channels or more gathers on AVX-512 (16 at a time, the last
+    16 overlapping) and scatters elsewhere: the gradient has torch's bits on every level, sums of
+    up to nine overlapping windows included."""
+    cap_cpu_isa(monkeypatch, isa)
+    torch.manual_seed(2)
+    x = laid_out(tied_data((2, channels, 11, 9), torch.float32, "cpu"), "channels_last").requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = ours(x, *window)[0]
+    out_ref = F.max_pool2d(x_ref, *window)
+    grad = torch.randn(out_ref.shape).contiguous(memory_format=torch.channels_last)
+    (g,) = torch.autograd.grad(out, x, grad)
+    (g_ref,) = torch.autograd.grad(out_ref, x_ref, grad)
+    assert torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_with_indices_outside_their_windows_is_torchs(layout):
+    """Indices not from the forward, in range but outside their output's window: each gradient
+    lands where its index points, as torch's CPU backward puts it (the channels-last gather
+    finds them unmatched and scatters instead)."""
+    torch.manual_seed(3)
+    x = laid_out(torch.randn(2, 32, 8, 8), layout)
+    out, idx = torch.ops.batchops.max_pool2d(x, [2], [2], [0], [1], False)
+    idx = torch.where(torch.rand(idx.shape) < 0.1, torch.randint_like(idx, 0, 64), idx)
+    grad = torch.randn_like(out)
+    ours_grad = torch.ops.batchops.max_pool2d_backward(grad, idx, list(x.shape), [2], [2], [0], [1])
+    torch_grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    assert torch.equal(ours_grad, torch_grad)
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.batchops.max_pool2d_backward(grad, idx + 64, list(x.shape), [2], [2], [0], [1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -303,13 +341,22 @@ def test_backward_keeps_no_input():
 
 
 @pytest.mark.parametrize(
-    "device,layout,runs_ours",
-    [("cpu", "contiguous", True), ("cpu", "unbatched", True), ("cpu", "channels_last", False)]
-    + [pytest.param("cuda", "contiguous", False, marks=pytest.mark.cuda)],
+    "device,layout,isa,runs_ours",
+    [
+        ("cpu", "contiguous", None, True),
+        ("cpu", "unbatched", None, True),
+        ("cpu", "channels_last", "avx512", True),
+        ("cpu", "channels_last", "avx2", False),
+        ("cpu", "channels_last", "default", False),
+    ]
+    + [pytest.param("cuda", "contiguous", None, False, marks=pytest.mark.cuda)],
 )
-def test_module_runs_batchops_kernel_where_faster(device, layout, runs_ours):
+def test_module_runs_batchops_kernel_where_faster(monkeypatch, device, layout, isa, runs_ours):
     """batchops.MaxPool2d / functional.max_pool2d run batchops' kernel on the CPU for contiguous
-    inputs, torch's elsewhere (as fast on the CPU in channels-last; CUDA not yet measured)."""
+    inputs and for channels-last float32 where the AVX-512 kernels run, torch's elsewhere (its
+    channels-last kernel as fast as our AVX2 one; CUDA not yet measured)."""
+    if isa is not None:
+        cap_cpu_isa(monkeypatch, isa)
     x = torch.randn(2, 3, 8, 8, device=device)
     x = x[0] if layout == "unbatched" else laid_out(x, layout)
     x.requires_grad_(True)

@@ -101,16 +101,24 @@ void output_run(const scalar_t* const* rows, const int32_t* row_base, int64_t be
 // or four SSE registers in the other builds). The plain loop above vectorises too, but GCC
 // only enters its vector body for long rows (resnet's are 27 interior outputs) and the scalar
 // remainder, branchy, cost more than the vector part.
+// A GCC vector type V from / to unaligned memory.
+template <typename V, typename T>
+inline V load_vector(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename T>
+inline void store_vector(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 namespace vec16 {
 using floats = float __attribute__((vector_size(64)));
 using ints = int32_t __attribute__((vector_size(64)));
 using longs = int64_t __attribute__((vector_size(128)));
 
-inline floats load(const float* p) {
-  floats v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+inline floats load(const float* p) { return load_vector<floats>(p); }
 
 // p[0], p[S], ..., p[15 S] for S = 1 or 2, reading nothing past p[15 S] (the second load of
 // stride 2 starts at p[15] so that a row's last value may end the allocation).
@@ -139,9 +147,8 @@ inline void outputs(const float* const* r, const int32_t* base, int64_t ow0, flo
       best_position = take ? base[k] + column + kw : best_position;
     }
   }
-  std::memcpy(y + ow0, &best, sizeof(best));
-  const longs wide = __builtin_convertvector(best_position, longs);
-  std::memcpy(idx + ow0, &wide, sizeof(wide));
+  store_vector(y + ow0, best);
+  store_vector(idx + ow0, __builtin_convertvector(best_position, longs));
 }
 }  // namespace vec16
 
@@ -299,17 +306,6 @@ using ints = int32_t __attribute__((vector_size(kBytes)));
 using half_ints = int32_t __attribute__((vector_size(kBytes / 2)));
 using longs = int64_t __attribute__((vector_size(kBytes)));  // half a vector of positions, widened
 
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename V, typename T>
-inline void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 // The lower or upper half of v's lanes.
 template <size_t... I>
 inline half_ints half(const ints& v, size_t from, std::index_sequence<I...>) {
@@ -328,14 +324,14 @@ inline void window_max(const float* const* rows, const int32_t* positions, int64
   floats best = -std::numeric_limits<float>::infinity() + floats{};
   ints best_position = first + ints{};
   for (int64_t k = 0; k < count; ++k) {
-    const floats v = load<floats>(rows[k] + c0);
+    const floats v = load_vector<floats>(rows[k] + c0);
     const ints take = (v > best) | (v != v);  // NaN wins, as in torch
     best = take ? v : best;
     best_position = take ? positions[k] + ints{} : best_position;
   }
-  store(y + c0, best);
-  store(idx + c0, widen_lower(best_position));
-  store(idx + c0 + kFloats / 2, widen_upper(best_position));
+  store_vector(y + c0, best);
+  store_vector(idx + c0, widen_lower(best_position));
+  store_vector(idx + c0 + kFloats / 2, widen_upper(best_position));
 }
 
 }  // namespace lanes

@@ -24,6 +24,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -35,8 +36,25 @@ OP = "batch_norm"
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
-# (forward, backward) bytes in units of S, per variant.
-_FWD_BWD = {"plain": (3, 5), "relu": (3, 5), "silu": (3, 5), "residual_relu": (4, 8)}
+
+@dataclass(frozen=True)
+class _Variant:
+    """What a case fuses: its rows' name, batchops' activation, whether a residual z is added
+    before it, torch's function after bn(x) (+ z), and (forward, backward) bytes in units of S."""
+
+    name: str
+    activation: str | None
+    residual: bool
+    torch_after: Callable[[torch.Tensor], torch.Tensor]
+    fwd_bwd: tuple[int, int]
+
+
+_VARIANTS = {
+    "plain": _Variant("BatchNorm2d", None, False, lambda t: t, (3, 5)),
+    "relu": _Variant("BatchNorm2d+ReLU", "relu", False, torch.relu, (3, 5)),
+    "silu": _Variant("BatchNorm2d+SiLU", "silu", False, torch.nn.functional.silu, (3, 5)),
+    "residual_relu": _Variant("BatchNorm2d+add+ReLU", "relu", True, torch.relu, (4, 8)),
+}
 
 
 def shapes_for(device: torch.device, quick: bool = False, smoke: bool = False) -> list[tuple[int, int, int, int]]:
@@ -73,13 +91,10 @@ def _modules(C: int, activation: str | None, device: torch.device):
 
 def _composed(bn: torch.nn.Module, variant: str) -> Callable:
     """torch's way to write the variant: bn(x), relu(bn(x)), silu(bn(x)), relu(bn(x) + z)."""
-    if variant == "plain":
-        return lambda x, z: bn(x)
-    if variant == "relu":
-        return lambda x, z: torch.relu(bn(x))
-    if variant == "silu":
-        return lambda x, z: torch.nn.functional.silu(bn(x))
-    return lambda x, z: torch.relu(bn(x) + z)
+    v = _VARIANTS[variant]
+    if v.residual:
+        return lambda x, z: v.torch_after(bn(x) + z)
+    return lambda x, z: v.torch_after(bn(x))
 
 
 # Cold cases cycle each provider through input sets of at least this many bytes in all (x, and
@@ -117,8 +132,7 @@ def _callable(f: Callable, m: torch.nn.Module, x, z, dy, mode: str, training: bo
 def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, training: bool, cold: bool = False):
     def build(device: torch.device) -> dict[str, Callable[[], object]]:
         fmt = LAYOUTS[layout]
-        activation = {"plain": None, "silu": "silu"}.get(variant, "relu")
-        ref, ours = _modules(shape[1], activation, device)
+        ref, ours = _modules(shape[1], _VARIANTS[variant].activation, device)
         ref.train(training)
         ours.train(training)
         # The check's float64 reference: torch's composition in double precision, same state.
@@ -131,7 +145,7 @@ def _build(shape, layout: str, dtype: torch.dtype, mode: str, variant: str, trai
             return t.contiguous(memory_format=fmt)
 
         x = randn()
-        z = randn() if variant == "residual_relu" else None
+        z = randn() if _VARIANTS[variant].residual else None
         dy = randn() if training else None
 
         def f_ours(x, z):
@@ -177,18 +191,13 @@ def batch_norm_case(shape, layout, dtype, mode, variant, training=True, cold=Fal
     its tensors come from memory (training full and eval forward only)."""
     if cold and (mode != "full" if training else mode != "forward"):
         raise ValueError(f"batch_norm_case: cold inputs are for training 'full' and eval 'forward', got {mode!r}")
-    names = {
-        "plain": "BatchNorm2d",
-        "relu": "BatchNorm2d+ReLU",
-        "silu": "BatchNorm2d+SiLU",
-        "residual_relu": "BatchNorm2d+add+ReLU",
-    }
-    op = names[variant] + ("" if training else " (eval)") + (" (cold)" if cold else "")
+    v = _VARIANTS[variant]
+    op = v.name + ("" if training else " (eval)") + (" (cold)" if cold else "")
     if training:
-        fwd, bwd = _FWD_BWD[variant]
+        fwd, bwd = v.fwd_bwd
         units = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
     else:
-        units = 2 + (1 if variant == "residual_relu" else 0)
+        units = 2 + (1 if v.residual else 0)
     itemsize = torch.empty((), dtype=dtype).element_size()
     S = math.prod(shape) * itemsize
     return Case(

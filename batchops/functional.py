@@ -230,23 +230,26 @@ def _runs_batchops_max_pool(input: Tensor) -> bool:
     """Whether max_pool2d runs batchops' kernel: where it beats torch's. On the CPU for contiguous
     (NCHW) and unbatched inputs, eager (~10x at resnet's stem pool) and inside torch.compile too
     (inductor's own code for that pool is about as slow as torch's eager kernel: fwd+bwd 11.8 ms
-    against ours 2.4 in the graph). For channels-last float32 where the AVX-512 kernels run,
-    eager: 0.6 ms against torch's 1.0 at resnet's stem pool (a Xeon, 2026-12-07); its AVX2 build
-    measured 0.8-1.0x torch's there and has not been timed on an AMD processor, so AVX2 and
-    baseline processors keep torch's, and so does torch.compile (inductor writes its own
-    channels-last pool; not measured against ours). batchops' CUDA kernel has not run on a GPU yet:
-    torch's. torch.ops.batchops.max_pool2d itself takes every layout on both devices."""
+    against ours 2.4 in the graph). For channels-last float32 where the AVX-512 kernels run:
+    forward 0.6 ms against torch's 1.0 at resnet's stem pool (a Xeon, 2026-12-07), and resnet18's
+    compiled channels-last step 0.94-0.96x torch's compiled step with ours in the graph against
+    0.96-0.97x with inductor's pool; its AVX2 build measured 0.8-1.0x torch's there and has not
+    been timed on an AMD processor, so AVX2 and baseline processors keep torch's. batchops' CUDA
+    kernel has not run on a GPU yet: torch's. torch.ops.batchops.max_pool2d itself takes every
+    layout on both devices."""
     if not (extension_available() and input.device.type == "cpu" and input.dtype in KERNEL_DTYPES):
         return False
     layout = kernel_memory_format(input)
     if layout == torch.contiguous_format:
         return True
-    return (
-        layout == torch.channels_last
-        and input.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-        and cpu_kernel_isa() == "avx512"
-    )
+    return layout == torch.channels_last and input.dtype == torch.float32 and _avx512_cpu_kernels()
+
+
+@torch.compiler.assume_constant_result
+def _avx512_cpu_kernels() -> bool:
+    # A C call dynamo cannot trace: it calls this while tracing and keeps the answer in the
+    # graph (BATCHOPS_CPU_ISA set later does not change a compiled graph).
+    return cpu_kernel_isa() == "avx512"
 
 
 def _int_list(value) -> list[int]:
@@ -267,8 +270,8 @@ def max_pool2d(
     CPU, for contiguous (NCHW) inputs, batchops' kernel (torch.ops.batchops.max_pool2d), ~10x
     faster than torch's at resnet's stem pool and keeping only the indices and the input's size
     for backward, eager and under torch.compile; for channels-last float32 in eager mode where
-    the AVX-512 kernels run, too (~0.6x torch's forward); elsewhere (channels-last on other
-    processors or compiled, CUDA, other dtypes) torch's.
+    the AVX-512 kernels run, too (~0.6x torch's forward), eager and compiled; elsewhere
+    (channels-last on other processors, CUDA, other dtypes) torch's.
     """
     if not _runs_batchops_max_pool(input):
         return torch.nn.functional.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)

@@ -410,17 +410,20 @@ void forward_channels_last(MaxPool2dPlan& p) {
 // generic vectors made the int64 comparisons' masks into vectors and back (1.1 ms at resnet's
 // stem pool on a Xeon, the scatter 0.76, torch's 0.95).
 struct AxisWindows {
-  std::vector<int64_t> outputs;  // [i * kernel + j]: the j-th output (ascending) holding input i
+  int64_t most;                  // outputs holding one input at most: one per window position
+  std::vector<int64_t> outputs;  // [i * most + j]: the j-th output (ascending) holding input i
   std::vector<int64_t> counts;   // [i]: how many
-  explicit AxisWindows(const PoolAxis& a) : outputs(a.in * a.kernel), counts(a.in, 0) {
+  explicit AxisWindows(const PoolAxis& a)
+      : most(std::min(a.kernel, a.out)), outputs(a.in * most), counts(a.in, 0) {
     for (int64_t i = 0; i < a.in; ++i) {
       for (int64_t k = a.kernel - 1; k >= 0; --k) {  // descending k: ascending outputs
         const int64_t at = i + a.padding - k * a.dilation;
         if (at < 0 || at % a.stride != 0 || at / a.stride >= a.out) continue;
-        outputs[i * a.kernel + counts[i]++] = at / a.stride;
+        outputs[i * most + counts[i]++] = at / a.stride;
       }
     }
   }
+  int64_t output(int64_t i, int64_t j) const { return outputs[i * most + j]; }
 };
 
 #if BATCHOPS_CPU_VARIANT_AVX512
@@ -459,8 +462,8 @@ inline bool gather_channels_last(MaxPool2dPlan& p) {
   // Tasks take input rows (n, ih); lane counts are int32, added up after each row (a row's
   // matches are at most the C x w.out x kernel_h outputs of the rows holding it).
   at::parallel_for(0, p.batch * h.in, std::max<int64_t>(1, 16384 / (C * w.in)), [&](int64_t begin, int64_t end) {
-    std::vector<const float*> dy(h.kernel * w.kernel);
-    std::vector<const int64_t*> idx(h.kernel * w.kernel);
+    std::vector<const float*> dy(along_h.most * along_w.most);
+    std::vector<const int64_t*> idx(along_h.most * along_w.most);
     int64_t found = 0;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / h.in, ih = row % h.in;
@@ -468,9 +471,9 @@ inline bool gather_channels_last(MaxPool2dPlan& p) {
       for (int64_t iw = 0; iw < w.in; ++iw) {
         int64_t count = 0;
         for (int64_t j = 0; j < along_h.counts[ih]; ++j) {
-          const int64_t out_row = (n * h.out + along_h.outputs[ih * h.kernel + j]) * w.out;
+          const int64_t out_row = (n * h.out + along_h.output(ih, j)) * w.out;
           for (int64_t i = 0; i < along_w.counts[iw]; ++i) {
-            const int64_t at = (out_row + along_w.outputs[iw * w.kernel + i]) * C;
+            const int64_t at = (out_row + along_w.output(iw, i)) * C;
             dy[count] = go + at;
             idx[count++] = indices + at;
           }

@@ -165,11 +165,15 @@ def test_backward_like_torch(device, dtype, layout):
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 @pytest.mark.parametrize("channels", [16, 21, 40])
-@pytest.mark.parametrize("window", [(3, 2, 1, 1, False), (3, 1, 1, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), True)])
+@pytest.mark.parametrize(
+    "window",
+    [(3, 2, 1, 1, False), (3, 1, 1, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), True), ((11, 9), 1, 0, 1, False)],
+    ids=["k3s2p1", "k3s1p1-ceil", "k2x3-dilated-ceil", "global"],
+)
 def test_channels_last_backward_at_every_cpu_isa_is_torchs(monkeypatch, isa, channels, window):
     """Channels-last float32 with 16 channels or more gathers on AVX-512 (16 at a time, the last
     16 overlapping) and scatters elsewhere: the gradient has torch's bits on every level, sums of
-    up to nine overlapping windows included."""
+    up to nine overlapping windows included, and a window as large as the input."""
     cap_cpu_isa(monkeypatch, isa)
     torch.manual_seed(2)
     x = laid_out(tied_data((2, channels, 11, 9), torch.float32, "cpu"), "channels_last").requires_grad_(True)

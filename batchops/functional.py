@@ -269,9 +269,9 @@ def max_pool2d(
     """torch.nn.functional.max_pool2d: the same signature, values, indices and gradient. On the
     CPU, for contiguous (NCHW) inputs, batchops' kernel (torch.ops.batchops.max_pool2d), ~10x
     faster than torch's at resnet's stem pool and keeping only the indices and the input's size
-    for backward, eager and under torch.compile; for channels-last float32 in eager mode where
-    the AVX-512 kernels run, too (~0.6x torch's forward), eager and compiled; elsewhere
-    (channels-last on other processors, CUDA, other dtypes) torch's.
+    for backward, eager and under torch.compile; for channels-last float32 where the AVX-512
+    kernels run, too (~0.6x torch's forward), eager and compiled; elsewhere (channels-last on
+    other processors, CUDA, other dtypes) torch's.
     """
     if not _runs_batchops_max_pool(input):
         return torch.nn.functional.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)

@@ -306,17 +306,13 @@ using ints = int32_t __attribute__((vector_size(kBytes)));
 using half_ints = int32_t __attribute__((vector_size(kBytes / 2)));
 using longs = int64_t __attribute__((vector_size(kBytes)));  // half a vector of positions, widened
 
-// The lower or upper half of v's lanes.
-template <size_t... I>
-inline half_ints half(const ints& v, size_t from, std::index_sequence<I...>) {
-  return from == 0 ? __builtin_shufflevector(v, v, I...) : __builtin_shufflevector(v, v, (I + kFloats / 2)...);
+// Lanes [from, from + kFloats / 2) of v, widened to int64.
+template <size_t from, size_t... I>
+inline longs widen_half(const ints& v, std::index_sequence<I...>) {
+  return __builtin_convertvector(half_ints(__builtin_shufflevector(v, v, (I + from)...)), longs);
 }
-inline longs widen_lower(const ints& v) {
-  return __builtin_convertvector(half(v, 0, std::make_index_sequence<kFloats / 2>{}), longs);
-}
-inline longs widen_upper(const ints& v) {
-  return __builtin_convertvector(half(v, 1, std::make_index_sequence<kFloats / 2>{}), longs);
-}
+inline longs widen_lower(const ints& v) { return widen_half<0>(v, std::make_index_sequence<kFloats / 2>{}); }
+inline longs widen_upper(const ints& v) { return widen_half<kFloats / 2>(v, std::make_index_sequence<kFloats / 2>{}); }
 
 // Channels [c0, c0 + kFloats) of one output pixel (forward_channels_last).
 inline void window_max(const float* const* rows, const int32_t* positions, int64_t count, int32_t first, int64_t c0,
@@ -336,12 +332,12 @@ inline void window_max(const float* const* rows, const int32_t* positions, int64
 
 }  // namespace lanes
 
-// Channels [c0, c0 + len) of one output pixel, any dtype: the loop for what lanes:: does not take.
+// The C channels of one output pixel, any dtype: the loop for what lanes:: does not take.
 template <typename scalar_t>
 inline void window_max_loop(const scalar_t* const* rows, const int32_t* positions, int64_t count, int32_t first,
-                            int64_t c0, int64_t len, scalar_t* y, int64_t* idx) {
+                            int64_t C, scalar_t* y, int64_t* idx) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t c = c0; c < c0 + len; ++c) {
+  for (int64_t c = 0; c < C; ++c) {
     acc_t best = -std::numeric_limits<acc_t>::infinity();
     int32_t best_position = first;
     for (int64_t k = 0; k < count; ++k) keep_larger<acc_t>(static_cast<acc_t>(rows[k][c]), positions[k], best, best_position);
@@ -396,7 +392,7 @@ void forward_channels_last(MaxPool2dPlan& p) {
           lanes::window_max(rows.data(), positions.data(), count, first, c0, y, idx);
         }
       });
-      if (!vectors) window_max_loop(rows.data(), positions.data(), count, first, 0, C, y, idx);
+      if (!vectors) window_max_loop(rows.data(), positions.data(), count, first, C, y, idx);
     }
   });
 }

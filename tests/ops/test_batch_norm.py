@@ -342,6 +342,10 @@ SHAPES = [
     ((16, 130, 4, 4), "silu", True),
     ((5, 40, 3, 3), "hardswish", False),
     ((4, 300, 1, 1), "relu6", True),
+    # eval on planar runs longer than a vector and not a multiple of it walks the tensor flat:
+    # vectors across two channels' runs, threads starting mid-run (over 4096 values), a tail
+    ((4, 33, 7, 7), "silu", True),
+    ((3, 5, 17), "relu6", False),
     # rows of one 256- or 512-byte tile (64 or 128 float / 32 or 64 double channels: statistics
     # and gradient sums in registers), in several row blocks, the last one short
     ((600, 64), "relu", True),

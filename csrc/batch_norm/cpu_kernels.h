@@ -107,10 +107,11 @@ void for_planar_parts(const BatchNormLayout& l, F&& fn) {
 // 32768 runs of 16 values, three horizontal sums each. Training forward with ReLU, AMD EPYC, 2
 // threads, ratio to torch's batch norm + ReLU, cache-warm / inputs cycled through 8 sets with a
 // residual: 16x2048x4x4 0.91 -> 0.34 / 0.88 -> 0.59, 16x1024x7x7 0.43 -> 0.23 / 0.52 -> 0.57.
-// The backward stays on the parts: the same scheme for it (dy, x and z gathered, sums and apply
-// from the buffers) was slower than the parts' two streaming passes at 14x14, 7x7 and 4x4, cold
-// or L3-warm (fused add + ReLU backward, L3-warm, 0.78 -> 1.12-1.22 of torch's time; resnet50's
-// NCHW step 0.91 -> 0.97), though faster on cache-warm plain backwards. A channel's result
+// The backward stays on the tensors: the same scheme for it (dy, x and z gathered, sums and apply
+// from the buffers) was slower than two streaming passes at 14x14, 7x7 and 4x4, cold or L3-warm
+// (fused add + ReLU backward, L3-warm, 0.78 -> 1.12-1.22 of torch's time; resnet50's NCHW step
+// 0.91 -> 0.97), though faster on cache-warm plain backwards; its sums pass takes a channel's
+// runs in place, one after another (grad_sums_channel), and its apply pass goes by parts. A channel's result
 // depends on its own values in their order only: the same bits whatever the blocks or threads.
 constexpr int64_t kResidentBlock = 16384;  // values per block and buffer (64 KiB of float)
 constexpr int64_t kShortRun = 64;
@@ -930,14 +931,12 @@ inline void grad_sums_lanes(const grad_t* grad, const scalar_t* x, scalar_t* g_o
   }
 }
 
-// (sum g, sum g * (x - mean)) over one planar part; with kStoreG, g also goes to g_out (the
-// grad_residual, which is g).
+// Adds one planar part's g and g * (x - mean) to the lanes sg and sgx; with kStoreG, g also goes
+// to g_out (the grad_residual, which is g).
 template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
-inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
-                                                scalar_t* g_out, int64_t off, int64_t len,
-                                                Affine<opmath_t<scalar_t>> a) {
+inline void add_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* g_out, int64_t off,
+                          int64_t len, Affine<opmath_t<scalar_t>> a, opmath_t<scalar_t>* sg, opmath_t<scalar_t>* sgx) {
   using acc = opmath_t<scalar_t>;
-  acc sg[kLanes] = {}, sgx[kLanes] = {};  // by lanes (lane_tree_sum)
   // Pointers at the part's start (g_out's only where it is written: it may be null).
   x += off;
   if constexpr (kStoreG) g_out += off;
@@ -956,8 +955,43 @@ inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar
     for (int64_t j = 0; j < len; ++j) g[j] = upstream_grad<acc, A, kResidual>(dy[off + j], x[j], z, off + j, a);
     sums_of(static_cast<const acc*>(g));
   }
+}
+
+// (sum g, sum g * (x - mean)) over one planar part.
+template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
+inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
+                                                scalar_t* g_out, int64_t off, int64_t len,
+                                                Affine<opmath_t<scalar_t>> a) {
+  using acc = opmath_t<scalar_t>;
+  acc sg[kLanes] = {}, sgx[kLanes] = {};  // by lanes (lane_tree_sum)
+  add_grad_sums<scalar_t, A, kResidual, kStoreG>(dy, x, z, g_out, off, len, a, sg, sgx);
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }
+
+// The same sums over all of channel c's runs (planar view, short runs: sums_by_channel), lanes
+// kept from run to run: one pair of lane reductions per channel instead of one per run. Part by
+// part, a 7x7 run's 49 values paid for two lane_tree_sums and a partial result written and
+// combined again: `perf` put a third of the 16x256x7x7 NCHW backward with ReLU in that pass.
+// Backward op alone, Xeon with AVX-512, 2 threads, three alternations, us, parts -> by channel:
+// with ReLU 16x1024x7x7 432-502 -> 393-462, 16x2048x4x4 391-405 -> 269-318, 16x512x4x4 85-112 ->
+// 60-61; plain 16x1024x7x7 368-429 -> 300-358, 16x2048x4x4 296-317 -> 218-253; inputs from memory
+// (96 MiB of input sets cycled) with ReLU 16x1024x7x7 611-912 -> 421-472, 16x2048x4x4 609-896 ->
+// 286-294. Not where the pass also stores g (grad_residual requested): its stores walking a
+// channel's N runs at once made that backward up to 2x slower from memory, so it stays by parts.
+// A channel's result depends on its own values in their order only, as with the parts.
+template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
+inline std::pair<double, double> grad_sums_channel(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
+                                                   scalar_t* g_out, const BatchNormLayout& l, int64_t c,
+                                                   Affine<opmath_t<scalar_t>> a) {
+  using acc = opmath_t<scalar_t>;
+  acc sg[kLanes] = {}, sgx[kLanes] = {};
+  for (int64_t n = 0; n < l.N; ++n) {
+    add_grad_sums<scalar_t, A, kResidual, kStoreG>(dy, x, z, g_out, (n * l.C + c) * l.inner, l.inner, a, sg, sgx);
+  }
+  return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
+}
+
+inline bool sums_by_channel(const BatchNormLayout& l, bool store_g) { return !store_g && channels_resident(l); }
 
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_element(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
@@ -1365,7 +1399,16 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
       coeffs[c] = k;
     }
   };
-  if (need_sums && !l.rows) {
+  if (need_sums && sums_by_channel(l, store_g)) {
+    BATCHOPS_DISPATCH_BOOL(store_g, kStoreG, [&] {
+      at::parallel_for(0, C, std::max<int64_t>(1, kPiece / l.per_channel()), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const auto [g, gx] = grad_sums_channel<scalar_t, A, kResidual, kStoreG>(dy, x, z, g_out, l, c, affine[c]);
+          set_coeffs(c, g, gx);
+        }
+      });
+    });
+  } else if (need_sums && !l.rows) {
     const PlanarParts parts(l);
     auto partial = part_results(2 * parts.slots() * C);  // [slot][2][c], as the row blocks' below
     BATCHOPS_DISPATCH_BOOL(store_g, kStoreG, [&] {

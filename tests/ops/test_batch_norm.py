@@ -346,6 +346,9 @@ SHAPES = [
     # vectors across two channels' runs, threads starting mid-run (over 4096 values), a tail
     ((4, 33, 7, 7), "silu", True),
     ((3, 5, 17), "relu6", False),
+    # the backward's sums on short planar runs go channel by channel (no residual gradient):
+    # channels in several tasks
+    ((16, 300, 4, 4), "relu", False),
     # rows of one 256- or 512-byte tile (64 or 128 float / 32 or 64 double channels: statistics
     # and gradient sums in registers), in several row blocks, the last one short
     ((600, 64), "relu", True),

@@ -111,8 +111,9 @@ void for_planar_parts(const BatchNormLayout& l, F&& fn) {
 // from the buffers) was slower than two streaming passes at 14x14, 7x7 and 4x4, cold or L3-warm
 // (fused add + ReLU backward, L3-warm, 0.78 -> 1.12-1.22 of torch's time; resnet50's NCHW step
 // 0.91 -> 0.97), though faster on cache-warm plain backwards; its sums pass takes a channel's
-// runs in place, one after another (grad_sums_channel), and its apply pass goes by parts. A channel's result
-// depends on its own values in their order only: the same bits whatever the blocks or threads.
+// runs in place, one after another (planar_channel_grad_sums), and its apply pass goes by parts.
+// A channel's result depends on its own values in their order only: the same bits whatever the
+// blocks or threads.
 constexpr int64_t kResidentBlock = 16384;  // values per block and buffer (64 KiB of float)
 constexpr int64_t kShortRun = 64;
 
@@ -968,7 +969,7 @@ inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }
 
-// The same sums over all of channel c's runs (planar view, short runs: sums_by_channel), lanes
+// The same sums over all of channel c's runs (planar view, short runs: channels_resident), lanes
 // kept from run to run: one pair of lane reductions per channel instead of one per run. Part by
 // part, a 7x7 run's 49 values paid for two lane_tree_sums and a partial result written and
 // combined again: `perf` put a third of the 16x256x7x7 NCHW backward with ReLU in that pass.
@@ -976,22 +977,30 @@ inline std::pair<double, double> grad_sums_span(const scalar_t* dy, const scalar
 // with ReLU 16x1024x7x7 432-502 -> 393-462, 16x2048x4x4 391-405 -> 269-318, 16x512x4x4 85-112 ->
 // 60-61; plain 16x1024x7x7 368-429 -> 300-358, 16x2048x4x4 296-317 -> 218-253; inputs from memory
 // (96 MiB of input sets cycled) with ReLU 16x1024x7x7 611-912 -> 421-472, 16x2048x4x4 609-896 ->
-// 286-294. Not where the pass also stores g (grad_residual requested): its stores walking a
-// channel's N runs at once made that backward up to 2x slower from memory, so it stays by parts.
+// 286-294. This pass stores no g, so the apply pass computes g again: where storing it saved
+// work, with a residual (its gradient is g) on runs that are not whole vectors and with the
+// costly derivatives (silu, gelu: evaluated once when stored), the parts stay: add + ReLU from
+// memory at 16x256x7x7 131-133 -> 237-286 us, SiLU at 16x1024x7x7 562-563 -> 694-753. (Stores
+// of g walking a channel's runs instead were up to 2x slower from memory.) Add + ReLU at 4x4
+// gains (16x512x4x4 85-105 -> 70-76 cache-warm, 135-139 -> 87-93 from memory).
 // A channel's result depends on its own values in their order only, as with the parts.
-template <typename scalar_t, Activation A, bool kResidual, bool kStoreG>
-inline std::pair<double, double> grad_sums_channel(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
-                                                   scalar_t* g_out, const BatchNormLayout& l, int64_t c,
-                                                   Affine<opmath_t<scalar_t>> a) {
+template <typename scalar_t, Activation A, bool kResidual>
+inline std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* z,
+                                                          const BatchNormLayout& l, int64_t c,
+                                                          Affine<opmath_t<scalar_t>> a) {
   using acc = opmath_t<scalar_t>;
   acc sg[kLanes] = {}, sgx[kLanes] = {};
   for (int64_t n = 0; n < l.N; ++n) {
-    add_grad_sums<scalar_t, A, kResidual, kStoreG>(dy, x, z, g_out, (n * l.C + c) * l.inner, l.inner, a, sg, sgx);
+    add_grad_sums<scalar_t, A, kResidual, false>(dy, x, z, nullptr, (n * l.C + c) * l.inner, l.inner, a, sg, sgx);
   }
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }
 
-inline bool sums_by_channel(const BatchNormLayout& l, bool store_g) { return !store_g && channels_resident(l); }
+template <Activation A, bool kResidual>
+inline bool sums_channel_by_channel(const BatchNormLayout& l) {
+  constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kGELU || A == Activation::kGELUTanh;
+  return channels_resident(l) && !kCostlyDerivative && (!kResidual || l.inner % kLanes == 0);
+}
 
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 inline void backward_element(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx, scalar_t* dz,
@@ -1350,11 +1359,15 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   // twice. Batch norm + SiLU's forward+backward, AVX2 EPYC, one thread, channels-last
   // 8x96x28x28: 3.41-3.55 -> 2.54-2.63 ns a value (torch's pair 3.7-3.9); with GELU 4.4 ->
   // 3.2-3.5. Not where a rows pass ends with an overlapping vector (ChannelVectors: C above 16
-  // and not a multiple of it), which in place would apply twice.
+  // and not a multiple of it), which in place would apply twice. Nor where the sums go channel
+  // by channel (planar_channel_grad_sums, below), which store nothing: the choice of pass
+  // depends on the layout, the activation and whether there is a residual, never on which
+  // gradients are asked for, so every gradient has the same bits whichever are.
   constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kGELU || A == Activation::kGELUTanh;
+  const bool sums_by_channel = sums_channel_by_channel<A, kResidual>(l);
   const bool g_in_grad_input = kCostlyDerivative && std::is_same_v<scalar_t, acc> && need_sums && p.mask[0] &&
                                !p.mask[3] && (!l.rows || !ChannelVectors(0, C).overlap);
-  const bool store_g = need_sums && (p.mask[3] || g_in_grad_input);
+  const bool store_g = need_sums && !sums_by_channel && (p.mask[3] || g_in_grad_input);
   scalar_t* g_out = p.mask[3] ? dz : dx;  // where the sums pass stores g
   const bool apply_from_g = store_g && std::is_same_v<scalar_t, acc>;
   const BackwardApply<scalar_t, A, kResidual> apply(p.mask[0] && !apply_from_g, p.mask[3] && !store_g);
@@ -1399,14 +1412,12 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
       coeffs[c] = k;
     }
   };
-  if (need_sums && sums_by_channel(l, store_g)) {
-    BATCHOPS_DISPATCH_BOOL(store_g, kStoreG, [&] {
-      at::parallel_for(0, C, std::max<int64_t>(1, kPiece / l.per_channel()), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const auto [g, gx] = grad_sums_channel<scalar_t, A, kResidual, kStoreG>(dy, x, z, g_out, l, c, affine[c]);
-          set_coeffs(c, g, gx);
-        }
-      });
+  if (need_sums && sums_by_channel) {
+    at::parallel_for(0, C, std::max<int64_t>(1, kPiece / l.per_channel()), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const auto [g, gx] = planar_channel_grad_sums<scalar_t, A, kResidual>(dy, x, z, l, c, affine[c]);
+        set_coeffs(c, g, gx);
+      }
     });
   } else if (need_sums && !l.rows) {
     const PlanarParts parts(l);

@@ -1807,3 +1807,32 @@ def test_cuda_kernels_run_on_the_current_stream():
         y = BF.batch_norm(x, None, None, training=True, activation="silu")
     torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [f32, f64], ids=_dtype_id)
+@pytest.mark.parametrize("activation", ["relu", "silu", None])
+@pytest.mark.parametrize("shape", [(4, 3, 16), (4, 3, 7), (3, 5, 4, 4), (2, 3, 40), (3, 4, 70)], ids=str)
+def test_gradients_do_not_depend_on_which_are_asked_for(device, dtype, activation, shape):
+    """The backward's passes are chosen by layout, activation and residual, never by which
+    gradients are asked for (short planar runs sum channel by channel, or by parts where g is
+    stored): each gradient alone has the bits it has beside the others."""
+    g = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=f64) * 1.7 + 0.4).to(device, dtype)
+    z = torch.randn(shape, generator=g, dtype=f64).to(device, dtype)
+    w = (torch.rand(C, generator=g, dtype=f64) + 0.5).to(device, dtype)
+    b = torch.randn(C, generator=g, dtype=f64).to(device, dtype)
+    gy = torch.randn(shape, generator=g, dtype=f64).to(device, dtype)
+    inputs = {"x": x, "w": w, "b": b, "z": z}
+
+    def grads(wanted):
+        leaves = {k: v.detach().requires_grad_(k in wanted) for k, v in inputs.items()}
+        y = BF.batch_norm(
+            leaves["x"], None, None, leaves["w"], leaves["b"], True, activation=activation, residual=leaves["z"]
+        )
+        return dict(zip(wanted, torch.autograd.grad(y, [leaves[k] for k in wanted], gy)))
+
+    every = grads(list(inputs))
+    for name in inputs:
+        torch.testing.assert_close(grads([name])[name], every[name], rtol=0, atol=0, msg=name)

@@ -996,10 +996,14 @@ inline std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, co
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }
 
+// Activations whose derivative costs more than a full-size write (an exp and a division a value,
+// where ReLU's is a select): the backward stores g rather than evaluate it twice.
+template <Activation A>
+constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kGELU || A == Activation::kGELUTanh;
+
 template <Activation A, bool kResidual>
 inline bool sums_channel_by_channel(const BatchNormLayout& l) {
-  constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kGELU || A == Activation::kGELUTanh;
-  return channels_resident(l) && !kCostlyDerivative && (!kResidual || l.inner % kLanes == 0);
+  return channels_resident(l) && !kCostlyDerivative<A> && (!kResidual || l.inner % kLanes == 0);
 }
 
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
@@ -1363,9 +1367,8 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   // by channel (planar_channel_grad_sums, below), which store nothing: the choice of pass
   // depends on the layout, the activation and whether there is a residual, never on which
   // gradients are asked for, so every gradient has the same bits whichever are.
-  constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kGELU || A == Activation::kGELUTanh;
   const bool sums_by_channel = sums_channel_by_channel<A, kResidual>(l);
-  const bool g_in_grad_input = kCostlyDerivative && std::is_same_v<scalar_t, acc> && need_sums && p.mask[0] &&
+  const bool g_in_grad_input = kCostlyDerivative<A> && std::is_same_v<scalar_t, acc> && need_sums && p.mask[0] &&
                                !p.mask[3] && (!l.rows || !ChannelVectors(0, C).overlap);
   const bool store_g = need_sums && !sums_by_channel && (p.mask[3] || g_in_grad_input);
   scalar_t* g_out = p.mask[3] ? dz : dx;  // where the sums pass stores g

@@ -1416,8 +1416,8 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
     }
   };
   if (need_sums && sums_by_channel) {
-    at::parallel_for(0, C, std::max<int64_t>(1, kPiece / l.per_channel()), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
+    for_channel_blocks(l, [&](int64_t c0, int64_t width) {
+      for (int64_t c = c0; c < c0 + width; ++c) {
         const auto [g, gx] = planar_channel_grad_sums<scalar_t, A, kResidual>(dy, x, z, l, c, affine[c]);
         set_coeffs(c, g, gx);
       }

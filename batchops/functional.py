@@ -8,9 +8,19 @@ from torch import Tensor
 from batchops._extension import cpu_kernel_isa, extension_available
 from batchops.ops import batch_norm_forward, grouped_linear_forward, linear_forward
 from batchops.ops import max_pool2d as max_pool2d_op
+from batchops.ops.batch_norm import batch_norm_stats
+from batchops.ops.batch_norm_max_pool import BatchNormMaxPool2d
 from batchops.ops.common import KERNEL_DTYPES, check_activation, kernel_memory_format, torch_activation
 
-__all__ = ["batch_norm", "linear", "grouped_linear", "max_pool2d", "set_compiled_batch_norm", "compiled_batch_norm"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_max_pool2d",
+    "linear",
+    "grouped_linear",
+    "max_pool2d",
+    "set_compiled_batch_norm",
+    "compiled_batch_norm",
+]
 
 
 def _verify_batch_size(size: torch.Size) -> None:
@@ -153,6 +163,72 @@ def batch_norm(
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
     return output
+
+
+def batch_norm_max_pool2d(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = "relu",
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """``max_pool2d(batch_norm(input, ..., activation=activation), kernel_size, ...)`` (resnet's
+    stem), activation None or "relu": the same values, computed without the full-size batch
+    norm output where batchops' max pool runs (batchops/ops/batch_norm_max_pool.py says how; on
+    the CPU, 4-D inputs, eager); elsewhere, and inside torch.compile, the two calls as they are
+    (the fused step asks whether any channel's scale is negative, a host synchronisation at
+    which dynamo would break the graph)."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"batchops.batch_norm_max_pool2d: activation must be None or 'relu', got {activation!r}")
+    fused = (
+        input.dim() == 4 and input.numel() > 0 and _runs_batchops_max_pool(input) and not torch.compiler.is_compiling()
+    )
+    if not fused:
+        output = batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, activation=activation
+        )
+        return max_pool2d(output, kernel_size, stride, padding, dilation, ceil_mode)
+    if training:
+        _verify_batch_size(input.size())
+    if training or running_mean is None:
+        # The batch's statistics; the running ones updated as batch_norm_forward does (momentum
+        # times the new value plus 1 - momentum times the old, the unbiased variance).
+        mean, m2 = batch_norm_stats(input.detach())
+        count = input.numel() // input.shape[1]
+        var = m2 / count
+        if training and running_mean is not None:
+            with torch.no_grad():
+                new_mean = momentum * mean + (1 - momentum) * running_mean
+                new_var = momentum * (m2 / max(count - 1, 1)) + (1 - momentum) * running_var
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+    else:
+        mean, var = running_mean.detach(), running_var.detach()
+    return BatchNormMaxPool2d.apply(
+        input,
+        weight,
+        bias,
+        mean,
+        var,
+        training or running_mean is None,
+        eps,
+        activation,
+        _int_list(kernel_size),
+        [] if stride is None else _int_list(stride),
+        _int_list(padding),
+        _int_list(dilation),
+        ceil_mode,
+    )
 
 
 def _autocast(input: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -3,7 +3,10 @@ resnet's stem pool (kernel 3, stride 2, padding 1) on the 64-channel output of i
 convolution: 16x64x56x56 (batch 16 at 112x112, the model benchmark's resnet input) and
 32x64x112x112 (batch 32 at 224x224), float32, contiguous (NCHW) and channels-last.
 "forward" is the training forward (values and indices: a model that trains needs the
-indices), "full" adds the backward (the input's gradient). For channels-last inputs
+indices), "full" adds the backward (the input's gradient). The "stem" rows time the whole stem
+after the convolution, batch norm + ReLU + pool (batchops: BatchNorm2d's ``max_pool``, which
+pools x and normalises only the pooled quarter; batchops/ops/batch_norm_max_pool.py): "forward"
+in eval without autograd, "full" a training forward and backward. For channels-last inputs
 batchops.functional.max_pool2d runs batchops' kernel where the AVX-512 kernels run and torch's
 elsewhere (the note says which), where those rows measure the routing, ~1.0. At 32x64x112x112
 both sides spend much of their time faulting in the 51 MB of indices (above the 32 MiB malloc
@@ -61,6 +64,51 @@ def _build(shape, layout: torch.memory_format, mode: str):
     return build
 
 
+def _build_stem(shape, layout: torch.memory_format, mode: str):
+    """Resnet's stem after its convolution: torch's BatchNorm2d, ReLU and MaxPool2d against
+    batchops' BatchNorm2d with ReLU pooling its own output (``max_pool``, what ``batchops.fuse``
+    puts there). "full": training forward and backward (input, weight and bias gradients);
+    "forward": eval, no autograd."""
+
+    def build(device: torch.device) -> dict[str, Callable[[], object]]:
+        import batchops
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device).contiguous(memory_format=layout)
+        bn = torch.nn.BatchNorm2d(shape[1]).to(device)
+        ours = batchops.BatchNorm2d(shape[1], activation="relu").to(device)
+        ours.load_state_dict(bn.state_dict())
+        max_pool = (*WINDOW, 1, False)
+
+        def torch_stem(x):
+            return F.max_pool2d(F.relu(bn(x)), *WINDOW)
+
+        def batchops_stem(x):
+            return ours(x, max_pool=max_pool)
+
+        if mode == "forward":
+            bn.eval(), ours.eval()
+
+            def run(f):
+                def call():
+                    with torch.no_grad():
+                        return f(x)
+
+                return call
+
+            return {"torch": run(torch_stem), "batchops": run(batchops_stem)}
+        x.requires_grad_(True)
+        dy = torch.randn(torch_stem(x.detach()).shape, generator=g).to(device).contiguous(memory_format=layout)
+
+        def full(f, module):
+            params = (x, module.weight, module.bias)
+            return lambda: torch.autograd.grad(f(x), params, dy)
+
+        return {"torch": full(torch_stem, bn), "batchops": full(batchops_stem, ours)}
+
+    return build
+
+
 def _channels_last_note(layout: torch.memory_format, device: torch.device) -> str:
     if layout == torch.contiguous_format:
         return ""
@@ -93,6 +141,20 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
                         bytes_moved=one_way if mode == "forward" else 2 * one_way,
                         bytes_rule="S+12O" if mode == "forward" else "2(S+12O)",
                         note=_channels_last_note(layout, device),
+                    )
+                )
+        for layout, layout_name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "channels_last")):
+            for mode in ("forward", "full"):
+                out.append(
+                    Case(
+                        op="stem: BatchNorm2d+ReLU+max_pool2d",
+                        shape=tuple(shape),
+                        layout=layout_name,
+                        dtype=dtype,
+                        mode=mode,
+                        build=_build_stem(shape, layout, mode),
+                        note="batchops pools x, then normalises the quarter"
+                        + ("" if layout == torch.contiguous_format else f"; {_channels_last_note(layout, device)}"),
                     )
                 )
     return out

@@ -88,13 +88,38 @@ class BatchNormBase(_NormBase):
                     momentum = 1.0 / tracked.to(torch.float64)
         return momentum
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, *, max_pool: tuple[Any, ...] | None = None
+    ) -> Tensor:
+        """act(bn(input) + residual); with ``max_pool`` = (kernel_size, stride, padding, dilation,
+        ceil_mode), that output max-pooled as ``F.max_pool2d`` would (4-D input, no residual,
+        activation None or "relu"; ``batchops.fuse`` passes it for resnet's stem)."""
         self._check_input_dim(input)
         momentum = self._training_momentum()
         # Parameters and buffers read once: each read goes through nn.Module.__getattr__.
         running_mean, running_var = self.running_mean, self.running_var
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         track = not self.training or self.track_running_stats
+        if max_pool is not None:
+            if residual is not None:
+                raise ValueError(f"{type(self).__name__}: max_pool cannot be combined with a residual")
+            kernel_size, stride, padding, dilation, ceil_mode = max_pool
+            return F.batch_norm_max_pool2d(
+                input,
+                running_mean if track else None,
+                running_var if track else None,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                momentum,
+                self.eps,
+                activation=self.activation,
+                kernel_size=kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                ceil_mode=ceil_mode,
+            )
         return F.batch_norm(
             input,
             running_mean if track else None,

@@ -16,6 +16,9 @@ Patterns (issue 16):
 * ``max_pool``: an ``nn.MaxPool2d`` -> ``batchops.MaxPool2d`` (its class swapped; no state), whose
   CPU kernel is ~10x faster than torch's for contiguous (NCHW) inputs (resnet's stem pool). Not a
   fusion, a faster kernel for the same function; ``F.max_pool2d`` calls are left as they are.
+  Where such a pool module takes a fused batch norm's ReLU (resnet's stem, ``maxpool(relu(bn1(x)))``,
+  found by torch.fx) the batch norm pools its own output, ``bn1(x, max_pool=(...))``
+  (batchops/ops/batch_norm_max_pool.py), reported with the ``bn_act`` as its third module.
 * ``conv_bn`` (``fold_conv_bn=True``, eval only): a convolution whose output goes only to a batch
   norm -> one convolution with the batch norm folded in (torch.nn.utils.fusion.fuse_conv_bn_eval).
 
@@ -190,9 +193,9 @@ class FusionReport:
 
 
 class FusedActivation(nn.Identity):
-    """Stands in the slot of an activation module that was fused into the module before it (an
-    nn.Sequential's next entry): it passes its input through and keeps the original activation
-    (not as a submodule: it has no state) for ``batchops.unfuse``."""
+    """Stands in the slot of an activation module (or the stem's max pool) that was fused into
+    the module before it (an nn.Sequential's next entry): it passes its input through and keeps
+    the original module (not as a submodule: it has no state) for ``batchops.unfuse``."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -608,17 +611,32 @@ class _Fuser:
             user = users[0]
             activation = _node_activation(user, node, modules)
             if activation is not None:
-                set_module(node.target, self._fused_module(module, activation))
-                if user.op == "call_module" and calls[user.target] == 1 and aliases[id(modules[user.target])] == 1:
-                    # The module's slot passes through from now on, so a traced-through parent's
-                    # own forward (callable on its own) still computes what it did.
-                    set_module(user.target, FusedActivation(modules[user.target]))
-                else:
-                    dirty.update(_enclosing_modules(node, user))
+                fused_module = self._fused_module(module, activation)
+                set_module(node.target, fused_module)
+                pool = _stem_pool(user, fused_module, modules, calls, aliases)
+                for passed in (user, pool):
+                    if passed is None:
+                        continue
+                    if (
+                        passed.op == "call_module"
+                        and calls[passed.target] == 1
+                        and aliases[id(modules[passed.target])] == 1
+                    ):
+                        # The module's slot passes through from now on, so a traced-through
+                        # parent's own forward (callable on its own) still computes what it did.
+                        set_module(passed.target, FusedActivation(modules[passed.target]))
+                    else:
+                        dirty.update(_enclosing_modules(node, passed))
+                pooled = ()
+                if pool is not None:
+                    pooled = _node_module_name(pool, prefix)
+                    node.kwargs = {"max_pool": _max_pool_arguments(modules[pool.target].original)}
+                    pool.replace_all_uses_with(node)
+                    erase(pool)
                 user.replace_all_uses_with(node)
                 erase(user)
                 kind = "linear_act" if isinstance(module, nn.Linear) else "bn_act"
-                self._fused(kind, (name, *_node_module_name(user, prefix)), activation, "fx")
+                self._fused(kind, (name, *_node_module_name(user, prefix), *pooled), activation, "fx")
                 changed = True
                 continue
             residual = _add_operand(user, node) if not isinstance(module, nn.Linear) else None
@@ -714,6 +732,35 @@ def _node_activation(node: fx.Node, input: fx.Node, modules: dict[str, nn.Module
             return None
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
     return None
+
+
+def _stem_pool(
+    act_node: fx.Node,
+    fused_module: nn.Module,
+    modules: dict[str, nn.Module],
+    calls: Counter,
+    aliases: Counter,
+) -> fx.Node | None:
+    """The max pool node that takes the batch norm's ReLU (resnet's stem, ``maxpool(relu(bn1(x)))``),
+    when batchops' batch norm can pool its output itself (BatchNorm2d.forward's ``max_pool``): a
+    batchops BatchNorm2d with ReLU whose activation's only user is an exact nn.MaxPool2d /
+    batchops.MaxPool2d module without hooks or indices, called once with the activation alone."""
+    if type(fused_module) is not BatchNorm2d or fused_module.activation != "relu" or len(act_node.users) != 1:
+        return None
+    pool = next(iter(act_node.users))
+    if pool.op != "call_module" or pool.args != (act_node,) or pool.kwargs:
+        return None
+    module = modules[pool.target]
+    if type(module) not in (nn.MaxPool2d, MaxPool2d) or module.return_indices or _has_hooks(module):
+        return None
+    if calls[pool.target] != 1 or aliases[id(module)] != 1:
+        return None
+    return pool
+
+
+def _max_pool_arguments(pool: nn.MaxPool2d) -> tuple[Any, ...]:
+    """BatchNorm2d.forward's ``max_pool``: (kernel_size, stride, padding, dilation, ceil_mode)."""
+    return (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
 
 
 def _nodes_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
@@ -944,6 +991,7 @@ def _unfuse_graph(gm: fx.GraphModule) -> None:
         activation = module.activation
         gm.set_submodule(node.target, _torch_module(module))
         residual = node.kwargs.get("residual")
+        max_pool = node.kwargs.get("max_pool")
         node.kwargs = {}
         if residual is not None and residual.op == "call_method" and residual.target == "expand_as":
             guard, residual = residual, residual.args[0]  # fuse's guard: the plain add broadcasts
@@ -957,6 +1005,9 @@ def _unfuse_graph(gm: fx.GraphModule) -> None:
             fn, kwargs = TORCH_ACTIVATION_CALLS[activation]
             with graph.inserting_after(inserted[-1]):
                 inserted.append(graph.call_function(fn, (inserted[-1],), dict(kwargs)))
+        if max_pool is not None:  # fuse's stem pool (_stem_pool)
+            with graph.inserting_after(inserted[-1]):
+                inserted.append(graph.call_function(F.max_pool2d, (inserted[-1], *max_pool)))
         node.replace_all_uses_with(inserted[-1], delete_user_cb=lambda user: user not in inserted)
         if guard is not None and not guard.users:
             graph.erase_node(guard)

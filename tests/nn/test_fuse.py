@@ -130,15 +130,17 @@ def test_resnet18_fusion_counts():
     model = resnet(18)
     fused, report = batchops.fuse(model, return_report=True)
     assert report.counts == {"bn_act": 9, "bn_add_act": 8, "max_pool": 1}
-    assert Fusion("bn_act", ("bn1", "relu"), "relu", "fx") in report.fused  # the stem, through torch.fx
+    # The stem, through torch.fx, its max pool too: bn1 pools its own output (BatchNorm2d's max_pool).
+    assert Fusion("bn_act", ("bn1", "relu", "maxpool"), "relu", "fx") in report.fused
+    (stem,) = [n for n in fused.graph.nodes if n.op == "call_module" and n.target == "bn1"]
+    assert stem.kwargs == {"max_pool": (3, 2, 1, 1, False)}
     assert Fusion("bn_add_act", ("layer1.0.bn2", "layer1.0.relu"), "relu", "module") in report.fused
     unfused = {u.module: u.reason for u in report.unfused}
     assert sorted(unfused) == ["fc", "layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"]
     assert "residual" in unfused["layer2.0.downsample.1"]
     assert type(fused.layer1[0]).__name__ == "FusedBasicBlock"  # the blocks' classes and containers stay
-    assert (
-        type(fused.maxpool) is batchops.MaxPool2d and Fusion("max_pool", ("maxpool",), None, "module") in report.fused
-    )
+    assert Fusion("max_pool", ("maxpool",), None, "module") in report.fused  # then taken into bn1
+    assert isinstance(fused.maxpool, FusedActivation) and type(fused.maxpool.original) is batchops.MaxPool2d
     assert isinstance(fused.layer1[0], type(model.layer1[0]))
     assert list(fused.state_dict()) == list(model.state_dict())
     assert type(model.bn1) is nn.BatchNorm2d  # inplace=False: the model itself is untouched
@@ -575,6 +577,8 @@ def test_unfuse():
     assert not any(type(m).__module__.startswith("batchops") for m in back.modules())
     assert type(back.layer1[0]) is type(model.layer1[0])
     assert type(back.bn1) is nn.BatchNorm2d
+    # The stem's pool, fused into bn1, is a call in the graph again; its slot holds the module.
+    assert type(back.maxpool) is nn.MaxPool2d and any(n.target is F.max_pool2d for n in back.graph.nodes)
     assert list(back.state_dict()) == list(model.state_dict())
     assert_same_step(model, back, torch.randn(2, 3, 32, 32, dtype=f64), torch.tensor([3, 4]), train=True)
 

@@ -185,13 +185,15 @@ def batch_norm_max_pool2d(
     """``max_pool2d(batch_norm(input, ..., activation=activation), kernel_size, ...)`` (resnet's
     stem), activation None or "relu": the same values, computed without the full-size batch
     norm output where batchops' max pool runs (batchops/ops/batch_norm_max_pool.py says how; on
-    the CPU, 4-D inputs, eager); elsewhere, and inside torch.compile, the two calls as they are
-    (the fused step asks whether any channel's scale is negative, a host synchronisation at
-    which dynamo would break the graph)."""
+    the CPU, 4-D inputs; eager, and compiled where batch norm stays batchops' op: training, see
+    set_compiled_batch_norm); elsewhere the two calls as they are."""
     if activation not in (None, "relu"):
         raise ValueError(f"batchops.batch_norm_max_pool2d: activation must be None or 'relu', got {activation!r}")
     fused = (
-        input.dim() == 4 and input.numel() > 0 and _runs_batchops_max_pool(input) and not torch.compiler.is_compiling()
+        input.dim() == 4
+        and input.numel() > 0
+        and _runs_batchops_max_pool(input)
+        and not (torch.compiler.is_compiling() and _decomposed_when_compiled(input, training))
     )
     if not fused:
         output = batch_norm(

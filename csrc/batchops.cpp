@@ -49,6 +49,8 @@ static PyMethodDef batchops_methods[] = {
     batchops::python_entry::method<batchops::GroupedLinearBackwardOp>(),
     batchops::python_entry::method<batchops::MaxPool2dOp>(),
     batchops::python_entry::method<batchops::MaxPool2dBackwardOp>(),
+    batchops::python_entry::method<batchops::MaxPool2dBatchNormBackwardOp>(),
+    batchops::python_entry::method<batchops::MaxPool2dByWeightSignOp>(),
     batchops::python_entry::method<batchops::GatherRowsOp>(),
     {nullptr, nullptr, 0, nullptr}};
 

@@ -4,12 +4,13 @@ kernel of its own): resnet's stem, ``maxpool(relu(bn1(x)))``.
 Why it pays: ``y = relu((x - mean) * scale + shift)`` never decreases as x grows when
 ``scale >= 0`` (rounding included), so the largest y of a window comes from the largest x. The
 pool can run on x itself and the normalisation on the pooled quarter, and the full-size y is
-never written or read again. Channels with ``scale < 0`` take their smallest x: those channels
-are pooled on -x. Backward: only the pooled positions have a gradient, so the per-channel sums
+never written or read again. Channels with ``scale < 0`` (a negative weight) take their smallest
+x: those channels are pooled on -x (``max_pool2d_by_weight_sign``). Backward: only the pooled positions have a gradient, so the per-channel sums
 (the weight's and bias's gradients) are taken on the pooled grid, at the pooled x (the x at each
-index), and the full-size pass is one: the pool's backward spreads the gradient to its indices
-and ``batch_norm_backward_elemt`` applies the training formula with those sums. Unfused, the
-batch norm's sums read the full-size gradient and input.
+index), and the full-size pass is one: ``max_pool2d_batch_norm_backward`` spreads the gradient
+to its indices and applies batch norm's training formula with those sums while it is in cache
+(csrc/max_pool/max_pool.h). Unfused, the batch norm's sums read the full-size gradient and
+input, and its pass reads the pool's full-size gradient back.
 
 Same values as the unfused modules (the pooled y are the same numbers). Where two inputs of one
 window give the same y after rounding (a tie torch's pool breaks by taking the first), the
@@ -23,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from batchops.ops.batch_norm import batch_norm_backward, batch_norm_backward_elemt, batch_norm_forward
-from batchops.ops.max_pool import max_pool2d, max_pool2d_backward
+from batchops.ops.batch_norm import batch_norm_backward, batch_norm_forward
+from batchops.ops.max_pool import max_pool2d_batch_norm_backward, max_pool2d_by_weight_sign
 
 __all__ = ["BatchNormMaxPool2d"]
 
@@ -59,15 +60,9 @@ class BatchNormMaxPool2d(torch.autograd.Function):
         ceil_mode: bool,
     ) -> Tensor:
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
         window = (kernel_size, stride, padding, dilation)
-        flip = scale < 0
-        if bool(flip.any()):  # rare (negative weights): pool -x on those channels, then flip back
-            sign = _per_channel(torch.where(flip, -1.0, 1.0).to(input.dtype))
-            pooled, indices = max_pool2d(input * sign, *window, ceil_mode)
-            pooled = pooled * sign
-        else:
-            pooled, indices = max_pool2d(input, *window, ceil_mode)
+        # scale = weight * invstd has the weight's sign (invstd > 0).
+        pooled, indices = max_pool2d_by_weight_sign(input, weight, *window, ceil_mode)
         # The normalisation of the pooled quarter: batch norm with the given statistics as
         # "running" ones (its eval path), the activation fused.
         output = batch_norm_forward(pooled, weight, bias, None, mean, var, False, 0.0, None, eps, activation)[0]
@@ -91,15 +86,18 @@ class BatchNormMaxPool2d(torch.autograd.Function):
         )
         grad_input = None
         if needs_input:
-            grad_full = max_pool2d_backward(grad_pre, indices, input.shape, *ctx.window)
-            count = input.numel() // input.shape[1]
+            # grad_input = scale * (g - mean(g) - (x - mean) * invstd^2 * mean(g * (x - mean))),
+            # g the pool's gradient at full size, made and normalised in one pass.
+            scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
             if ctx.training:
-                mean_g, mean_gxhat = grad_bias.to(mean.dtype) / count, grad_weight.to(mean.dtype) / count
+                count = input.numel() // input.shape[1]
+                mean_g = grad_bias.to(mean.dtype) / count
+                proj = grad_weight.to(mean.dtype) * invstd / count  # invstd^2 mean(g (x - mean))
+                coefficients = torch.stack((scale, -scale * proj, mean, -scale * mean_g))
             else:
-                mean_g = mean_gxhat = torch.zeros_like(mean)
-            grad_input = batch_norm_backward_elemt(
-                grad_full, input, weight, bias, None, mean, invstd, mean_g, mean_gxhat, None, [True, False]
-            )[0]
+                zeros = torch.zeros_like(scale)
+                coefficients = torch.stack((scale, zeros, mean, zeros))
+            grad_input = max_pool2d_batch_norm_backward(grad_pre, indices, input, coefficients, *ctx.window)
         return (
             grad_input,
             grad_weight if needs_weight and weight is not None else None,

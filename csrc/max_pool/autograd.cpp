@@ -58,6 +58,7 @@ std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, at::IntArray
 TORCH_LIBRARY_IMPL(batchops, Autograd, m) {
   impl_op<MaxPool2dOp>(m, &max_pool2d_autograd);
   impl_op<MaxPool2dBackwardOp>(m, &NoDoubleBackwardKernel<MaxPool2dBackwardOp>::call);
+  impl_op<MaxPool2dBatchNormBackwardOp>(m, &NoDoubleBackwardKernel<MaxPool2dBatchNormBackwardOp>::call);
 }
 
 }  // namespace batchops

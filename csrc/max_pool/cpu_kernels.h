@@ -423,10 +423,24 @@ struct AxisWindows {
 };
 
 #if BATCHOPS_CPU_VARIANT_AVX512
+// max_pool2d_batch_norm_backward's pass, applied in registers:
+// gi = alpha * g + beta * (x - center) + gamma.
+struct BatchNormPass16 {
+  const float* x = nullptr;  // the input, laid out as grad_input; null: plain max_pool2d_backward
+  const float *alpha = nullptr, *beta = nullptr, *center = nullptr, *gamma = nullptr;
+  explicit BatchNormPass16(const MaxPool2dPlan& p) {
+    if (!p.bn_coefficients.defined()) return;
+    x = p.bn_input.const_data_ptr<float>();
+    alpha = p.bn_coefficients.const_data_ptr<float>();
+    beta = alpha + p.channels, center = beta + p.channels, gamma = center + p.channels;
+  }
+};
+
 // Channels [c0, c0 + 16) of one input pixel from the `count` outputs holding it; adds to
 // `matched` one per lane in `fresh` (the lanes not computed before) and output naming it.
+// `x` (with bn.x set): this pixel's input values.
 inline void gather16(const float* const* dy, const int64_t* const* idx, int64_t count, int64_t position, int64_t c0,
-                     __mmask16 fresh, float* gi, __m512i& matched) {
+                     __mmask16 fresh, float* gi, __m512i& matched, const BatchNormPass16& bn, const float* x) {
   const __m512i at = _mm512_set1_epi64(position);
   const __m512i one = _mm512_set1_epi32(1);
   __m512 g = _mm512_setzero_ps();
@@ -436,6 +450,11 @@ inline void gather16(const float* const* dy, const int64_t* const* idx, int64_t 
     const __mmask16 hit = _mm512_kunpackb(upper, lower);
     g = _mm512_mask_add_ps(g, hit, g, _mm512_loadu_ps(dy[k] + c0));
     matched = _mm512_mask_add_epi32(matched, hit & fresh, matched, one);
+  }
+  if (bn.x) {
+    const __m512 centered = _mm512_sub_ps(_mm512_loadu_ps(x + c0), _mm512_loadu_ps(bn.center + c0));
+    const __m512 bx = _mm512_fmadd_ps(_mm512_loadu_ps(bn.beta + c0), centered, _mm512_loadu_ps(bn.gamma + c0));
+    g = _mm512_fmadd_ps(_mm512_loadu_ps(bn.alpha + c0), g, bx);
   }
   _mm512_storeu_ps(gi + c0, g);
 }
@@ -449,6 +468,7 @@ inline bool gather_channels_last(MaxPool2dPlan& p) {
   const float* go = p.grad_output.const_data_ptr<float>();
   const int64_t* indices = p.indices.const_data_ptr<int64_t>();
   float* gi = p.grad_input.mutable_data_ptr<float>();
+  const BatchNormPass16 bn(p);
   const AxisWindows along_h(h), along_w(w);
   // The last 16 channels again, overlapping, where C is not a multiple of 16; only the lanes not
   // computed before count.
@@ -474,12 +494,13 @@ inline bool gather_channels_last(MaxPool2dPlan& p) {
             idx[count++] = indices + at;
           }
         }
-        const int64_t position = ih * w.in + iw;
-        float* g = gi + (row * w.in + iw) * C;
+        const int64_t position = ih * w.in + iw, at = (row * w.in + iw) * C;
+        float* g = gi + at;
+        const float* x = bn.x ? bn.x + at : nullptr;
         for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16) {
-          gather16(dy.data(), idx.data(), count, position, c0, 0xFFFF, g, found_in_lanes);
+          gather16(dy.data(), idx.data(), count, position, c0, 0xFFFF, g, found_in_lanes, bn, x);
         }
-        if (tail) gather16(dy.data(), idx.data(), count, position, C - 16, fresh_in_tail, g, found_in_lanes);
+        if (tail) gather16(dy.data(), idx.data(), count, position, C - 16, fresh_in_tail, g, found_in_lanes, bn, x);
       }
       found += _mm512_reduce_add_epi32(found_in_lanes);
     }
@@ -499,7 +520,8 @@ void max_pool2d_forward(MaxPool2dPlan& p) {
 }
 
 // The channels-last backward's gather (AVX-512, float32, 16 channels or more): fills
-// p.grad_input and returns true, or returns false (the caller scatters) where it does not run or
+// p.grad_input (with max_pool2d_batch_norm_backward's pass applied where p.bn_coefficients is
+// set) and returns true, or returns false (the caller scatters) where it does not run or
 // meets an index outside its output's window.
 bool max_pool2d_backward_channels_last(MaxPool2dPlan& p) {
 #if BATCHOPS_CPU_VARIANT_AVX512

@@ -120,6 +120,8 @@ struct CudaMaxPool {
               p.grad_input.mutable_data_ptr<scalar_t>(), total, input_layout(p), output_layout(p), p.h, p.w);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
+    // max_pool2d_batch_norm_backward: the batch-norm pass as a second pass (ATen's kernels) here.
+    if (p.bn_coefficients.defined()) apply_batch_norm_coefficients(p);
   }
 };
 

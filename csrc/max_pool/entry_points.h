@@ -4,7 +4,8 @@
 //   struct CpuMaxPool {
 //     using Guard = NoDeviceGuard;
 //     static void forward(MaxPool2dPlan& p);   // fills p.output and p.indices
-//     static void backward(MaxPool2dPlan& p);  // fills p.grad_input (zeros where no index points)
+//     static void backward(MaxPool2dPlan& p);  // fills p.grad_input (zeros where no index points),
+//                                              // then applies p.bn_coefficients where set
 //   };
 //   TORCH_LIBRARY_IMPL(batchops, CPU, m) { register_max_pool_ops<CpuMaxPool>(m); }
 //
@@ -38,12 +39,25 @@ struct MaxPoolEntryPoints {
     if (p.grad_input.numel() > 0) Device::backward(p);
     return p.grad_input;
   }
+
+  // The same backward with p.bn_input / p.bn_coefficients set: the device applies them.
+  static at::Tensor batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                                        const at::Tensor& input, const at::Tensor& coefficients,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation) {
+    typename Device::Guard guard(grad_output.device());
+    auto p = plan_max_pool2d_batch_norm_backward(grad_output, indices, input, coefficients, kernel_size, stride,
+                                                 padding, dilation);
+    if (p.grad_input.numel() > 0) Device::backward(p);
+    return p.grad_input;
+  }
 };
 
 template <typename Device>
 void register_max_pool_ops(torch::Library& m) {
   impl_op<MaxPool2dOp>(m, &MaxPoolEntryPoints<Device>::forward);
   impl_op<MaxPool2dBackwardOp>(m, &MaxPoolEntryPoints<Device>::backward);
+  impl_op<MaxPool2dBatchNormBackwardOp>(m, &MaxPoolEntryPoints<Device>::batch_norm_backward);
 }
 
 }  // namespace batchops

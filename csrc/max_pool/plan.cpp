@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <vector>
+
 namespace batchops {
 namespace {
 
@@ -114,6 +116,37 @@ MaxPool2dPlan plan_max_pool2d_backward(const at::Tensor& grad_output, const at::
   p.grad_output = grad_output.contiguous(format);
   p.grad_input = at::empty(input_size, grad_output.options().memory_format(format));
   return p;
+}
+
+MaxPool2dPlan plan_max_pool2d_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                                                  const at::Tensor& input, const at::Tensor& coefficients,
+                                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "batchops.max_pool2d_batch_norm_backward";
+  check_same_device(op, "input", input, grad_output);
+  check_same_device(op, "coefficients", coefficients, grad_output);
+  TORCH_CHECK(input.scalar_type() == grad_output.scalar_type(), op, ": input's dtype ", input.scalar_type(),
+              " differs from grad_output's ", grad_output.scalar_type());
+  auto p = plan_max_pool2d_backward(grad_output, indices, input.sizes(), kernel_size, stride, padding, dilation);
+  const auto stat = grad_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == 4 && coefficients.size(1) == p.channels, op,
+              ": coefficients must be (4, C) = (4, ", p.channels, "), got shape ", coefficients.sizes());
+  TORCH_CHECK(coefficients.scalar_type() == stat, op, ": coefficients must be ", stat, " for ",
+              grad_output.scalar_type(), " gradients, got ", coefficients.scalar_type());
+  p.bn_input = input.contiguous(pool_format(p.indices));
+  p.bn_coefficients = coefficients.contiguous();
+  return p;
+}
+
+void apply_batch_norm_coefficients(MaxPool2dPlan& p) {
+  const int64_t dim = p.grad_input.dim();
+  std::vector<int64_t> shape(dim, 1);
+  shape[dim - 3] = p.channels;
+  const auto per_channel = [&](int64_t row) { return p.bn_coefficients[row].view(shape); };
+  const auto stat = p.bn_coefficients.scalar_type();
+  const auto normalised = p.bn_input.to(stat).sub(per_channel(2)).mul(per_channel(1)).add(per_channel(3));
+  const auto result = p.grad_input.to(stat).mul(per_channel(0)).add(normalised);
+  p.grad_input.copy_(result);
 }
 
 }  // namespace batchops

@@ -9,4 +9,6 @@
 TORCH_LIBRARY_FRAGMENT(batchops, m) {
   batchops::define_op<batchops::MaxPool2dOp>(m, {at::Tag::flexible_layout});
   batchops::define_op<batchops::MaxPool2dBackwardOp>(m, {at::Tag::flexible_layout});
+  batchops::define_op<batchops::MaxPool2dBatchNormBackwardOp>(m, {at::Tag::flexible_layout});
+  batchops::define_op<batchops::MaxPool2dByWeightSignOp>(m, {at::Tag::flexible_layout});
 }

@@ -225,10 +225,13 @@ def test_batchops_ops_dispatched():
         fused(x).sum().backward()
     ops = Counter(rec.ops)
     # 17 fused batch norms (9 + 8); the 3 downsample batch norms stay torch's.
+    # The stem's batch norm runs on the pooled quarter (its statistics from batch_norm_stats).
     assert ops["batch_norm_forward"] == ops["batch_norm_backward"] == 17
     assert ops["native_batch_norm"] == 3
     assert ops["relu"] == ops["relu_"] == 0  # every relu went into a batch norm
-    assert ops["max_pool2d"] == ops["max_pool2d_backward"] == 1  # the stem pool: batchops' kernel
+    # The stem, bn1 + relu + maxpool in one step: the pool of x and batch norm's pass in its backward.
+    assert ops["max_pool2d_by_weight_sign"] == ops["max_pool2d_batch_norm_backward"] == ops["batch_norm_stats"] == 1
+    assert ops["max_pool2d_backward"] == 0
     assert ops["max_pool2d_with_indices"] == 0
     residuals = [args[3] for op, args in rec.calls if op.overloadpacket.__name__ == "batch_norm_forward"]
     assert sum(r is not None for r in residuals) == 8

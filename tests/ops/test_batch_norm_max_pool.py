@@ -2,7 +2,10 @@
 ``maxpool(relu(bn1(x)))`` in one step, batchops/ops/batch_norm_max_pool.py) against torch's
 batch norm, ReLU and max pool: values, every gradient and the running statistics in float64,
 training and eval, both layouts, negative weights (channels pooled on -x), odd windows;
-gradcheck; torch.compile (the unfused calls there); the fallback where batchops' pool does not run; errors."""
+gradcheck; torch.compile; the fallback where batchops' pool does not
+run; errors. And the op its backward uses, torch.ops.batchops.max_pool2d_batch_norm_backward,
+against max_pool2d_backward followed by the same arithmetic in ATen (every instruction-set
+level, dtype and layout), opcheck, its errors."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch import nn
 import batchops
 from batchops import functional
 
-from tests.helpers import RecordOps
+from tests.helpers import DEVICES, ISA_LEVELS, RecordOps, cap_cpu_isa, dtype_id
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -73,7 +76,7 @@ def test_matches_torch_in_float64(config, training, layout, negative):
             out = ours(x_ours, max_pool=tuple(window))
         # The fused path (batchops' pool runs on contiguous float64), else the two calls.
         assert ("batch_norm_stats" in rec.ops) == (training and layout == "contiguous")
-        assert ("max_pool2d" in rec.ops) == (layout == "contiguous")
+        assert ("max_pool2d_by_weight_sign" in rec.ops) == (layout == "contiguous")
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         grad = torch.randn_like(expected)
         got = torch.autograd.grad(out, (x_ours, ours.weight, ours.bias), grad)
@@ -161,10 +164,12 @@ def test_float32_resnet_stem_shape_matches_unfused(layout):
     )
 
 
-def test_compiled_training_step_matches_eager():
-    # Under torch.compile the two calls run (no graph break): the same function.
+@pytest.mark.parametrize("negative", [False, True], ids=["positive", "negative-weights"])
+def test_compiled_training_step_matches_torch(negative):
+    # Compiled in training the fused step runs (one graph: the sign test is inside an op).
     torch.manual_seed(6)
-    ref, ours = modules(4, negative=True)
+    ref, ours = modules(4, negative=negative)
+    torch._dynamo.reset()
     compiled = torch.compile(lambda x: ours(x, max_pool=(3, 2, 1, 1, False)).square().sum(), fullgraph=True)
     x = torch.randn(2, 4, 10, 10, dtype=f64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
@@ -176,6 +181,10 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
+    with torch.profiler.profile() as prof:  # (a dispatch mode would keep dynamo from compiling)
+        compiled(x.detach().clone().requires_grad_()).backward()
+    names = {event.name for event in prof.events()}
+    assert {"batchops::max_pool2d_by_weight_sign", "batchops::max_pool2d_batch_norm_backward"} <= names
 
 
 def test_errors():
@@ -187,3 +196,63 @@ def test_errors():
         batchops.BatchNorm2d(3)(x, x, max_pool=(2, 2, 0, 1, False))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         batchops.BatchNorm2d(3)(torch.randn(1, 3, 1, 1), max_pool=(1, 1, 0, 1, False))
+
+
+# ---- torch.ops.batchops.max_pool2d_batch_norm_backward
+
+
+def pool_backward_inputs(shape, layout, dtype, device="cpu", window=(3, 2, 1, 1)):
+    """(grad_output, indices, input, coefficients, window) for the op, from a real forward."""
+    k, st, pad, dil = window
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=f64).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    _, indices = torch.ops.batchops.max_pool2d(x, [k], [st], [pad], [dil], False)
+    grad = torch.randn(indices.shape, generator=g, dtype=f64).to(device=device, dtype=dtype)
+    grad = grad.contiguous(memory_format=fmt)
+    stat = f64 if dtype == f64 else torch.float32
+    coefficients = torch.randn(4, shape[1], generator=g, dtype=f64).to(device=device, dtype=stat)
+    return grad, indices, x, coefficients, ([k], [st], [pad], [dil])
+
+
+def composed(grad, indices, x, coefficients, window):
+    g = torch.ops.batchops.max_pool2d_backward(grad, indices, x.shape, *window)
+    alpha, beta, center, gamma = (c.view(1, -1, 1, 1) for c in coefficients)
+    stat = coefficients.dtype
+    return (g.to(stat) * alpha + ((x.to(stat) - center) * beta + gamma)).to(x.dtype)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float32, f64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 20, 11, 9), (2, 32, 12, 12), (1, 3, 5, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_pool_backward_with_batch_norm_pass(monkeypatch, isa, dtype, layout, shape):
+    # C = 20: one whole vector of 16 channels and an overlapping tail (the AVX-512 gather).
+    cap_cpu_isa(monkeypatch, isa)
+    args = pool_backward_inputs(shape, layout, dtype)
+    got = torch.ops.batchops.max_pool2d_batch_norm_backward(*args[:4], *args[4])
+    want = composed(*args)
+    tol = {torch.float32: 1e-5, f64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pool_backward_with_batch_norm_pass_opcheck(device, layout):
+    grad, indices, x, coefficients, window = pool_backward_inputs((2, 3, 10, 10), layout, torch.float32, device)
+    torch.library.opcheck(torch.ops.batchops.max_pool2d_batch_norm_backward, (grad, indices, x, coefficients, *window))
+
+
+def test_pool_backward_with_batch_norm_pass_errors():
+    grad, indices, x, coefficients, window = pool_backward_inputs((2, 3, 10, 10), "contiguous", torch.float32)
+    op = torch.ops.batchops.max_pool2d_batch_norm_backward
+    with pytest.raises(RuntimeError, match=r"coefficients must be \(4, C\) = \(4, 3\)"):
+        op(grad, indices, x, coefficients[:3], *window)
+    with pytest.raises(RuntimeError, match="coefficients must be Float for Float gradients"):
+        op(grad, indices, x, coefficients.double(), *window)
+    with pytest.raises(RuntimeError, match="input's dtype Double differs from grad_output's Float"):
+        op(grad, indices, x.double(), coefficients, *window)
+    with pytest.raises(RuntimeError, match="input_size"):
+        op(grad, indices, x[:1], coefficients, *window)

@@ -87,6 +87,11 @@ def _args(name: str) -> tuple:
     if name == "max_pool2d_backward":
         out, indices = torch.ops.batchops.max_pool2d.default(x, [3, 2], [2, 2], [1, 0], [1, 1], True)
         return (torch.randn(out.shape), indices, list(x.shape), [3, 2], [2, 2], [1, 0], [1, 1])
+    if name == "max_pool2d_batch_norm_backward":
+        out, indices = torch.ops.batchops.max_pool2d.default(x, [3, 2], [2, 2], [1, 0], [1, 1], True)
+        return (torch.randn(out.shape), indices, x, torch.randn(4, 3), [3, 2], [2, 2], [1, 0], [1, 1])
+    if name == "max_pool2d_by_weight_sign":
+        return (x, torch.tensor([0.5, -1.0, 2.0]), [3, 2], (2, 2), [1, 0], [1, 1], True)
     assert name == "gather_rows", name
     return (x.view(6, 56), torch.tensor([5, -1, 0, 2]), None, 0.5)
 
@@ -98,7 +103,8 @@ def _registered_ops() -> list[str]:
 OPS = [
     "batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "batch_norm_backward_elemt",
     "linear_forward", "linear_backward", "grouped_linear_forward", "grouped_linear_backward",
-    "max_pool2d", "max_pool2d_backward", "gather_rows",
+    "max_pool2d", "max_pool2d_backward", "max_pool2d_batch_norm_backward", "max_pool2d_by_weight_sign",
+    "gather_rows",
 ]  # fmt: skip
 
 

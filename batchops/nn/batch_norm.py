@@ -100,27 +100,7 @@ class BatchNormBase(_NormBase):
         running_mean, running_var = self.running_mean, self.running_var
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         track = not self.training or self.track_running_stats
-        if max_pool is not None:
-            if residual is not None:
-                raise ValueError(f"{type(self).__name__}: max_pool cannot be combined with a residual")
-            kernel_size, stride, padding, dilation, ceil_mode = max_pool
-            return F.batch_norm_max_pool2d(
-                input,
-                running_mean if track else None,
-                running_var if track else None,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                momentum,
-                self.eps,
-                activation=self.activation,
-                kernel_size=kernel_size,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                ceil_mode=ceil_mode,
-            )
-        return F.batch_norm(
+        args = (
             input,
             running_mean if track else None,
             running_var if track else None,
@@ -129,8 +109,20 @@ class BatchNormBase(_NormBase):
             use_batch_stats,
             momentum,
             self.eps,
+        )
+        if max_pool is None:
+            return F.batch_norm(*args, activation=self.activation, residual=residual)
+        if residual is not None:
+            raise ValueError(f"{type(self).__name__}: max_pool cannot be combined with a residual")
+        kernel_size, stride, padding, dilation, ceil_mode = max_pool
+        return F.batch_norm_max_pool2d(
+            *args,
             activation=self.activation,
-            residual=residual,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            ceil_mode=ceil_mode,
         )
 
 

@@ -343,9 +343,11 @@ SHAPES = [
     ((5, 40, 3, 3), "hardswish", False),
     ((4, 300, 1, 1), "relu6", True),
     # eval on planar runs longer than a vector and not a multiple of it walks the tensor flat:
-    # vectors across two channels' runs, threads starting mid-run (over 4096 values), a tail
+    # vectors across two channels' runs, threads starting mid-run (over 4096 values), a tail;
+    # 14x14 with a residual, the training passes there (run by run)
     ((4, 33, 7, 7), "silu", True),
     ((3, 5, 17), "relu6", False),
+    ((4, 21, 14, 14), "relu", True),
     # the backward's sums on short planar runs go channel by channel (no residual gradient):
     # channels in several tasks
     ((16, 300, 4, 4), "relu", False),

@@ -127,34 +127,27 @@ def cases(device: torch.device, quick: bool = False, smoke: bool = False) -> lis
         n, c, h, w = shape
         in_bytes = n * c * h * w * 4
         outputs = n * c * ((h + 1) // 2) * ((w + 1) // 2)
+        one_way = in_bytes + 12 * outputs
         for layout, layout_name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "channels_last")):
+            note = _channels_last_note(layout, device)
             for mode in ("forward", "full"):
-                one_way = in_bytes + 12 * outputs
+                common = dict(shape=tuple(shape), layout=layout_name, dtype=dtype, mode=mode)
                 out.append(
                     Case(
                         op="max_pool2d 3x3 s2 p1",
-                        shape=tuple(shape),
-                        layout=layout_name,
-                        dtype=dtype,
-                        mode=mode,
                         build=_build(shape, layout, mode),
                         bytes_moved=one_way if mode == "forward" else 2 * one_way,
                         bytes_rule="S+12O" if mode == "forward" else "2(S+12O)",
-                        note=_channels_last_note(layout, device),
+                        note=note,
+                        **common,
                     )
                 )
-        for layout, layout_name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "channels_last")):
-            for mode in ("forward", "full"):
                 out.append(
                     Case(
                         op="stem: BatchNorm2d+ReLU+max_pool2d",
-                        shape=tuple(shape),
-                        layout=layout_name,
-                        dtype=dtype,
-                        mode=mode,
                         build=_build_stem(shape, layout, mode),
-                        note="batchops pools x, then normalises the quarter"
-                        + ("" if layout == torch.contiguous_format else f"; {_channels_last_note(layout, device)}"),
+                        note="batchops pools x, then normalises the quarter" + (f"; {note}" if note else ""),
+                        **common,
                     )
                 )
     return out

@@ -827,10 +827,11 @@ void eval_forward_flat(const scalar_t* x, const scalar_t* z, scalar_t* y, const 
                        const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
   using acc = opmath_t<scalar_t>;
   const int64_t C = l.C, inner = l.inner, total = l.N * C * inner;
+  const auto next_channel = [C](int64_t c) { return c + 1 == C ? 0 : c + 1; };
   // The vector of values [i0, i0 + kChannelVector): `left` of them (or all) in channel c's run,
   // the rest in the next channel's.
   const auto vector_at = [&](int64_t i0, int64_t c, int64_t left) {
-    const int64_t next = c + 1 == C ? 0 : c + 1;
+    const int64_t next = next_channel(c);
     const acc a0 = alpha[c], b0 = beta[c], a1 = alpha[next], b1 = beta[next];
     const int32_t split = static_cast<int32_t>(std::min(left, kChannelVector));
 #pragma omp simd
@@ -852,7 +853,7 @@ void eval_forward_flat(const scalar_t* x, const scalar_t* z, scalar_t* y, const 
       left -= kChannelVector;
       if (left <= 0) {
         left += inner;
-        c = c + 1 == C ? 0 : c + 1;
+        c = next_channel(c);
       }
     }
   });

@@ -202,7 +202,8 @@ def batch_norm_max_pool2d(
         return max_pool2d(output, kernel_size, stride, padding, dilation, ceil_mode)
     if training:
         _verify_batch_size(input.size())
-    if training or running_mean is None:
+    batch_statistics = training or running_mean is None
+    if batch_statistics:
         # The batch's statistics; the running ones updated as batch_norm_forward does (momentum
         # times the new value plus 1 - momentum times the old, the unbiased variance).
         mean, m2 = batch_norm_stats(input.detach())
@@ -222,7 +223,7 @@ def batch_norm_max_pool2d(
         bias,
         mean,
         var,
-        training or running_mean is None,
+        batch_statistics,
         eps,
         activation,
         _int_list(kernel_size),

@@ -59,13 +59,14 @@ class BatchNormMaxPool2d(torch.autograd.Function):
         dilation: Sequence[int],
         ceil_mode: bool,
     ) -> Tensor:
-        invstd = torch.rsqrt(var + eps)
         window = (kernel_size, stride, padding, dilation)
         # scale = weight * invstd has the weight's sign (invstd > 0).
         pooled, indices = max_pool2d_by_weight_sign(input, weight, *window, ceil_mode)
         # The normalisation of the pooled quarter: batch norm with the given statistics as
-        # "running" ones (its eval path), the activation fused.
-        output = batch_norm_forward(pooled, weight, bias, None, mean, var, False, 0.0, None, eps, activation)[0]
+        # "running" ones (its eval path), the activation fused; it returns the invstd it used.
+        output, _, invstd, _, _ = batch_norm_forward(
+            pooled, weight, bias, None, mean, var, False, 0.0, None, eps, activation
+        )
         ctx.save_for_backward(input, pooled, indices, weight, bias, mean, invstd)
         ctx.training, ctx.activation, ctx.window = training, activation, window
         ctx.set_materialize_grads(False)

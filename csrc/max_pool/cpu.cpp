@@ -5,7 +5,6 @@
 // image (channels-last): a thread owns whole planes / images, so no two threads add to the same
 // value, and the sums come out the same for any thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -44,37 +43,6 @@ inline void check_index(int64_t index, int64_t plane_size) {
   if (C10_UNLIKELY(index < 0 || index >= plane_size)) index_error(index, plane_size);
 }
 
-// max_pool2d_batch_norm_backward's pass, g = alpha * g + beta * (x - center) + gamma per channel, applied
-// to a plane or an image just scattered (still in cache). Off (x null) for max_pool2d_backward.
-template <typename scalar_t>
-struct BatchNormPass {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x = nullptr;
-  const acc_t *alpha = nullptr, *beta = nullptr, *center = nullptr, *gamma = nullptr;
-  explicit BatchNormPass(const MaxPool2dPlan& p) {
-    if (!p.bn_coefficients.defined()) return;
-    x = p.bn_input.const_data_ptr<scalar_t>();
-    alpha = p.bn_coefficients.const_data_ptr<acc_t>();
-    beta = alpha + p.channels, center = beta + p.channels, gamma = center + p.channels;
-  }
-  // n values of channel c from `at` (planar).
-  void planar(scalar_t* g, int64_t at, int64_t n, int64_t c) const {
-    const acc_t a = alpha[c], b = beta[c], m = center[c], k = gamma[c];
-    const scalar_t* xs = x + at;
-    for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(a * acc_t(g[i]) + (b * (acc_t(xs[i]) - m) + k));
-  }
-  // `pixels` rows of C channels from `at` (channels-last).
-  void rows(scalar_t* g, int64_t at, int64_t pixels, int64_t C) const {
-    for (int64_t r = 0; r < pixels; ++r) {
-      scalar_t* gr = g + r * C;
-      const scalar_t* xr = x + at + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        gr[c] = static_cast<scalar_t>(alpha[c] * acc_t(gr[c]) + (beta[c] * (acc_t(xr[c]) - center[c]) + gamma[c]));
-      }
-    }
-  }
-};
-
 // Accumulates in scalar_t, as torch's CPU backward does (the same sums for reduced dtypes).
 template <typename scalar_t>
 void backward_planar(MaxPool2dPlan& p) {
@@ -82,7 +50,7 @@ void backward_planar(MaxPool2dPlan& p) {
   const scalar_t* go = p.grad_output.const_data_ptr<scalar_t>();
   const int64_t* indices = p.indices.const_data_ptr<int64_t>();
   scalar_t* gi = p.grad_input.mutable_data_ptr<scalar_t>();
-  const BatchNormPass<scalar_t> bn(p);
+  const cpu_default::BatchNormPass<scalar_t> bn(p);  // cpu_kernels.h
   const int64_t grain = std::max<int64_t>(1, 16384 / plane_in);
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
@@ -105,7 +73,7 @@ void backward_channels_last(MaxPool2dPlan& p) {
   const scalar_t* go = p.grad_output.const_data_ptr<scalar_t>();
   const int64_t* indices = p.indices.const_data_ptr<int64_t>();
   scalar_t* gi = p.grad_input.mutable_data_ptr<scalar_t>();
-  const BatchNormPass<scalar_t> bn(p);
+  const cpu_default::BatchNormPass<scalar_t> bn(p);  // cpu_kernels.h
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* g = gi + n * plane_in * C;

@@ -422,25 +422,44 @@ struct AxisWindows {
   int64_t output(int64_t i, int64_t j) const { return outputs[i * most + j]; }
 };
 
-#if BATCHOPS_CPU_VARIANT_AVX512
-// max_pool2d_batch_norm_backward's pass, applied in registers:
-// gi = alpha * g + beta * (x - center) + gamma.
-struct BatchNormPass16 {
-  const float* x = nullptr;  // the input, laid out as grad_input; null: plain max_pool2d_backward
-  const float *alpha = nullptr, *beta = nullptr, *center = nullptr, *gamma = nullptr;
-  explicit BatchNormPass16(const MaxPool2dPlan& p) {
+// max_pool2d_batch_norm_backward's pass, g = alpha * g + beta * (x - center) + gamma per
+// channel, applied where g is made: to a plane or an image just scattered (cpu.cpp), or in
+// registers after the AVX-512 gather (gather16). Off (x null) for max_pool2d_backward.
+template <typename scalar_t>
+struct BatchNormPass {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = nullptr;  // the input, laid out as grad_input
+  const acc_t *alpha = nullptr, *beta = nullptr, *center = nullptr, *gamma = nullptr;
+  explicit BatchNormPass(const MaxPool2dPlan& p) {
     if (!p.bn_coefficients.defined()) return;
-    x = p.bn_input.const_data_ptr<float>();
-    alpha = p.bn_coefficients.const_data_ptr<float>();
+    x = p.bn_input.const_data_ptr<scalar_t>();
+    alpha = p.bn_coefficients.const_data_ptr<acc_t>();
     beta = alpha + p.channels, center = beta + p.channels, gamma = center + p.channels;
+  }
+  // n values of channel c from `at` (planar).
+  void planar(scalar_t* g, int64_t at, int64_t n, int64_t c) const {
+    const acc_t a = alpha[c], b = beta[c], m = center[c], k = gamma[c];
+    const scalar_t* xs = x + at;
+    for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(a * acc_t(g[i]) + (b * (acc_t(xs[i]) - m) + k));
+  }
+  // `pixels` rows of C channels from `at` (channels-last).
+  void rows(scalar_t* g, int64_t at, int64_t pixels, int64_t C) const {
+    for (int64_t r = 0; r < pixels; ++r) {
+      scalar_t* gr = g + r * C;
+      const scalar_t* xr = x + at + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        gr[c] = static_cast<scalar_t>(alpha[c] * acc_t(gr[c]) + (beta[c] * (acc_t(xr[c]) - center[c]) + gamma[c]));
+      }
+    }
   }
 };
 
+#if BATCHOPS_CPU_VARIANT_AVX512
 // Channels [c0, c0 + 16) of one input pixel from the `count` outputs holding it; adds to
 // `matched` one per lane in `fresh` (the lanes not computed before) and output naming it.
 // `x` (with bn.x set): this pixel's input values.
 inline void gather16(const float* const* dy, const int64_t* const* idx, int64_t count, int64_t position, int64_t c0,
-                     __mmask16 fresh, float* gi, __m512i& matched, const BatchNormPass16& bn, const float* x) {
+                     __mmask16 fresh, float* gi, __m512i& matched, const BatchNormPass<float>& bn, const float* x) {
   const __m512i at = _mm512_set1_epi64(position);
   const __m512i one = _mm512_set1_epi32(1);
   __m512 g = _mm512_setzero_ps();
@@ -468,7 +487,7 @@ inline bool gather_channels_last(MaxPool2dPlan& p) {
   const float* go = p.grad_output.const_data_ptr<float>();
   const int64_t* indices = p.indices.const_data_ptr<int64_t>();
   float* gi = p.grad_input.mutable_data_ptr<float>();
-  const BatchNormPass16 bn(p);
+  const BatchNormPass<float> bn(p);
   const AxisWindows along_h(h), along_w(w);
   // The last 16 channels again, overlapping, where C is not a multiple of 16; only the lanes not
   // computed before count.

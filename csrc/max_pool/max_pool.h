@@ -66,9 +66,9 @@ struct MaxPool2dByWeightSignOp {
 // gradient as max_pool2d_backward gives it,
 //   grad_input = alpha[c] * g + beta[c] * (input - center[c]) + gamma[c],
 // coefficients = (alpha; beta; center; gamma) of shape (4, C), float (double for double input);
-// center is the batch's mean (x - mean stays exact where x = mean + small). The gradient is made and normalised where it
-// is still in cache (the CPU: a plane or an image at a time; AVX-512 channels-last: in
-// registers) instead of written full-size and read back by a second pass.
+// center is the batch's mean (x - mean stays exact where x = mean + small). The gradient is made
+// and normalised where it is still in cache (the CPU: a plane or an image at a time; AVX-512
+// channels-last: in registers) instead of written full-size and read back by a second pass.
 struct MaxPool2dBatchNormBackwardOp {
   static constexpr const char* name = "max_pool2d_batch_norm_backward";
   static constexpr const char* schema =

@@ -1,6 +1,7 @@
 // Argument checks and layouts for max_pool2d, both devices; the messages and error types are
 // torch's for the same mistakes (RuntimeError), prefixed with the op and naming the argument.
 #include "max_pool/max_pool.h"
+#include "batch_norm/batch_norm.h"  // batch_norm_stat_dtype: the coefficients are batch norm's
 #include "common/checks.h"
 
 #include <ATen/core/Tensor.h>
@@ -128,7 +129,7 @@ MaxPool2dPlan plan_max_pool2d_batch_norm_backward(const at::Tensor& grad_output,
   TORCH_CHECK(input.scalar_type() == grad_output.scalar_type(), op, ": input's dtype ", input.scalar_type(),
               " differs from grad_output's ", grad_output.scalar_type());
   auto p = plan_max_pool2d_backward(grad_output, indices, input.sizes(), kernel_size, stride, padding, dilation);
-  const auto stat = grad_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat = batch_norm_stat_dtype(grad_output.scalar_type());
   TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == 4 && coefficients.size(1) == p.channels, op,
               ": coefficients must be (4, C) = (4, ", p.channels, "), got shape ", coefficients.sizes());
   TORCH_CHECK(coefficients.scalar_type() == stat, op, ": coefficients must be ", stat, " for ",

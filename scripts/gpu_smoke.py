@@ -1,6 +1,8 @@
 """Call every batchops kernel once on small inputs: the program compute-sanitizer runs in
 `make gpu-check` (memcheck, racecheck), so every CUDA kernel is launched under it at least
-once. Small on purpose: under the sanitizer each launch is slow.
+once. Small on purpose: under the sanitizer each launch is slow. The calls are recorded at the
+dispatcher: an op registered in batchops but never called here (a new op someone forgot to add)
+fails the run, on the CPU dry run (tests/test_gpu_scripts.py) as on the GPU.
 
 usage: python scripts/gpu_smoke.py [--device cuda|cpu]   (cpu: a dry run of the same calls)
 """
@@ -11,12 +13,37 @@ import argparse
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchops
 from batchops import functional as F
 
 
+class CalledOps(TorchDispatchMode):
+    """The names of the ops that reach the dispatcher inside the `with` (C++ callers included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name().split(".")[0])  # "batchops::max_pool2d.default" -> "batchops::max_pool2d"
+        return func(*args, **(kwargs or {}))
+
+
 def run(device: str) -> int:
+    with CalledOps() as called:
+        calls = call_every_op(device)
+    registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("batchops::")}
+    missing = sorted(registered - called.names)
+    if missing:
+        print(f"gpu_smoke: registered ops this script never called: {missing}", file=sys.stderr)
+        return 1
+    print(f"gpu_smoke: {calls} op calls on {device} completed ({len(registered)} ops, every one called)")
+    return 0
+
+
+def call_every_op(device: str) -> int:
     torch.manual_seed(0)
     calls = 0
     ops = torch.ops.batchops
@@ -66,12 +93,22 @@ def run(device: str) -> int:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out, idx = ops.max_pool2d(x, [3], [2], [1], [1], True)
-        ops.max_pool2d_backward(torch.randn_like(out), idx, list(x.shape), [3], [2], [1], [1])
-        calls += 2
+        grad = torch.randn_like(out)
+        ops.max_pool2d_backward(grad, idx, list(x.shape), [3], [2], [1], [1])
+        # resnet's stem ops: a pool taking the minimum on negative-weight channels, and the pool's
+        # backward with a batch norm's pass applied (coefficients alpha, beta, center, gamma)
+        weight = torch.tensor([1.0, -0.5, 2.0], device=device)
+        ops.max_pool2d_by_weight_sign(x, weight, [3], [2], [1], [1], True)
+        coefficients = torch.randn(4, 3, device=device)
+        ops.max_pool2d_batch_norm_backward(grad, idx, x, coefficients, [3], [2], [1], [1])
+        calls += 4
+    stem = batchops.BatchNorm2d(3, activation="relu").to(device)  # the fused stem, forward and backward
+    x = torch.randn(2, 3, 9, 9, device=device, requires_grad=True)
+    stem(x, max_pool=(3, 2, 1, 1, False)).sum().backward()
+    calls += 1
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"gpu_smoke: {calls} op calls on {device} completed")
-    return 0
+    return calls
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,14 +69,31 @@ def test_matches_torch_in_float64(config, training, layout, negative):
     ref.train(training), ours.train(training)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, dtype=f64).contiguous(memory_format=fmt)
+    for ops in steps_match_torch(ref, ours, x, window):
+        # The fused path (batchops' pool runs on contiguous float64), else the two calls.
+        assert ("batch_norm_stats" in ops) == (training and layout == "contiguous")
+        assert ("max_pool2d_by_weight_sign" in ops) == (layout == "contiguous")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_on_device(device, training):
+    # On CUDA (not run on a GPU yet) the stem is the two calls: batchops' pool is not routed to there.
+    torch.manual_seed(5)
+    ref, ours = (m.to(device).train(training) for m in modules(6, negative=True))
+    x = torch.randn(4, 6, 12, 12, dtype=f64, device=device)
+    for _ in steps_match_torch(ref, ours, x, (3, 2, 1, 1, False)):
+        pass
+
+
+def steps_match_torch(ref, ours, x, window, steps=3):
+    """Three steps of ours(x, max_pool=window) against torch's modules, from the same x: output,
+    the input's, weight's and bias's gradients, running statistics; yields each step's op names."""
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    for step in range(3):  # running statistics follow over several steps
+    for step in range(steps):  # running statistics follow over several steps
         expected = reference(ref, x_ref, "relu", window)
         with RecordOps() as rec:
             out = ours(x_ours, max_pool=tuple(window))
-        # The fused path (batchops' pool runs on contiguous float64), else the two calls.
-        assert ("batch_norm_stats" in rec.ops) == (training and layout == "contiguous")
-        assert ("max_pool2d_by_weight_sign" in rec.ops) == (layout == "contiguous")
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         grad = torch.randn_like(expected)
         got = torch.autograd.grad(out, (x_ours, ours.weight, ours.bias), grad)
@@ -86,6 +103,7 @@ def test_matches_torch_in_float64(config, training, layout, negative):
         torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-14)
         assert ours.num_batches_tracked == ref.num_batches_tracked
+        yield rec.ops
 
 
 @pytest.mark.parametrize("momentum", [None, 0.3], ids=["cumulative", "momentum"])
@@ -229,7 +247,18 @@ def composed(grad, indices, x, coefficients, window):
 def test_pool_backward_with_batch_norm_pass(monkeypatch, isa, dtype, layout, shape):
     # C = 20: one whole vector of 16 channels and an overlapping tail (the AVX-512 gather).
     cap_cpu_isa(monkeypatch, isa)
-    args = pool_backward_inputs(shape, layout, dtype)
+    check_pool_backward_with_batch_norm_pass(pool_backward_inputs(shape, layout, dtype), dtype, layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, f64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pool_backward_with_batch_norm_pass_on_device(device, dtype, layout):
+    args = pool_backward_inputs((2, 20, 11, 9), layout, dtype, device)
+    check_pool_backward_with_batch_norm_pass(args, dtype, layout)
+
+
+def check_pool_backward_with_batch_norm_pass(args, dtype, layout):
     got = torch.ops.batchops.max_pool2d_batch_norm_backward(*args[:4], *args[4])
     want = composed(*args)
     tol = {torch.float32: 1e-5, f64: 1e-12, torch.bfloat16: 1e-2}[dtype]
@@ -256,3 +285,44 @@ def test_pool_backward_with_batch_norm_pass_errors():
         op(grad, indices, x.double(), coefficients, *window)
     with pytest.raises(RuntimeError, match="input_size"):
         op(grad, indices, x[:1], coefficients, *window)
+
+
+# ---- torch.ops.batchops.max_pool2d_by_weight_sign
+
+SIGN_WEIGHTS = {"none": None, "positive": [0.5, 1.0, 2.0, 0.1], "mixed": [1.0, -0.5, 0.0, -2.0]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "unbatched"])
+@pytest.mark.parametrize("weights", list(SIGN_WEIGHTS))
+def test_pool_by_weight_sign(device, layout, weights):
+    # Channels with a negative weight take each window's minimum and its index, as torch's pool
+    # of -x would (a zero weight counts as positive); values and indices exactly.
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 11, 9, dtype=f64, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    x = x[1] if layout == "unbatched" else x
+    w = SIGN_WEIGHTS[weights]
+    weight = None if w is None else torch.tensor(w, dtype=torch.float32, device=device)
+    out, indices = torch.ops.batchops.max_pool2d_by_weight_sign(x, weight, [3], [2], [1], [1], True)
+    sign = torch.ones(4, dtype=f64, device=device) if w is None else torch.tensor(w, device=device).lt(0) * -2.0 + 1
+    sign = sign.view(-1, 1, 1)
+    want, want_indices = F.max_pool2d(x * sign, 3, 2, 1, 1, True, return_indices=True)
+    torch.testing.assert_close(out, want * sign, rtol=0, atol=0)
+    assert torch.equal(indices, want_indices)
+    assert out.stride() == want.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weights", ["none", "mixed"])
+def test_pool_by_weight_sign_opcheck(device, weights):
+    x = torch.randn(2, 4, 10, 10, device=device)
+    w = SIGN_WEIGHTS[weights]
+    weight = None if w is None else torch.tensor(w, device=device)
+    torch.library.opcheck(torch.ops.batchops.max_pool2d_by_weight_sign, (x, weight, [3], [2], [1], [1], False))
+
+
+def test_pool_by_weight_sign_errors():
+    x = torch.randn(2, 4, 10, 10)
+    with pytest.raises(RuntimeError, match=r"weight must have one value per channel \(4\), got shape \[3\]"):
+        torch.ops.batchops.max_pool2d_by_weight_sign(x, torch.ones(3), [3], [2], [1], [1], False)

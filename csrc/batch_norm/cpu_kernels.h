@@ -763,8 +763,38 @@ inline void eval_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t
   }
 }
 
-// The eval forward on very short planar runs (inner <= 16: resnet50's 4x4 layers, 1x1 to 4x4
-// maps) with a batch of 4 or more. Run by run (forward_span), a run of 16 values cost as much
+// The eval forward on planar runs of whole vectors, at most kEvalWholeVectorRuns values (inner 16,
+// 32, 48 or 64: resnet50's 4x4 maps, 8x8): run by run, the channel's constants hoisted and a
+// fixed-width vector loop per vector, with neither forward_span's per-run set-up nor the channel
+// chunks' constants written out (below). Every value goes through the one loop, whatever the
+// batch. Op alone, Xeon with AVX-512, 2 threads, against a plain a * x + b loop over the same
+// tensor: 16x512x4x4 7.2 us (the chunks 11, the loop 8.3), 16x2048x4x4 36.5 (43, 38).
+constexpr int64_t kEvalWholeVectorRuns = 64;
+
+inline bool eval_by_whole_vector_runs(const BatchNormLayout& l) {
+  return !l.rows && l.inner % kChannelVector == 0 && l.inner <= kEvalWholeVectorRuns;
+}
+
+template <typename scalar_t, Activation A, bool kResidual>
+void eval_forward_whole_vector_runs(const scalar_t* x, const scalar_t* z, scalar_t* y, const BatchNormLayout& l,
+                                    const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
+  using acc = opmath_t<scalar_t>;
+  const int64_t C = l.C, inner = l.inner;
+  at::parallel_for(0, l.N * C, kPiece / inner, [&](int64_t begin, int64_t end) {
+    int64_t c = begin % C;
+    for (int64_t run = begin; run < end; ++run) {
+      const acc a = alpha[c], b = beta[c];
+      for (int64_t i0 = run * inner; i0 < (run + 1) * inner; i0 += kChannelVector) {
+#pragma omp simd
+        for (int64_t k = 0; k < kChannelVector; ++k) eval_element<scalar_t, A, kResidual>(x, z, y, i0 + k, a, b);
+      }
+      c = c + 1 == C ? 0 : c + 1;
+    }
+  });
+}
+
+// The eval forward on very short planar runs (inner <= 16 and not whole vectors: 1x1 to 3x3 maps;
+// 4x4 maps were here until 2026-12-08) with a batch of 4 or more. Run by run (forward_span), a run of 16 values cost as much
 // loop set-up as arithmetic: the op took as long as torch's and 2.5x a plain x * 2 over the same
 // tensor. Here a task takes a chunk of channels, writes their constants out repeated inner times
 // (kEvalChunk values: two arrays of 1 KiB), then goes through the chunk's span of every sample,
@@ -877,7 +907,9 @@ void eval_forward(const scalar_t* x, const scalar_t* z, scalar_t* y, const Batch
                   const opmath_t<scalar_t>* zeros, const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
   using acc = opmath_t<scalar_t>;
   const int64_t C = l.C;
-  if (eval_by_channel_chunks(l)) {
+  if (eval_by_whole_vector_runs(l)) {
+    eval_forward_whole_vector_runs<scalar_t, A, kResidual>(x, z, y, l, alpha, beta);
+  } else if (eval_by_channel_chunks(l)) {
     eval_forward_channel_chunks<scalar_t, A, kResidual>(x, z, y, l, alpha, beta);
   } else if (eval_by_flat_vectors(l)) {
     eval_forward_flat<scalar_t, A, kResidual>(x, z, y, l, alpha, beta);

@@ -337,9 +337,12 @@ SHAPES = [
     ((1, 3, 5), "silu", False),
     ((6, 1, 8), "relu", True),
     ((4, 300, 3, 5), "relu", True),  # small channels: blocks of whole channels, the last one short
-    # eval on runs of up to 16 values goes by chunks of channels (256 values): several chunks,
-    # the last short
+    # eval on runs of whole vectors up to 64 values goes run by run (4x4, 4x8, 8x8 maps; several
+    # threads' ranges); on other runs of up to 16 values by chunks of channels (256 values):
+    # several chunks, the last short
     ((16, 130, 4, 4), "silu", True),
+    ((3, 5, 4, 8), "gelu", True),
+    ((1, 70, 8, 8), "relu", False),
     ((5, 40, 3, 3), "hardswish", False),
     ((4, 300, 1, 1), "relu6", True),
     # eval on planar runs longer than a vector and not a multiple of it walks the tensor flat:
@@ -376,8 +379,9 @@ def test_shapes(device, dtype, shape, activation, residual):
 @pytest.mark.parametrize("shape", [(6, 130, 4, 4), (4, 300, 3, 3), (5, 40, 7, 7), (4, 33, 20, 20)], ids=str)
 def test_eval_sample_does_not_depend_on_its_batch(device, dtype, shape):
     """Eval normalises each value with fixed constants: a sample's output is the same bits
-    whether it comes alone (runs of up to 16 values go run by run below 4 samples) or in a batch
-    (by chunks of channels from 4 on), with a fused residual and activation too."""
+    whether it comes alone or in a batch, with a fused residual and activation too (3x3 runs go
+    run by run below 4 samples and by chunks of channels from 4 on; 4x4 whole-vector runs, 7x7
+    and 20x20 the flat walk with its vectors across runs and its tail)."""
     inputs = make_inputs(shape, device, dtype, residual=True)
     args = (inputs["rm"], inputs["rv"], inputs["w"], inputs["b"], False, 0.1, 1e-5)
     batch = BF.batch_norm(inputs["x"], *args, activation="gelu", residual=inputs["z"])

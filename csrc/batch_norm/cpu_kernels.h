@@ -111,7 +111,9 @@ void for_planar_parts(const BatchNormLayout& l, F&& fn) {
 // from the buffers) was slower than two streaming passes at 14x14, 7x7 and 4x4, cold or L3-warm
 // (fused add + ReLU backward, L3-warm, 0.78 -> 1.12-1.22 of torch's time; resnet50's NCHW step
 // 0.91 -> 0.97), though faster on cache-warm plain backwards; its sums pass takes a channel's
-// runs in place, one after another (planar_channel_grad_sums), and its apply pass goes by parts.
+// runs in place, one after another (planar_channel_grad_sums), and without a residual the apply
+// follows on the same runs while they are in cache (backward_apply_channel_runs; with one, a
+// pass by parts).
 // A channel's result depends on its own values in their order only: the same bits whatever the
 // blocks or threads.
 constexpr int64_t kResidentBlock = 16384;  // values per block and buffer (64 KiB of float)
@@ -1061,6 +1063,20 @@ void backward_apply_span(const scalar_t* dy, const scalar_t* x, const scalar_t* 
   }
 }
 
+// The same over every run of channel c (planar view): called right after the channel's sums
+// (planar_channel_grad_sums), its dy, x and z are read again from L1/L2 instead of by a second
+// pass over the tensors, as torch's NCHW backward does channel by channel. The same span per run
+// as the parts (a short run is one part), so the same bits.
+template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
+void backward_apply_channel_runs(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx,
+                                 scalar_t* dz, const BatchNormLayout& l, int64_t c, Affine<opmath_t<scalar_t>> a,
+                                 BackwardCoeffs<opmath_t<scalar_t>> k) {
+  for (int64_t n = 0; n < l.N; ++n) {
+    backward_apply_span<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, (n * l.C + c) * l.inner,
+                                                                           l.inner, a, k);
+  }
+}
+
 // The same over planar parts [begin, end): one call per task, not per part (the apply pass is
 // chosen at run time through a function pointer, and resnet50's 4x4 layers have 16-value parts).
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
@@ -1246,6 +1262,7 @@ template <typename scalar_t, Activation A, bool kResidual>
 struct BackwardApply {
   decltype(&backward_apply_parts<scalar_t, A, kResidual, true, false>) parts = nullptr;
   decltype(&backward_apply_rows<scalar_t, A, kResidual, true, false>) rows = nullptr;
+  decltype(&backward_apply_channel_runs<scalar_t, A, kResidual, true, false>) channel_runs = nullptr;
 
   BackwardApply(bool grad_input, bool grad_residual) {
     if (grad_input && grad_residual) {
@@ -1263,6 +1280,7 @@ struct BackwardApply {
   void set() {
     parts = &backward_apply_parts<scalar_t, A, kResidual, kGradInput, kGradResidual>;
     rows = &backward_apply_rows<scalar_t, A, kResidual, kGradInput, kGradResidual>;
+    channel_runs = &backward_apply_channel_runs<scalar_t, A, kResidual, kGradInput, kGradResidual>;
   }
 };
 
@@ -1448,11 +1466,16 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
       coeffs[c] = k;
     }
   };
+  // Channel by channel, the apply follows each channel's sums (store_g is false there), without a
+  // residual: with one (five tensors' runs per channel, a power-of-two stride apart at
+  // 16x2048x4x4) the backward took up to 1.8x its time with the separate apply pass.
+  const bool apply_with_sums = need_sums && sums_by_channel && apply && !kResidual;
   if (need_sums && sums_by_channel) {
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
       for (int64_t c = c0; c < c0 + width; ++c) {
         const auto [g, gx] = planar_channel_grad_sums<scalar_t, A, kResidual>(dy, x, z, l, c, affine[c]);
         set_coeffs(c, g, gx);
+        if (apply_with_sums) apply.channel_runs(dy, x, z, dx, dz, l, c, affine[c], coeffs[c]);
       }
     });
   } else if (need_sums && !l.rows) {
@@ -1495,7 +1518,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   } else {
     for_each_channel(C, [&](int64_t c) { set_coeffs(c, 0.0, 0.0); });
   }
-  if (empty || !(apply || apply_g)) return;
+  if (empty || !(apply || apply_g) || apply_with_sums) return;
   // parts and rows: an apply pass's loops; apply_g's are plain batch norm's, given g for dy.
   const auto run_apply = [&](auto parts, auto rows, const scalar_t* dy_or_g, const scalar_t* z_or_null,
                              scalar_t* dz_or_null) {

@@ -796,17 +796,18 @@ void eval_forward_whole_vector_runs(const scalar_t* x, const scalar_t* z, scalar
 }
 
 // The eval forward on very short planar runs (inner <= 16 and not whole vectors: 1x1 to 3x3 maps;
-// 4x4 maps were here until 2026-12-08) with a batch of 4 or more. Run by run (forward_span), a run of 16 values cost as much
-// loop set-up as arithmetic: the op took as long as torch's and 2.5x a plain x * 2 over the same
-// tensor. Here a task takes a chunk of channels, writes their constants out repeated inner times
-// (kEvalChunk values: two arrays of 1 KiB), then goes through the chunk's span of every sample,
-// C * inner values apart, in one vectorised loop (eval_span). The same arithmetic per value as
-// run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's eval batch norm, five processes
-// (three constants then): 16x512x4x4 1.02-1.12 -> 0.72-0.95, 16x2048x4x4 0.83-1.03 -> 0.68-0.77.
-// Chunks of 512-2048 values did less well (2048: 24 KiB of constants, L1 is 32 KiB), and at 7x7 (runs of 49
-// values: three vectors and a remainder) run by run stayed ahead (0.62-0.71 against 0.65-0.85),
-// so the threshold is 16. Constants repeated across the whole row (arrays of C * inner) were read
-// back from L2/L3 for every sample: slower than run by run.
+// 4x4 maps were here until 2026-12-08) with a batch of 4 or more. Run by run (forward_span), a
+// run of 16 values cost as much loop set-up as arithmetic: the op took as long as torch's and
+// 2.5x a plain x * 2 over the same tensor. Here a task takes a chunk of channels, writes their
+// constants out repeated inner times (kEvalChunk values: two arrays of 1 KiB), then goes through
+// the chunk's span of every sample, C * inner values apart, in one vectorised loop (eval_span).
+// The same arithmetic per value as run by run. Op alone, AMD EPYC, 2 threads, ratio to torch's
+// eval batch norm, five processes (three constants then): 16x512x4x4 1.02-1.12 -> 0.72-0.95,
+// 16x2048x4x4 0.83-1.03 -> 0.68-0.77. Chunks of 512-2048 values did less well (2048: 24 KiB of
+// constants, L1 is 32 KiB), and at 7x7 (runs of 49 values: three vectors and a remainder) run by
+// run stayed ahead (0.62-0.71 against 0.65-0.85), so the threshold is 16. Constants repeated
+// across the whole row (arrays of C * inner) were read back from L2/L3 for every sample: slower
+// than run by run.
 constexpr int64_t kEvalChunk = 256;
 constexpr int64_t kEvalShortRun = 16;
 

@@ -773,6 +773,9 @@ inline void eval_span(const scalar_t* x, const scalar_t* z, scalar_t* y, int64_t
 // tensor: 16x512x4x4 7.2 us (the chunks 11, the loop 8.3), 16x2048x4x4 36.5 (43, 38).
 constexpr int64_t kEvalWholeVectorRuns = 64;
 
+// The channel of the run after channel c's (runs go c = 0 .. C - 1, then the next sample's).
+inline int64_t next_channel(int64_t c, int64_t C) { return c + 1 == C ? 0 : c + 1; }
+
 inline bool eval_by_whole_vector_runs(const BatchNormLayout& l) {
   return !l.rows && l.inner % kChannelVector == 0 && l.inner <= kEvalWholeVectorRuns;
 }
@@ -790,13 +793,13 @@ void eval_forward_whole_vector_runs(const scalar_t* x, const scalar_t* z, scalar
 #pragma omp simd
         for (int64_t k = 0; k < kChannelVector; ++k) eval_element<scalar_t, A, kResidual>(x, z, y, i0 + k, a, b);
       }
-      c = c + 1 == C ? 0 : c + 1;
+      c = next_channel(c, C);
     }
   });
 }
 
-// The eval forward on very short planar runs (inner <= 16 and not whole vectors: 1x1 to 3x3 maps;
-// 4x4 maps were here until 2026-12-08) with a batch of 4 or more. Run by run (forward_span), a
+// The eval forward on planar runs shorter than a vector (inner < 16: 1x1 to 3x3 maps; 4x4 maps
+// were here until 2026-12-08) with a batch of 4 or more. Run by run (forward_span), a
 // run of 16 values cost as much loop set-up as arithmetic: the op took as long as torch's and
 // 2.5x a plain x * 2 over the same tensor. Here a task takes a chunk of channels, writes their
 // constants out repeated inner times (kEvalChunk values: two arrays of 1 KiB), then goes through
@@ -805,15 +808,14 @@ void eval_forward_whole_vector_runs(const scalar_t* x, const scalar_t* z, scalar
 // eval batch norm, five processes (three constants then): 16x512x4x4 1.02-1.12 -> 0.72-0.95,
 // 16x2048x4x4 0.83-1.03 -> 0.68-0.77. Chunks of 512-2048 values did less well (2048: 24 KiB of
 // constants, L1 is 32 KiB), and at 7x7 (runs of 49 values: three vectors and a remainder) run by
-// run stayed ahead (0.62-0.71 against 0.65-0.85), so the threshold is 16. Constants repeated
+// run stayed ahead (0.62-0.71 against 0.65-0.85), so the chunks end at 16. Constants repeated
 // across the whole row (arrays of C * inner) were read back from L2/L3 for every sample: slower
 // than run by run.
 constexpr int64_t kEvalChunk = 256;
-constexpr int64_t kEvalShortRun = 16;
 
 // For a non-empty input (forward_cpu_typed returns before for an empty one).
 inline bool eval_by_channel_chunks(const BatchNormLayout& l) {
-  return !l.rows && l.inner <= kEvalShortRun && l.N >= 4;
+  return !l.rows && l.inner < kChannelVector && l.N >= 4;
 }
 
 template <typename scalar_t, Activation A, bool kResidual>
@@ -860,11 +862,10 @@ void eval_forward_flat(const scalar_t* x, const scalar_t* z, scalar_t* y, const 
                        const opmath_t<scalar_t>* alpha, const opmath_t<scalar_t>* beta) {
   using acc = opmath_t<scalar_t>;
   const int64_t C = l.C, inner = l.inner, total = l.N * C * inner;
-  const auto next_channel = [C](int64_t c) { return c + 1 == C ? 0 : c + 1; };
   // The vector of values [i0, i0 + kChannelVector): `left` of them (or all) in channel c's run,
   // the rest in the next channel's.
   const auto vector_at = [&](int64_t i0, int64_t c, int64_t left) {
-    const int64_t next = next_channel(c);
+    const int64_t next = next_channel(c, C);
     const acc a0 = alpha[c], b0 = beta[c], a1 = alpha[next], b1 = beta[next];
     const int32_t split = static_cast<int32_t>(std::min(left, kChannelVector));
 #pragma omp simd
@@ -886,7 +887,7 @@ void eval_forward_flat(const scalar_t* x, const scalar_t* z, scalar_t* y, const 
       left -= kChannelVector;
       if (left <= 0) {
         left += inner;
-        c = next_channel(c);
+        c = next_channel(c, C);
       }
     }
   });

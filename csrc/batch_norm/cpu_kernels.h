@@ -12,8 +12,10 @@
 // cold, one channel's N runs C * inner apart left the passes waiting on memory latency with
 // nothing for the prefetchers to follow. In resnet50's step (16x3x112x112, NCHW, AMD EPYC) our
 // batch norm ops took 97 ms that way and 57 ms streaming (torch's batch norm and ReLU: ~100).
-// The exception, training forwards on short runs, copies blocks of channels in memory order
-// first (channels_resident below).
+// The exceptions: training forwards on short runs copy blocks of channels in memory order first
+// (channels_resident below); planar backwards without a costly derivative walk channel by
+// channel where a channel's runs fit in L2, the apply reading them again from there, which
+// measured faster from memory too (sums_channel_by_channel).
 // This header is compiled once per CPU instruction set (cpu.cpp, cpu_avx2.cpp, cpu_avx512.cpp),
 // each time inside its own namespace BATCHOPS_CPU_NS; cpu.cpp picks one at run time.
 #pragma once
@@ -113,7 +115,7 @@ void for_planar_parts(const BatchNormLayout& l, F&& fn) {
 // 0.91 -> 0.97), though faster on cache-warm plain backwards; its sums pass takes a channel's
 // runs in place, one after another (planar_channel_grad_sums), and without a residual the apply
 // follows on the same runs while they are in cache (backward_apply_channel_runs; with one, a
-// pass by parts).
+// pass by parts). Without a residual, so do longer runs (sums_channel_by_channel).
 // A channel's result depends on its own values in their order only: the same bits whatever the
 // blocks or threads.
 constexpr int64_t kResidentBlock = 16384;  // values per block and buffer (64 KiB of float)
@@ -1028,7 +1030,11 @@ inline std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, co
   using acc = opmath_t<scalar_t>;
   acc sg[kLanes] = {}, sgx[kLanes] = {};
   for (int64_t n = 0; n < l.N; ++n) {
-    add_grad_sums<scalar_t, A, kResidual, false>(dy, x, z, nullptr, (n * l.C + c) * l.inner, l.inner, a, sg, sgx);
+    const int64_t run = (n * l.C + c) * l.inner;
+    for (int64_t i = 0; i < l.inner; i += kPiece) {  // add_grad_sums takes at most kPiece values
+      add_grad_sums<scalar_t, A, kResidual, false>(dy, x, z, nullptr, run + i, std::min(kPiece, l.inner - i), a, sg,
+                                                   sgx);
+    }
   }
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }
@@ -1038,9 +1044,26 @@ inline std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, co
 template <Activation A>
 constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kGELU || A == Activation::kGELUTanh;
 
-template <Activation A, bool kResidual>
+// The backward walks channels (sums, then apply from L2, as torch's NCHW backward does) where
+// one channel's values of a tensor take at most kChannelWalkBytes (at batch 16: every resnet50
+// layer, 56x56's 196 KiB included): dy and x come from memory once instead of twice. Backward
+// op, Xeon with AVX-512, 2 threads, inputs cycled through 1.2 GiB (past the last-level cache),
+// two alternations, us, parts -> channel walk: 16x64x56x56 2224-2325 -> 1577-1625, with ReLU
+// 2757-2841 -> 2084-2112; 16x256x28x28 2257-2329 -> 1448-1529; 16x512x14x14 1176-1252 ->
+// 771-801, with ReLU 1393-1477 -> 953-977 (cache-warm 14x14: 724-758 -> 509-515, torch's
+// 549). With a residual only short whole-vector runs walk (channels_resident, inner a multiple
+// of 16): at 28x28 and 56x56 its walk, with or without the apply following, was no faster.
+// Tasks take whole channels, so long walks want kWalkMinChannels at least: with fewer, parts keep
+// every thread busy (a fixed bound: the pass never depends on the thread count).
+constexpr int64_t kChannelWalkBytes = 256 * 1024;
+constexpr int64_t kWalkMinChannels = 32;
+
+template <typename scalar_t, Activation A, bool kResidual>
 inline bool sums_channel_by_channel(const BatchNormLayout& l) {
-  return channels_resident(l) && !kCostlyDerivative<A> && (!kResidual || l.inner % kLanes == 0);
+  if (l.rows || l.per_channel() == 0 || kCostlyDerivative<A>) return false;
+  if constexpr (kResidual) return channels_resident(l) && l.inner % kLanes == 0;
+  return channels_resident(l) ||
+         (l.C >= kWalkMinChannels && l.per_channel() * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelWalkBytes);
 }
 
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
@@ -1420,7 +1443,7 @@ void backward_cpu_typed(BatchNormBackwardPlan& p) {
   // by channel (planar_channel_grad_sums, below), which store nothing: the choice of pass
   // depends on the layout, the activation and whether there is a residual, never on which
   // gradients are asked for, so every gradient has the same bits whichever are.
-  const bool sums_by_channel = sums_channel_by_channel<A, kResidual>(l);
+  const bool sums_by_channel = sums_channel_by_channel<scalar_t, A, kResidual>(l);
   const bool g_in_grad_input = kCostlyDerivative<A> && std::is_same_v<scalar_t, acc> && need_sums && p.mask[0] &&
                                !p.mask[3] && (!l.rows || !ChannelVectors(0, C).overlap);
   const bool store_g = need_sums && !sums_by_channel && (p.mask[3] || g_in_grad_input);

@@ -354,6 +354,10 @@ SHAPES = [
     # the backward's sums on short planar runs go channel by channel (no residual gradient):
     # channels in several tasks
     ((16, 300, 4, 4), "relu", False),
+    # ... and on longer runs too, from 32 channels on (one channel a task): runs of several
+    # vectors, and runs over 4096 values (the sums take them in pieces)
+    ((2, 40, 50, 50), "relu", False),
+    ((1, 32, 70, 70), None, False),
     # rows of one 256- or 512-byte tile (64 or 128 float / 32 or 64 double channels: statistics
     # and gradient sums in registers), in several row blocks, the last one short
     ((600, 64), "relu", True),

@@ -6,16 +6,15 @@
 // L1/L2, so the shifted two-pass statistics inside it cost no extra memory traffic; row blocks
 // (channels-last) use Welford's one-pass update instead (see rows_stats).
 //
-// Every pass walks memory front to back, in both views. Planar inputs used to be processed
-// channel by channel (a channel's statistics and apply passes back to back, its data still in
-// L2, as torch's channel-parallel kernels do); in a training step, where the tensors arrive
-// cold, one channel's N runs C * inner apart left the passes waiting on memory latency with
-// nothing for the prefetchers to follow. In resnet50's step (16x3x112x112, NCHW, AMD EPYC) our
-// batch norm ops took 97 ms that way and 57 ms streaming (torch's batch norm and ReLU: ~100).
-// The exceptions: training forwards on short runs copy blocks of channels in memory order first
-// (channels_resident below); planar backwards without a costly derivative walk channel by
-// channel where a channel's runs fit in L2, the apply reading them again from there, which
-// measured faster from memory too (sums_channel_by_channel).
+// Passes over the rows view walk memory front to back. Planar inputs walk channel by channel
+// where a channel's values of a tensor fit in L2 (channel_walk_fits: at most 256 KiB, 32 channels
+// or more; short runs are copied in blocks of channels first, channels_resident): a channel's
+// statistics (or gradient sums) then its normalisation back to back, the second from L2, as
+// torch's channel-parallel kernels do, so x (and dy) come from memory once. Elsewhere planar
+// passes stream by parts, front to back. (An earlier channel-by-channel version had been slower
+// in a training step on an AMD EPYC, 97 ms against 57 streaming in resnet50's step, waiting on
+// memory latency; the walks of 2026-12-08 measured 25-40% faster than the parts from memory, past
+// the last-level cache, on a Xeon, and are still to be measured on an AMD processor.)
 // This header is compiled once per CPU instruction set (cpu.cpp, cpu_avx2.cpp, cpu_avx512.cpp),
 // each time inside its own namespace BATCHOPS_CPU_NS; cpu.cpp picks one at run time.
 #pragma once
@@ -123,6 +122,29 @@ constexpr int64_t kShortRun = 64;
 
 inline bool channels_resident(const BatchNormLayout& l) {
   return !l.rows && l.inner <= kShortRun && l.per_channel() > 0 && l.per_channel() <= kPiece;
+}
+
+// Channel walks on longer runs, in place: a task takes a channel's runs one after another
+// (statistics or gradient sums), then normalises them (the apply) while they are in L2, where
+// one channel's values of a tensor take at most kChannelWalkBytes (at batch 16: every resnet50
+// layer, 56x56's 196 KiB included): x (and dy) come from memory once instead of twice. Tasks
+// take whole channels, so these walks want kWalkMinChannels at least: with fewer, parts keep
+// every thread busy (a fixed bound: the pass never depends on the thread count).
+constexpr int64_t kChannelWalkBytes = 256 * 1024;
+constexpr int64_t kWalkMinChannels = 32;
+
+inline bool channel_walk_fits(const BatchNormLayout& l, int64_t value_bytes) {
+  return !l.rows && l.per_channel() > 0 && l.C >= kWalkMinChannels && l.per_channel() * value_bytes <= kChannelWalkBytes;
+}
+
+// The training forward and batch_norm_stats walk channels where they are not resident (the
+// statistics then the normalisation of each channel). Training forward with ReLU, Xeon with
+// AVX-512, 2 threads, two alternations, us, parts -> walk, cache-warm / from memory (1.2 GiB of
+// inputs cycled): 16x64x56x56 977-1348 -> 841-854 / 1760-2208 -> 1288-1352, 16x256x28x28
+// 1048-1063 -> 862-911 / 1843-2151 -> 1267-1354, 16x512x14x14 706-777 -> 637-735 / 1215-1480 ->
+// 862-959; with a residual from memory 16x256x28x28 2349-2711 -> 1877-2005.
+inline bool forward_walks_channels(const BatchNormLayout& l, int64_t value_bytes) {
+  return !channels_resident(l) && channel_walk_fits(l, value_bytes);
 }
 
 // A thread's scratch buffer of at least n values, kept from call to call: a std::vector per
@@ -576,6 +598,20 @@ void gathered_channel_stats(const scalar_t* x, const BatchNormLayout& l, int64_t
   for (int64_t c = 0; c < width; ++c) on_channel(c0 + c, run_stats(buf + c * l.per_channel(), l.per_channel()));
 }
 
+// Channel c's statistics from its runs in place (planar view): each run (in pieces of at most
+// kPiece values) by run_stats, merged in memory order (forward_walks_channels).
+template <typename scalar_t>
+WelfordData<double> planar_channel_stats(const scalar_t* x, const BatchNormLayout& l, int64_t c) {
+  WelfordData<double> stats;
+  for (int64_t n = 0; n < l.N; ++n) {
+    const scalar_t* run = x + (n * l.C + c) * l.inner;
+    for (int64_t i = 0; i < l.inner; i += kPiece) {
+      stats = welford_merge(stats, run_stats(run + i, std::min(kPiece, l.inner - i)));
+    }
+  }
+  return stats;
+}
+
 // Every channel's statistics, given to on_channel(c, stats) in parallel (the caller's per-channel
 // work rides in the same parallel region): planar parts or row blocks in parallel, then combined
 // per channel in order.
@@ -585,6 +621,10 @@ void all_channel_stats(const scalar_t* x, const BatchNormLayout& l, F&& on_chann
   if (channels_resident(l)) {
     for_channel_blocks(l, [&](int64_t c0, int64_t width) {
       gathered_channel_stats(x, l, c0, width, thread_scratch<scalar_t>(width * l.per_channel()), on_channel);
+    });
+  } else if (forward_walks_channels(l, sizeof(scalar_t))) {
+    for_channel_blocks(l, [&](int64_t c0, int64_t width) {
+      for (int64_t c = c0; c < c0 + width; ++c) on_channel(c, planar_channel_stats(x, l, c));
     });
   } else if (!l.rows) {
     const PlanarParts parts(l);
@@ -1053,17 +1093,12 @@ constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kG
 // 771-801, with ReLU 1393-1477 -> 953-977 (cache-warm 14x14: 724-758 -> 509-515, torch's
 // 549). With a residual only short whole-vector runs walk (channels_resident, inner a multiple
 // of 16): at 28x28 and 56x56 its walk, with or without the apply following, was no faster.
-// Tasks take whole channels, so long walks want kWalkMinChannels at least: with fewer, parts keep
-// every thread busy (a fixed bound: the pass never depends on the thread count).
-constexpr int64_t kChannelWalkBytes = 256 * 1024;
-constexpr int64_t kWalkMinChannels = 32;
 
 template <typename scalar_t, Activation A, bool kResidual>
 inline bool sums_channel_by_channel(const BatchNormLayout& l) {
   if (l.rows || l.per_channel() == 0 || kCostlyDerivative<A>) return false;
   if constexpr (kResidual) return channels_resident(l) && l.inner % kLanes == 0;
-  return channels_resident(l) ||
-         (l.C >= kWalkMinChannels && l.per_channel() * static_cast<int64_t>(sizeof(scalar_t)) <= kChannelWalkBytes);
+  return channels_resident(l) || channel_walk_fits(l, sizeof(scalar_t));
 }
 
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
@@ -1368,6 +1403,16 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
         forward_span<scalar_t, A, kResidual>(buf + b, kResidual ? z + t : nullptr, y + t, 0, l.inner,
                                              affine[c - c0]);
       });
+    });
+    return;
+  }
+  if (forward_walks_channels(l, sizeof(scalar_t))) {
+    for_channel_blocks(l, [&](int64_t c0, int64_t width) {
+      for (int64_t c = c0; c < c0 + width; ++c) {
+        finalize(c, planar_channel_stats(x, l, c));
+        const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
+        for (int64_t n = 0; n < l.N; ++n) forward_span<scalar_t, A, kResidual>(x, z, y, (n * C + c) * l.inner, l.inner, a);
+      }
     });
     return;
   }

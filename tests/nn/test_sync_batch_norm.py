@@ -305,7 +305,7 @@ def test_world_size_one_group_and_momentum_none(tmp_path):
 
 # ----------------------------------------------------------------------------- the new ops
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(5, 3, 7, 4), (9, 6), (0, 3, 2), (4, 2, 3, 3, 2)])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 4), (9, 6), (0, 3, 2), (4, 2, 3, 3, 2), (3, 40, 9, 10)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batch_norm_stats_matches_var_mean(device, shape, channels_last):
     x = (torch.randn(shape, dtype=f64) * 3 + 1e4).to(device)
@@ -326,6 +326,24 @@ def test_batch_norm_stats_matches_var_mean(device, shape, channels_last):
     mean32, m232 = torch.ops.batchops.batch_norm_stats(x.float())
     assert mean32.dtype == m232.dtype == torch.float32
     torch.testing.assert_close(mean32.double(), expected_mean, rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 6, 3, 5), (16, 40, 2, 3), (3, 40, 9, 10), (2, 3, 70, 70), (1, 32, 70, 70)])
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_batch_norm_stats_is_the_training_forwards(device, shape, dtype):
+    """SyncBatchNorm normalises with batch_norm_stats' statistics where BatchNorm2d uses the
+    training forward's own: on one process both are the same bits (parts, channels copied in
+    blocks, channel walks on runs of 90 values and of 4900, in pieces)."""
+    x = torch.randn(shape, dtype=dtype, device=device) * 3 + 5
+    C = shape[1]
+    _, save_mean, save_invstd, _, _ = torch.ops.batchops.batch_norm_forward(
+        x, None, None, None, None, None, True, 0.1, None, 1e-5, None
+    )
+    mean, m2 = torch.ops.batchops.batch_norm_stats(x)
+    assert torch.equal(save_mean, mean)
+    count = x.numel() // C
+    torch.testing.assert_close(save_invstd, torch.rsqrt(m2 / count + 1e-5), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

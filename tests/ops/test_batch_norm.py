@@ -354,10 +354,12 @@ SHAPES = [
     # the backward's sums on short planar runs go channel by channel (no residual gradient):
     # channels in several tasks
     ((16, 300, 4, 4), "relu", False),
-    # ... and on longer runs too, from 32 channels on (one channel a task): runs of several
-    # vectors, and runs over 4096 values (the sums take them in pieces)
+    # ... and on longer runs too, from 32 channels on (one channel a task), as the training
+    # forward does (its statistics, then the normalisation): runs of several vectors, and runs
+    # over 4096 values (taken in pieces); with a residual only the forward walks
     ((2, 40, 50, 50), "relu", False),
     ((1, 32, 70, 70), None, False),
+    ((3, 33, 20, 20), "silu", True),
     # rows of one 256- or 512-byte tile (64 or 128 float / 32 or 64 double channels: statistics
     # and gradient sums in registers), in several row blocks, the last one short
     ((600, 64), "relu", True),

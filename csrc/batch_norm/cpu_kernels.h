@@ -134,7 +134,8 @@ constexpr int64_t kChannelWalkBytes = 256 * 1024;
 constexpr int64_t kWalkMinChannels = 32;
 
 inline bool channel_walk_fits(const BatchNormLayout& l, int64_t value_bytes) {
-  return !l.rows && l.per_channel() > 0 && l.C >= kWalkMinChannels && l.per_channel() * value_bytes <= kChannelWalkBytes;
+  return !l.rows && l.per_channel() > 0 && l.C >= kWalkMinChannels &&
+         l.per_channel() * value_bytes <= kChannelWalkBytes;
 }
 
 // The training forward and batch_norm_stats walk channels where they are not resident (the
@@ -200,7 +201,9 @@ inline void for_block_runs(const BatchNormLayout& l, int64_t c0, int64_t width, 
 struct RowBlocks {
   int64_t M, C, rows_per_block, count;
   explicit RowBlocks(const BatchNormLayout& l)
-      : M(l.per_channel()), C(l.C), rows_per_block(std::max<int64_t>(kMinBlockRows, kRowBlock / std::max<int64_t>(l.C, 1))) {
+      : M(l.per_channel()),
+        C(l.C),
+        rows_per_block(std::max<int64_t>(kMinBlockRows, kRowBlock / std::max<int64_t>(l.C, 1))) {
     count = (M + rows_per_block - 1) / rows_per_block;
   }
   int64_t begin(int64_t b) const { return b * rows_per_block; }
@@ -550,10 +553,11 @@ void rows_stats(const scalar_t* x, int64_t rows, int64_t C, std::vector<opmath_t
 }
 
 // Per-channel statistics from parts (row blocks, or planar parts by slot) given as mean[p][c] and
-// m2[p][c], given to on_channel(c, stats), combined per channel in part order without a Chan merge (a division) per part and
-// channel: mean = sum_p n_p mean_p / total, m2 = sum_p (m2_p + n_p (mean_p - mean)^2), in double,
-// channels innermost (contiguous, vectorised). With 512 channels in 98 row blocks (resnet50's
-// 14x14 layers) the chained merges took longer than the data passes.
+// m2[p][c], given to on_channel(c, stats), combined per channel in part order without a Chan
+// merge (a division) per part and channel: mean = sum_p n_p mean_p / total, m2 = sum_p (m2_p +
+// n_p (mean_p - mean)^2), in double, channels innermost (contiguous, vectorised). With 512
+// channels in 98 row blocks (resnet50's 14x14 layers) the chained merges took longer than the
+// data passes.
 template <typename Count, typename F>
 void combine_part_stats(int64_t parts, Count count_of, int64_t total, int64_t C, const double* part_mean,
                         const double* part_m2, F&& on_channel) {
@@ -1411,7 +1415,9 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
       for (int64_t c = c0; c < c0 + width; ++c) {
         finalize(c, planar_channel_stats(x, l, c));
         const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
-        for (int64_t n = 0; n < l.N; ++n) forward_span<scalar_t, A, kResidual>(x, z, y, (n * C + c) * l.inner, l.inner, a);
+        for (int64_t n = 0; n < l.N; ++n) {
+          forward_span<scalar_t, A, kResidual>(x, z, y, (n * C + c) * l.inner, l.inner, a);
+        }
       }
     });
     return;
@@ -1646,7 +1652,8 @@ void batch_norm_forward_kernel(BatchNormForwardPlan& p) {
 void batch_norm_backward_kernel(BatchNormBackwardPlan& p) {
   BATCHOPS_CPU_DISPATCH_DTYPES(p.input.scalar_type(), "batchops_batch_norm_backward_cpu", [&] {
     BATCHOPS_DISPATCH_ACTIVATION(p.activation, [&] {
-      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual, [&] { backward_cpu_typed<scalar_t, kAct, kResidual>(p); });
+      BATCHOPS_DISPATCH_BOOL(p.residual.defined(), kResidual,
+                             [&] { backward_cpu_typed<scalar_t, kAct, kResidual>(p); });
     });
   });
 }

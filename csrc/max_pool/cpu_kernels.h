@@ -64,7 +64,8 @@ void one_output(const scalar_t* x, const PoolAxis& h, const PoolAxis& w, int64_t
   int32_t best_position = static_cast<int32_t>(ih_first * w.in + iw_first);
   for (int64_t ih = ih_first; ih < ih_end; ih += h.dilation) {
     for (int64_t iw = iw_first; iw < iw_end; iw += w.dilation) {
-      keep_larger<acc_t>(static_cast<acc_t>(x[ih * w.in + iw]), static_cast<int32_t>(ih * w.in + iw), best, best_position);
+      keep_larger<acc_t>(static_cast<acc_t>(x[ih * w.in + iw]), static_cast<int32_t>(ih * w.in + iw), best,
+                         best_position);
     }
   }
   *y = static_cast<scalar_t>(best);
@@ -340,7 +341,9 @@ inline void window_max_loop(const scalar_t* const* rows, const int32_t* position
   for (int64_t c = 0; c < C; ++c) {
     acc_t best = -std::numeric_limits<acc_t>::infinity();
     int32_t best_position = first;
-    for (int64_t k = 0; k < count; ++k) keep_larger<acc_t>(static_cast<acc_t>(rows[k][c]), positions[k], best, best_position);
+    for (int64_t k = 0; k < count; ++k) {
+      keep_larger<acc_t>(static_cast<acc_t>(rows[k][c]), positions[k], best, best_position);
+    }
     y[c] = static_cast<scalar_t>(best);
     idx[c] = best_position;
   }

@@ -1097,7 +1097,6 @@ constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kG
 // 771-801, with ReLU 1393-1477 -> 953-977 (cache-warm 14x14: 724-758 -> 509-515, torch's
 // 549). With a residual only short whole-vector runs walk (channels_resident, inner a multiple
 // of 16): at 28x28 and 56x56 its walk, with or without the apply following, was no faster.
-
 template <typename scalar_t, Activation A, bool kResidual>
 inline bool sums_channel_by_channel(const BatchNormLayout& l) {
   if (l.rows || l.per_channel() == 0 || kCostlyDerivative<A>) return false;

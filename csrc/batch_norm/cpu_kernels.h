@@ -148,6 +148,16 @@ inline bool forward_walks_channels(const BatchNormLayout& l, int64_t value_bytes
   return !channels_resident(l) && channel_walk_fits(l, value_bytes);
 }
 
+// fn(off, len) for channel c's runs (planar view) in memory order, each in pieces of at most
+// kPiece values (the sums' L1 buffers hold one piece): the channel walks' one loop.
+template <typename F>
+inline void for_channel_pieces(const BatchNormLayout& l, int64_t c, F&& fn) {
+  for (int64_t n = 0; n < l.N; ++n) {
+    const int64_t run = (n * l.C + c) * l.inner;
+    for (int64_t i = 0; i < l.inner; i += kPiece) fn(run + i, std::min(kPiece, l.inner - i));
+  }
+}
+
 // A thread's scratch buffer of at least n values, kept from call to call: a std::vector per
 // block is zero-filled on every call, and above 128 KiB glibc serves it from mmap, faulted in anew.
 template <typename T>
@@ -607,12 +617,7 @@ void gathered_channel_stats(const scalar_t* x, const BatchNormLayout& l, int64_t
 template <typename scalar_t>
 WelfordData<double> planar_channel_stats(const scalar_t* x, const BatchNormLayout& l, int64_t c) {
   WelfordData<double> stats;
-  for (int64_t n = 0; n < l.N; ++n) {
-    const scalar_t* run = x + (n * l.C + c) * l.inner;
-    for (int64_t i = 0; i < l.inner; i += kPiece) {
-      stats = welford_merge(stats, run_stats(run + i, std::min(kPiece, l.inner - i)));
-    }
-  }
+  for_channel_pieces(l, c, [&](int64_t off, int64_t len) { stats = welford_merge(stats, run_stats(x + off, len)); });
   return stats;
 }
 
@@ -1073,13 +1078,9 @@ inline std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, co
                                                           Affine<opmath_t<scalar_t>> a) {
   using acc = opmath_t<scalar_t>;
   acc sg[kLanes] = {}, sgx[kLanes] = {};
-  for (int64_t n = 0; n < l.N; ++n) {
-    const int64_t run = (n * l.C + c) * l.inner;
-    for (int64_t i = 0; i < l.inner; i += kPiece) {  // add_grad_sums takes at most kPiece values
-      add_grad_sums<scalar_t, A, kResidual, false>(dy, x, z, nullptr, run + i, std::min(kPiece, l.inner - i), a, sg,
-                                                   sgx);
-    }
-  }
+  for_channel_pieces(l, c, [&](int64_t off, int64_t len) {
+    add_grad_sums<scalar_t, A, kResidual, false>(dy, x, z, nullptr, off, len, a, sg, sgx);
+  });
   return {double(lane_tree_sum(sg)), double(lane_tree_sum(sgx))};
 }
 
@@ -1099,7 +1100,7 @@ constexpr bool kCostlyDerivative = A == Activation::kSiLU || A == Activation::kG
 // of 16): at 28x28 and 56x56 its walk, with or without the apply following, was no faster.
 template <typename scalar_t, Activation A, bool kResidual>
 inline bool sums_channel_by_channel(const BatchNormLayout& l) {
-  if (l.rows || l.per_channel() == 0 || kCostlyDerivative<A>) return false;
+  if constexpr (kCostlyDerivative<A>) return false;
   if constexpr (kResidual) return channels_resident(l) && l.inner % kLanes == 0;
   return channels_resident(l) || channel_walk_fits(l, sizeof(scalar_t));
 }
@@ -1128,16 +1129,15 @@ void backward_apply_span(const scalar_t* dy, const scalar_t* x, const scalar_t* 
 
 // The same over every run of channel c (planar view): called right after the channel's sums
 // (planar_channel_grad_sums), its dy, x and z are read again from L1/L2 instead of by a second
-// pass over the tensors, as torch's NCHW backward does channel by channel. The same span per run
-// as the parts (a short run is one part), so the same bits.
+// pass over the tensors, as torch's NCHW backward does channel by channel. Elementwise, so the
+// same bits as the parts' pass.
 template <typename scalar_t, Activation A, bool kResidual, bool kGradInput, bool kGradResidual>
 void backward_apply_channel_runs(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dx,
                                  scalar_t* dz, const BatchNormLayout& l, int64_t c, Affine<opmath_t<scalar_t>> a,
                                  BackwardCoeffs<opmath_t<scalar_t>> k) {
-  for (int64_t n = 0; n < l.N; ++n) {
-    backward_apply_span<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, (n * l.C + c) * l.inner,
-                                                                           l.inner, a, k);
-  }
+  for_channel_pieces(l, c, [&](int64_t off, int64_t len) {
+    backward_apply_span<scalar_t, A, kResidual, kGradInput, kGradResidual>(dy, x, z, dx, dz, off, len, a, k);
+  });
 }
 
 // The same over planar parts [begin, end): one call per task, not per part (the apply pass is
@@ -1414,9 +1414,9 @@ void forward_cpu_typed(BatchNormForwardPlan& p) {
       for (int64_t c = c0; c < c0 + width; ++c) {
         finalize(c, planar_channel_stats(x, l, c));
         const auto a = affine_of<acc>(c, save_mean, save_invstd, w, b);
-        for (int64_t n = 0; n < l.N; ++n) {
-          forward_span<scalar_t, A, kResidual>(x, z, y, (n * C + c) * l.inner, l.inner, a);
-        }
+        for_channel_pieces(l, c, [&](int64_t off, int64_t len) {
+          forward_span<scalar_t, A, kResidual>(x, z, y, off, len, a);
+        });
       }
     });
     return;
